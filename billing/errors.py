@@ -1,0 +1,5 @@
+from marketplace.errors import ApplicationError
+
+
+class BillingError(ApplicationError):
+    code = "billing_error"

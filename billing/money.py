@@ -1,0 +1,62 @@
+"""Money rules in one place. Never floats.
+
+- Amounts that move (ledger entries, charges, payouts) are integers in the currency's minor unit (cents).
+- Unit prices are integers in micro-units: millionths of the currency's major unit, per *compute unit*.
+- The compute unit is 10^15 operations at the job's precision (one peta-op). Work is metered in mega-ops
+  (10^6 operations), so the exact charge of ``mops`` mega-ops at ``price_micros`` is
+  ``mops * price_micros`` femto-units (10^-15 of the major unit): an exact integer, no rounding.
+- Femto amounts become minor units only in :func:`femto_to_minor_with_carry`, which keeps the sub-cent
+  remainder on the account (its ``carry``) so nothing is lost; ledger posting books whatever the parties'
+  rounding leaves over to the platform's rounding account.
+"""
+
+OPS_PER_COMPUTE_UNIT = 10**15
+OPS_PER_MOP = 10**6
+MICROS_PER_MAJOR = 10**6
+FEMTO_PER_MAJOR = 10**15
+BPS = 10_000
+
+# ISO 4217 minor-unit exponents of the currencies we accept.
+MINOR_EXPONENT = {"usd": 2, "eur": 2, "gbp": 2, "jpy": 0}
+
+
+def femto_per_minor(currency: str) -> int:
+    return FEMTO_PER_MAJOR // 10 ** MINOR_EXPONENT[currency.lower()]
+
+
+def charge_femto(*, mops: int, price_micros: int) -> int:
+    """The exact charge for ``mops`` mega-ops at ``price_micros`` per compute unit, in femto-units."""
+    if mops < 0 or price_micros < 0:
+        raise ValueError("mops and price must be non-negative")
+    return mops * price_micros
+
+
+def split_revenue(*, charge: int, fee_bps: int) -> tuple[int, int]:
+    """Split an exact charge into (owner share, platform share); the two always add up to the charge.
+
+    The owner's share is rounded down; the platform keeps what rounding leaves."""
+    if not 0 <= fee_bps <= BPS:
+        raise ValueError("fee_bps must be between 0 and 10000")
+    owner = charge * (BPS - fee_bps) // BPS
+    return owner, charge - owner
+
+
+def femto_to_minor_with_carry(*, femto: int, carry: int, currency: str) -> tuple[int, int]:
+    """Add ``femto`` to an account's sub-minor ``carry``; return (whole minor units, new carry).
+
+    Works for negative amounts too (floor division): the carry always stays in [0, one minor unit)."""
+    minor, new_carry = divmod(carry + femto, femto_per_minor(currency))
+    return minor, new_carry
+
+
+def price_per_million_tokens_micros(*, price_micros: int, ops_per_token: int) -> int:
+    """What a price per compute unit means to a buyer of a model: micro-units per million tokens (rounded
+    down)."""
+    return price_micros * ops_per_token * 10**6 // OPS_PER_COMPUTE_UNIT
+
+
+def format_minor(amount: int, currency: str) -> str:
+    exp = MINOR_EXPONENT[currency.lower()]
+    sign = "-" if amount < 0 else ""
+    whole, frac = divmod(abs(amount), 10**exp)
+    return f"{sign}{whole}.{frac:0{exp}d} {currency.upper()}" if exp else f"{sign}{whole} {currency.upper()}"

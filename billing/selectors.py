@@ -1,0 +1,29 @@
+from django.db.models import Sum
+
+from billing.models import LedgerAccount, LedgerEntry
+
+
+def account_balance_minor(*, account: LedgerAccount) -> int:
+    return account.entries.aggregate(total=Sum("amount_minor"))["total"] or 0
+
+
+def unbalanced_transaction_ids() -> list[int]:
+    """Transactions whose entries do not sum to zero. Always empty; the ledger check in tests and the
+    operator's reconciliation use it."""
+    return list(
+        LedgerEntry.objects.values("transaction_id").annotate(total=Sum("amount_minor"))
+        .exclude(total=0).values_list("transaction_id", flat=True)
+    )
+
+
+def job_spend_minor(*, job) -> int:
+    """What the buyer has been debited for a job so far, in minor units."""
+    total = LedgerEntry.objects.filter(transaction__job=job, account__kind=LedgerAccount.Kind.BUYER).aggregate(
+        total=Sum("amount_minor"))["total"]
+    return -(total or 0)
+
+
+def owner_earnings_minor(*, owner) -> int:
+    total = LedgerEntry.objects.filter(account__kind=LedgerAccount.Kind.OWNER, account__owner=owner).aggregate(
+        total=Sum("amount_minor"))["total"]
+    return total or 0

@@ -1,0 +1,5 @@
+from marketplace.errors import ApplicationError
+
+
+class DispatchError(ApplicationError):
+    code = "dispatch_error"

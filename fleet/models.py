@@ -1,0 +1,160 @@
+from django.conf import settings
+from django.db import models
+
+from marketplace.models import PRECISION_CHOICES
+
+
+class HardwareGeneration(models.Model):
+    """A car computer generation. New generations are rows, not code."""
+
+    class Status(models.TextChoices):
+        IN_SERVICE = "in_service", "In service"
+        IN_DESIGN = "in_design", "In design"
+
+    code = models.CharField(max_length=16, unique=True)
+    name = models.CharField(max_length=100)
+    watts = models.PositiveIntegerField(help_text="Typical draw under inference load.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.IN_SERVICE)
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["code"]
+
+    def __str__(self):
+        return self.code
+
+    @property
+    def precisions(self) -> list[str]:
+        return [t.precision for t in self.throughputs.all()]
+
+
+class HardwareThroughput(models.Model):
+    """Nominal peak throughput of a generation at one number format."""
+
+    hardware = models.ForeignKey(HardwareGeneration, on_delete=models.CASCADE, related_name="throughputs")
+    precision = models.CharField(max_length=8, choices=PRECISION_CHOICES)
+    gops_per_s = models.PositiveBigIntegerField(help_text="Giga-operations per second (1 TOPS = 1000).")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["hardware", "precision"], name="one_throughput_per_precision")]
+
+    def __str__(self):
+        return f"{self.hardware.code} {self.precision}: {self.gops_per_s / 1000:g} TOPS"
+
+
+class Vehicle(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vehicles")
+    name = models.CharField(max_length=100)
+    hardware = models.ForeignKey(HardwareGeneration, on_delete=models.PROTECT, related_name="vehicles")
+    created_at = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    # Pairing: a one-time code the owner types into the car's agent, exchanged for a device token.
+    pairing_code_hash = models.CharField(max_length=64, blank=True)
+    pairing_expires_at = models.DateTimeField(null=True, blank=True)
+    # Device credential: only the SHA-256 of the token is stored.
+    token_prefix = models.CharField(max_length=12, blank=True, db_index=True)
+    token_hash = models.CharField(max_length=64, blank=True)
+    token_issued_at = models.DateTimeField(null=True, blank=True)
+    token_revoked_at = models.DateTimeField(null=True, blank=True)
+
+    # Live state, written by the gateway from the car's telemetry.
+    connected = models.BooleanField(default=False)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    battery_pct = models.FloatField(null=True, blank=True)
+    driving = models.BooleanField(default=False)
+    plugged_in = models.BooleanField(default=False)
+    on_wifi = models.BooleanField(default=False)
+    agent_version = models.CharField(max_length=32, blank=True)
+    runtimes = models.JSONField(default=list, blank=True, help_text="Model runtimes the agent can run.")
+    throughput_mops = models.JSONField(
+        default=dict, blank=True, help_text="Measured mega-ops per second per precision, reported at hello."
+    )
+    ineligible_reason = models.CharField(max_length=32, blank=True)
+    channel_name = models.CharField(max_length=200, blank=True, help_text="The gateway connection holding the car.")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class OwnerPolicy(models.Model):
+    """The owner's hard limits for one car."""
+
+    vehicle = models.OneToOneField(Vehicle, on_delete=models.CASCADE, related_name="policy")
+    battery_floor_pct = models.PositiveSmallIntegerField(default=30, help_text="Stop work at or below this charge.")
+    wifi_only = models.BooleanField(default=True)
+    paused = models.BooleanField(default=False)
+    reserve_price_micros = models.PositiveBigIntegerField(
+        default=0, help_text="The owner's minimum price per compute unit (10^15 ops), in micro-units."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "owner policies"
+
+    def __str__(self):
+        return f"Policy of {self.vehicle}"
+
+
+class WorkUnit(models.Model):
+    """A slice of a job's inputs, leased to one car at a time. ``lease_epoch`` fences results: a result is
+    accepted only for the unit's current lease."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        LEASED = "leased", "Leased"
+        DONE = "done", "Done"
+        CANCELLED = "cancelled", "Cancelled"
+
+    job = models.ForeignKey("marketplace.Job", on_delete=models.CASCADE, related_name="units")
+    seq = models.PositiveIntegerField(help_text="Position of the unit in the job; results are assembled in this order.")
+    inputs = models.JSONField(help_text='[{"id": ..., "text": ...}, ...] in input order.')
+    tokens = models.PositiveIntegerField()
+    mops = models.PositiveBigIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    leased_to = models.ForeignKey(Vehicle, null=True, blank=True, on_delete=models.SET_NULL, related_name="leases_held")
+    lease_epoch = models.PositiveIntegerField(default=0)
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    allocation = models.ForeignKey("marketplace.Allocation", null=True, blank=True, on_delete=models.SET_NULL)
+    price_micros = models.PositiveBigIntegerField(null=True, blank=True, help_text="Clearing price of the current lease.")
+    result = models.JSONField(null=True, blank=True)
+    completed_by = models.ForeignKey(Vehicle, null=True, blank=True, on_delete=models.SET_NULL, related_name="units_completed")
+    completed_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["job_id", "seq"]
+        constraints = [models.UniqueConstraint(fields=["job", "seq"], name="unit_seq_unique")]
+        indexes = [models.Index(fields=["job", "state"]), models.Index(fields=["state", "lease_expires_at"])]
+
+    def __str__(self):
+        return f"Unit {self.job_id}/{self.seq}"
+
+
+class Lease(models.Model):
+    """History of every lease, one row per (unit, epoch): how each ended is the audit trail that no unit was
+    lost or paid twice."""
+
+    class Outcome(models.TextChoices):
+        ACTIVE = "active", "Active"
+        COMPLETED = "completed", "Completed"
+        EXPIRED = "expired", "Expired"
+        WITHDRAWN = "withdrawn", "Withdrawn"
+        RELEASED = "released", "Released by the car"
+        CANCELLED = "cancelled", "Job cancelled"
+
+    unit = models.ForeignKey(WorkUnit, on_delete=models.CASCADE, related_name="lease_history")
+    vehicle = models.ForeignKey(Vehicle, on_delete=models.CASCADE, related_name="lease_history")
+    epoch = models.PositiveIntegerField()
+    price_micros = models.PositiveBigIntegerField()
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.ACTIVE)
+    reason = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["unit", "epoch"], name="lease_epoch_unique")]

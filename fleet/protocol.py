@@ -1,0 +1,249 @@
+"""The vehicle websocket protocol, version 1: one schema per message type, used by the gateway
+(fleet.consumers) and the car's agent (fleet.agent) alike. See docs/vehicle-protocol.md.
+
+Every message is a JSON object ``{"v": 1, "type": "<type>", ...fields}``. :func:`parse` validates an
+incoming object against the schema of its direction and returns a typed message or raises
+:class:`ProtocolError`; :func:`dump` turns a message into the JSON object to send.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_TEXTS_PER_UNIT = 64
+
+# Close codes (4000-4999 are the application's). The handshake itself is refused (HTTP 403) for a
+# missing, wrong or revoked token, before the socket is accepted.
+CLOSE_TOKEN_REVOKED = 4001
+CLOSE_PROTOCOL_VIOLATION = 4002
+CLOSE_REPLACED = 4003
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- field validators ---------------------------------------------------------------------------------
+
+def _str(value, name, max_len=256):
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError("bad_field", f"{name} must be a string of at most {max_len} characters")
+    return value
+
+
+def _int(value, name, lo=0, hi=2**53):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError("bad_field", f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+def _num(value, name, lo=-1e12, hi=1e12):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+        raise ProtocolError("bad_field", f"{name} must be a number between {lo} and {hi}")
+    return float(value)
+
+
+def _bool(value, name):
+    if not isinstance(value, bool):
+        raise ProtocolError("bad_field", f"{name} must be true or false")
+    return value
+
+
+def _list(value, name, item, max_items):
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ProtocolError("bad_field", f"{name} must be a list of at most {max_items} items")
+    return [item(v, f"{name}[{i}]") for i, v in enumerate(value)]
+
+
+def _lease_ref(value, name):
+    if not isinstance(value, list) or len(value) != 2:
+        raise ProtocolError("bad_field", f"{name} must be [unit_id, epoch]")
+    return (_int(value[0], f"{name}.unit_id"), _int(value[1], f"{name}.epoch"))
+
+
+def _mops_map(value, name):
+    if not isinstance(value, dict) or len(value) > 8:
+        raise ProtocolError("bad_field", f"{name} must be an object of at most 8 precisions")
+    return {_str(k, f"{name} key", 8): _int(v, f"{name}.{k}", 0, 10**12) for k, v in value.items()}
+
+
+# --- messages -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict] = {}
+    OPTIONAL: ClassVar[frozenset] = frozenset()
+
+
+# Car -> gateway
+@dataclasses.dataclass(frozen=True)
+class Hello(Message):
+    """First message after connecting: what the agent can run and how fast (measured)."""
+    TYPE = "hello"
+    SCHEMA = {
+        "agent_version": lambda v, n: _str(v, n, 32),
+        "runtimes": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 64), 16),
+        "throughput_mops": _mops_map,
+    }
+    agent_version: str
+    runtimes: list
+    throughput_mops: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Telemetry(Message):
+    TYPE = "telemetry"
+    SCHEMA = {
+        "battery_pct": lambda v, n: _num(v, n, 0, 100),
+        "driving": _bool,
+        "plugged_in": _bool,
+        "on_wifi": _bool,
+    }
+    battery_pct: float
+    driving: bool
+    plugged_in: bool
+    on_wifi: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat(Message):
+    """Keeps the socket and the car's leases alive; ``leases`` is what the car holds, so the gateway can
+    withdraw any it no longer recognises (repairing a lost control message)."""
+    TYPE = "heartbeat"
+    SCHEMA = {"leases": lambda v, n: _list(v, n, _lease_ref, 64)}
+    leases: list
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkRequest(Message):
+    TYPE = "work.request"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result(Message):
+    """Embeddings of a unit's texts in order, each a base64 string of little-endian float32 values."""
+    TYPE = "result"
+    SCHEMA = {
+        "unit_id": _int,
+        "epoch": _int,
+        "embeddings_b64": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT),
+    }
+    unit_id: int
+    epoch: int
+    embeddings_b64: list
+
+
+@dataclasses.dataclass(frozen=True)
+class Release(Message):
+    """The car gives a lease back (for example: it is about to drive)."""
+    TYPE = "release"
+    SCHEMA = {"unit_id": _int, "epoch": _int, "reason": lambda v, n: _str(v, n, 64)}
+    unit_id: int
+    epoch: int
+    reason: str
+
+
+# Gateway -> car
+@dataclasses.dataclass(frozen=True)
+class Welcome(Message):
+    TYPE = "welcome"
+    SCHEMA = {"vehicle_id": _int, "heartbeat_s": _int, "lease_ttl_s": _int}
+    vehicle_id: int
+    heartbeat_s: int
+    lease_ttl_s: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitAssign(Message):
+    TYPE = "unit.assign"
+    SCHEMA = {
+        "unit_id": _int,
+        "epoch": _int,
+        "runtime": lambda v, n: _str(v, n, 64),
+        "precision": lambda v, n: _str(v, n, 8),
+        "texts": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT),
+        "lease_ttl_s": _int,
+    }
+    unit_id: int
+    epoch: int
+    runtime: str
+    precision: str
+    texts: list
+    lease_ttl_s: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NoWork(Message):
+    TYPE = "no_work"
+    SCHEMA = {"reason": lambda v, n: _str(v, n, 64), "retry_after_s": lambda v, n: _num(v, n, 0, 3600)}
+    reason: str
+    retry_after_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitWithdraw(Message):
+    TYPE = "unit.withdraw"
+    SCHEMA = {"unit_id": _int, "epoch": _int, "reason": lambda v, n: _str(v, n, 64)}
+    unit_id: int
+    epoch: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultAck(Message):
+    TYPE = "result.ack"
+    SCHEMA = {"unit_id": _int, "epoch": _int, "accepted": _bool, "reason": lambda v, n: _str(v, n, 64)}
+    unit_id: int
+    epoch: int
+    accepted: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    TYPE = "error"
+    SCHEMA = {"code": lambda v, n: _str(v, n, 64), "message": lambda v, n: _str(v, n, 512)}
+    code: str
+    message: str
+
+
+CLIENT_MESSAGES = {m.TYPE: m for m in (Hello, Telemetry, Heartbeat, WorkRequest, Result, Release)}
+SERVER_MESSAGES = {m.TYPE: m for m in (Welcome, UnitAssign, NoWork, UnitWithdraw, ResultAck, Error)}
+
+
+def decode(text: str) -> dict:
+    """Bytes on the wire to a JSON object, within the size limit."""
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", "message must be a JSON object")
+    return obj
+
+
+def parse(obj: dict, registry: dict) -> Message:
+    if obj.get("v") != VERSION:
+        raise ProtocolError("bad_version", f"unsupported protocol version {obj.get('v')!r}; this gateway speaks {VERSION}")
+    cls = registry.get(obj.get("type"))
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {obj.get('type')!r}")
+    values = {}
+    for name, check in cls.SCHEMA.items():
+        if name not in obj:
+            raise ProtocolError("missing_field", f"{cls.TYPE}: field {name!r} is required")
+        values[name] = check(obj[name], name)
+    return cls(**values)
+
+
+def dump(msg: Message) -> dict:
+    return {"v": VERSION, "type": msg.TYPE, **dataclasses.asdict(msg)}

@@ -1,0 +1,332 @@
+"""Everything in the fleet that writes: vehicles and pairing, live state, leases and results."""
+
+import base64
+import binascii
+import logging
+import math
+from datetime import datetime, timedelta
+
+import numpy as np
+from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from billing.services import usage_record
+from fleet import tokens
+from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, WorkUnit
+from fleet.selectors import vehicle_ineligibility
+from marketplace.errors import ValidationFailed
+from marketplace.models import Allocation, AuctionRound, Job
+
+log = logging.getLogger(__name__)
+
+PAIRING_TTL = timedelta(minutes=15)
+# A lease that the car has not confirmed in a heartbeat this long after it was granted is taken back.
+UNCONFIRMED_LEASE_GRACE = timedelta(seconds=15)
+
+
+def vehicle_group(vehicle_id: int) -> str:
+    """The channel-layer group of one car's gateway connection."""
+    return f"vehicle.{vehicle_id}"
+
+
+def vehicle_notify(*, vehicle_id: int, message: dict) -> None:
+    """Push a control message to the car's connection, wherever it is. Delivery is best effort (the layer
+    may drop it when full); the database stays the truth and the heartbeat repairs what is lost."""
+    try:
+        async_to_sync(get_channel_layer().group_send)(vehicle_group(vehicle_id), message)
+    except ChannelFull:
+        log.warning("channel full: control message %s to vehicle %s dropped", message.get("type"), vehicle_id)
+
+
+# --- vehicles, pairing, credentials ------------------------------------------------------------------
+
+@transaction.atomic
+def vehicle_create(*, owner, name: str, hardware: HardwareGeneration) -> tuple[Vehicle, str]:
+    """Register a car and return it with a one-time pairing code for its agent."""
+    vehicle = Vehicle.objects.create(owner=owner, name=name, hardware=hardware)
+    OwnerPolicy.objects.create(vehicle=vehicle)
+    return vehicle, pairing_code_issue(vehicle=vehicle)
+
+
+def pairing_code_issue(*, vehicle: Vehicle) -> str:
+    code = tokens.new_pairing_code()
+    vehicle.pairing_code_hash = tokens.digest(code)
+    vehicle.pairing_expires_at = timezone.now() + PAIRING_TTL
+    vehicle.save(update_fields=["pairing_code_hash", "pairing_expires_at"])
+    return code
+
+
+def vehicle_pair(*, code: str) -> tuple[Vehicle, str]:
+    """Exchange a pairing code for a new device token. The code works once; any older token stops working."""
+    normalised = code.strip().upper().replace("-", "")
+    with transaction.atomic():
+        vehicle = (Vehicle.objects.select_for_update()
+                   .filter(pairing_code_hash=tokens.digest(normalised), removed_at=None).first())
+        if vehicle is None or vehicle.pairing_expires_at is None or vehicle.pairing_expires_at < timezone.now():
+            raise ValidationFailed("This pairing code is unknown or has expired. Ask the owner's portal for a new one.",
+                                   code="pairing_invalid")
+        token, prefix = tokens.new_token("dev")
+        had_token = bool(vehicle.token_hash)
+        vehicle.token_prefix, vehicle.token_hash = prefix, tokens.digest(token)
+        vehicle.token_issued_at, vehicle.token_revoked_at = timezone.now(), None
+        vehicle.pairing_code_hash, vehicle.pairing_expires_at = "", None
+        vehicle.save(update_fields=["token_prefix", "token_hash", "token_issued_at", "token_revoked_at",
+                                    "pairing_code_hash", "pairing_expires_at"])
+        if had_token:
+            transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle.pk, message={"type": "vehicle.revoked"}))
+    return vehicle, token
+
+
+def device_authenticate(*, token: str) -> Vehicle | None:
+    prefix = tokens.prefix_of(token or "", "dev")
+    if prefix is None:
+        return None
+    vehicle = Vehicle.objects.filter(token_prefix=prefix, removed_at=None, token_revoked_at=None).first()
+    if vehicle is None or not tokens.matches(token, vehicle.token_hash):
+        return None
+    return vehicle
+
+
+def vehicle_token_revoke(*, vehicle: Vehicle) -> None:
+    """Revoke the car's device token: its connection is closed and its leases requeued."""
+    with transaction.atomic():
+        vehicle.token_revoked_at = timezone.now()
+        vehicle.save(update_fields=["token_revoked_at"])
+        leases_withdraw(vehicle_id=vehicle.pk, reason="token_revoked", notify=False)
+        transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle.pk, message={"type": "vehicle.revoked"}))
+
+
+@transaction.atomic
+def policy_update(*, vehicle: Vehicle, **fields) -> OwnerPolicy:
+    """Change the owner's limits; if the car may no longer work, its leases are withdrawn at once."""
+    policy = OwnerPolicy.objects.select_for_update().get(vehicle=vehicle)
+    for name, value in fields.items():
+        setattr(policy, name, value)
+    policy.save(update_fields=[*fields, "updated_at"])
+    vehicle.policy = policy
+    reason = vehicle_ineligibility(vehicle=vehicle, now=timezone.now())
+    Vehicle.objects.filter(pk=vehicle.pk).update(ineligible_reason=reason or "")
+    if reason:
+        leases_withdraw(vehicle_id=vehicle.pk, reason=reason, notify=True)
+    return policy
+
+
+# --- live state ----------------------------------------------------------------------------------------
+
+def vehicle_connected(*, vehicle_id: int, channel_name: str, agent_version: str, runtimes: list[str],
+                      throughput_mops: dict[str, int]) -> None:
+    Vehicle.objects.filter(pk=vehicle_id).update(
+        connected=True, channel_name=channel_name, last_seen_at=timezone.now(), agent_version=agent_version,
+        runtimes=runtimes, throughput_mops=throughput_mops,
+    )
+
+
+def vehicle_disconnected(*, vehicle_id: int, channel_name: str) -> None:
+    """The car's socket closed. Its leases go back to the queue; a later connection (maybe on another
+    gateway process) is left alone."""
+    with transaction.atomic():
+        if Vehicle.objects.filter(pk=vehicle_id, channel_name=channel_name).update(connected=False, channel_name=""):
+            leases_withdraw(vehicle_id=vehicle_id, reason="disconnected", notify=False)
+
+
+def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bool, plugged_in: bool,
+                             on_wifi: bool) -> tuple[str | None, list[tuple[int, int]]]:
+    """Store the car's state; if it may no longer work, withdraw its leases. Returns (reason, withdrawn)."""
+    now = timezone.now()
+    with transaction.atomic():
+        vehicle = Vehicle.objects.select_for_update().select_related("policy").get(pk=vehicle_id)
+        vehicle.battery_pct, vehicle.driving, vehicle.plugged_in, vehicle.on_wifi = battery_pct, driving, plugged_in, on_wifi
+        vehicle.last_seen_at = now
+        reason = vehicle_ineligibility(vehicle=vehicle, now=now)
+        vehicle.ineligible_reason = reason or ""
+        vehicle.save(update_fields=["battery_pct", "driving", "plugged_in", "on_wifi", "last_seen_at", "ineligible_reason"])
+        withdrawn = leases_withdraw(vehicle_id=vehicle_id, reason=reason, notify=False) if reason else []
+    return reason, withdrawn
+
+
+# --- leases --------------------------------------------------------------------------------------------
+
+def _lease_end(unit: WorkUnit, *, outcome: str, reason: str, now: datetime) -> None:
+    Lease.objects.filter(unit=unit, epoch=unit.lease_epoch).update(outcome=outcome, reason=reason[:64], ended_at=now)
+
+
+def _requeue(unit: WorkUnit, *, outcome: str, reason: str, now: datetime) -> None:
+    _lease_end(unit, outcome=outcome, reason=reason, now=now)
+    unit.state = WorkUnit.State.QUEUED
+    unit.leased_to = None
+    unit.leased_at = unit.lease_expires_at = None
+    unit.allocation = None
+    unit.price_micros = None
+    unit.save(update_fields=["state", "leased_to", "leased_at", "lease_expires_at", "allocation", "price_micros"])
+
+
+def leases_withdraw(*, vehicle_id: int, reason: str, notify: bool, outcome: str = Lease.Outcome.WITHDRAWN,
+                    only: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Take back a car's active leases (or only the listed ones) and requeue their units."""
+    now = timezone.now()
+    with transaction.atomic():
+        units = list(WorkUnit.objects.select_for_update().filter(leased_to_id=vehicle_id, state=WorkUnit.State.LEASED))
+        if only is not None:
+            wanted = set(only)
+            units = [u for u in units if (u.pk, u.lease_epoch) in wanted]
+        withdrawn = [(u.pk, u.lease_epoch) for u in units]
+        for unit in units:
+            _requeue(unit, outcome=outcome, reason=reason, now=now)
+        if notify and withdrawn:
+            message = {"type": "vehicle.withdraw", "leases": withdrawn, "reason": reason}
+            transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle_id, message=message))
+    return withdrawn
+
+
+def _current_allocations(*, vehicle: Vehicle):
+    """The car's unspent capacity in the latest round of each market, best price first."""
+    latest = [r for r in (AuctionRound.objects.filter(market=m).order_by("-cleared_at").values_list("pk", flat=True).first()
+                          for m in AuctionRound.objects.values_list("market", flat=True).distinct()) if r]
+    return (Allocation.objects.filter(vehicle=vehicle, round_id__in=latest, remaining_mops__gt=0,
+                                      job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes)
+            .order_by("-price_micros", "job__created_at", "job_id"))
+
+
+def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
+    """Lease the car one unit of the best-paying job it won capacity for. Returns (unit, "") or (None, why).
+
+    Safe under any number of concurrent gateway processes: the car's row is locked, units are picked with
+    SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation is drawn down under its row lock.
+    A unit is leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        vehicle = Vehicle.objects.select_for_update().select_related("policy").get(pk=vehicle_id)
+        reason = vehicle_ineligibility(vehicle=vehicle, now=now)
+        if reason:
+            return None, reason
+        if WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED).count() >= settings.MAX_LEASES_PER_CAR:
+            return None, "lease_limit"
+        for allocation_id in _current_allocations(vehicle=vehicle).values_list("pk", flat=True):
+            allocation = Allocation.objects.select_for_update(of=("self",)).select_related("job__ai_model").get(pk=allocation_id)
+            if allocation.remaining_mops <= 0:
+                continue
+            unit = (WorkUnit.objects.select_for_update(skip_locked=True)
+                    .filter(job_id=allocation.job_id, state=WorkUnit.State.QUEUED).order_by("seq").first())
+            if unit is None:
+                continue
+            allocation.remaining_mops -= unit.mops
+            allocation.save(update_fields=["remaining_mops"])
+            unit.state = WorkUnit.State.LEASED
+            unit.leased_to = vehicle
+            unit.lease_epoch += 1
+            unit.leased_at = now
+            unit.lease_expires_at = now + timedelta(seconds=settings.LEASE_TTL_S)
+            unit.allocation = allocation
+            unit.price_micros = allocation.price_micros
+            unit.attempts += 1
+            unit.save(update_fields=["state", "leased_to", "lease_epoch", "leased_at", "lease_expires_at",
+                                     "allocation", "price_micros", "attempts"])
+            Lease.objects.create(unit=unit, vehicle=vehicle, epoch=unit.lease_epoch, price_micros=unit.price_micros,
+                                 started_at=now)
+            Job.objects.filter(pk=allocation.job_id, state=Job.State.QUEUED).update(state=Job.State.RUNNING, started_at=now)
+            unit.job = allocation.job
+            return unit, ""
+        return None, "no_work"
+
+
+def leases_heartbeat(*, vehicle_id: int, held: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Extend the car's leases and reconcile them with what it says it holds. Returns the leases the car
+    holds that are no longer current (the car must drop them). Leases the car does not know about, granted
+    more than a grace period ago (the assignment was lost), are requeued."""
+    now = timezone.now()
+    with transaction.atomic():
+        Vehicle.objects.filter(pk=vehicle_id).update(last_seen_at=now)
+        active = WorkUnit.objects.filter(leased_to_id=vehicle_id, state=WorkUnit.State.LEASED)
+        current = {(pk, epoch): leased_at for pk, epoch, leased_at in active.values_list("pk", "lease_epoch", "leased_at")}
+        held_set = {tuple(ref) for ref in held}
+        lost = [ref for ref, leased_at in current.items() if ref not in held_set and now - leased_at > UNCONFIRMED_LEASE_GRACE]
+        if lost:
+            leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=lost)
+        active.update(lease_expires_at=now + timedelta(seconds=settings.LEASE_TTL_S))
+    return [ref for ref in held_set if ref not in current]
+
+
+def leases_sweep(*, batch: int = 500) -> int:
+    """Requeue expired leases and mark silent cars offline. The database, not a timer, is the truth."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.VEHICLE_STALE_AFTER_S)
+    with transaction.atomic():
+        silent = list(Vehicle.objects.filter(connected=True, last_seen_at__lt=stale).values_list("pk", flat=True))
+        Vehicle.objects.filter(pk__in=silent).update(connected=False, channel_name="")
+        expired = list(WorkUnit.objects.select_for_update(skip_locked=True)
+                       .filter(state=WorkUnit.State.LEASED, lease_expires_at__lt=now)[:batch])
+        by_vehicle: dict[int, list] = {}
+        for unit in expired:
+            by_vehicle.setdefault(unit.leased_to_id, []).append((unit.pk, unit.lease_epoch))
+            _requeue(unit, outcome=Lease.Outcome.EXPIRED, reason="lease_expired", now=now)
+        for vehicle_id in silent:
+            leases_withdraw(vehicle_id=vehicle_id, reason="offline", notify=False)
+        for vehicle_id, refs in by_vehicle.items():
+            message = {"type": "vehicle.withdraw", "leases": refs, "reason": "lease_expired"}
+            transaction.on_commit(lambda v=vehicle_id, m=message: vehicle_notify(vehicle_id=v, message=m))
+    return len(expired)
+
+
+# --- results -------------------------------------------------------------------------------------------
+
+def result_problem(*, texts: int, dims: int, embeddings_b64: list[str]) -> str | None:
+    """Why a result cannot be accepted, or None: one unit-norm, finite vector of the model's size per text."""
+    if len(embeddings_b64) != texts:
+        return f"expected {texts} embeddings, got {len(embeddings_b64)}"
+    for i, item in enumerate(embeddings_b64):
+        try:
+            vector = np.frombuffer(base64.b64decode(item, validate=True), dtype="<f4")
+        except (binascii.Error, ValueError):
+            return f"embedding {i} is not base64 float32"
+        if vector.shape != (dims,) or not np.all(np.isfinite(vector)):
+            return f"embedding {i} must be {dims} finite float32 values"
+        if not math.isclose(float(np.linalg.norm(vector)), 1.0, abs_tol=0.02):
+            return f"embedding {i} is not normalised"
+    return None
+
+
+def energy_mwh(*, mops: int, gops_per_s: int, watts: int) -> int:
+    """Energy the car spends on ``mops`` at its nominal rate, in milliwatt-hours (rounded up)."""
+    return math.ceil(watts * mops / (gops_per_s * 3600))
+
+
+def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: list[str]) -> tuple[bool, str]:
+    """Accept a car's result for its current lease, meter and book it. Returns (accepted, reason).
+
+    A result for a stale, expired, withdrawn or foreign lease is refused and not paid. A malformed result is
+    refused and its unit requeued for another car."""
+    now = timezone.now()
+    with transaction.atomic():
+        unit = (WorkUnit.objects.select_for_update().select_related("job__ai_model", "job__organisation")
+                .filter(pk=unit_id).first())
+        if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
+            return False, "stale_lease"
+        vehicle = Vehicle.objects.select_related("hardware", "owner").get(pk=vehicle_id)
+        problem = result_problem(texts=len(unit.inputs), dims=unit.job.ai_model.dims, embeddings_b64=embeddings_b64)
+        if problem:
+            _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
+            return False, f"bad_result: {problem}"
+        _lease_end(unit, outcome=Lease.Outcome.COMPLETED, reason="", now=now)
+        unit.state = WorkUnit.State.DONE
+        unit.result = embeddings_b64
+        unit.completed_by = vehicle
+        unit.completed_at = now
+        unit.leased_to = None
+        unit.lease_expires_at = None
+        unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
+        nominal = vehicle.hardware.throughputs.get(precision=unit.job.precision)
+        usage_record(unit=unit, vehicle=vehicle, price_micros=unit.price_micros,
+                     energy_mwh=energy_mwh(mops=unit.mops, gops_per_s=nominal.gops_per_s, watts=vehicle.hardware.watts))
+        job = Job.objects.select_for_update().get(pk=unit.job_id)
+        job.units_done += 1
+        fields = ["units_done"]
+        if job.units_done == job.units_total:
+            job.state, job.finished_at = Job.State.COMPLETED, now
+            fields += ["state", "finished_at"]
+        job.save(update_fields=fields)
+    return True, ""

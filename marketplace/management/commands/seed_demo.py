@@ -1,0 +1,36 @@
+import json
+from datetime import timedelta
+
+from django.core.management.base import BaseCommand
+from django.utils import timezone
+
+from marketplace import corpus, services
+from marketplace.models import Job, User
+
+PASSWORD = "fleet-demo-2026"
+OPERATOR, BUYER, OWNER = "operator@demo.local", "buyer@demo.local", "owner@demo.local"
+
+
+class Command(BaseCommand):
+    help = "Create the demo accounts (idempotent), a demo job if the buyer has none open, and print the logins."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--docs", type=int, default=400, help="Documents in the demo job.")
+
+    def handle(self, docs, **options):
+        if not User.objects.filter(email=OPERATOR).exists():
+            User.objects.create_superuser(email=OPERATOR, password=PASSWORD)
+        buyer = User.objects.filter(email=BUYER).first() or services.buyer_create(
+            email=BUYER, password=PASSWORD, organisation_name="Demo AI Labs")
+        if not User.objects.filter(email=OWNER).exists():
+            User.objects.create_user(email=OWNER, password=PASSWORD, role=User.Role.OWNER)
+        _, key = services.api_key_create(organisation=buyer.organisation, name="demo", created_by=buyer)
+        if docs and not Job.objects.filter(organisation=buyer.organisation, state__in=Job.OPEN_STATES).exists():
+            rows = (json.dumps(row).encode() for row in corpus.documents(docs))
+            job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+                                      precision="int8", max_price_micros=2_000_000,
+                                      deadline=timezone.now() + timedelta(days=1), inputs=rows)
+            self.stdout.write(f"Demo job {job.pk}: {job.docs_total} standard-library docstrings, {job.units_total} units.")
+        self.stdout.write(
+            "\nDemo logins (password for all: %s)\n  operator (admin):  %s\n  buyer:             %s\n"
+            "  car owner:         %s\nBuyer API key (new one each start):\n  %s\n" % (PASSWORD, OPERATOR, BUYER, OWNER, key))

@@ -1,0 +1,37 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
+
+from fleet import api as fleet_api
+from fleet import views as fleet_views
+from marketplace import api, views
+
+api_v1 = [
+    path("models/", api.ModelListApi.as_view(), name="api-models"),
+    path("jobs/", api.JobListCreateApi.as_view(), name="api-jobs"),
+    path("jobs/<int:pk>/", api.JobDetailApi.as_view(), name="api-job"),
+    path("jobs/<int:pk>/cancel/", api.JobCancelApi.as_view(), name="api-job-cancel"),
+    path("jobs/<int:pk>/results/", api.JobResultsApi.as_view(), name="api-job-results"),
+    path("fleet/pair/", fleet_api.PairApi.as_view(), name="api-pair"),
+    path("vehicles/", fleet_api.VehicleListApi.as_view(), name="api-vehicles"),
+    path("vehicles/<int:pk>/pause/", fleet_api.VehiclePauseApi.as_view(pause=True), name="api-vehicle-pause"),
+    path("vehicles/<int:pk>/resume/", fleet_api.VehiclePauseApi.as_view(pause=False), name="api-vehicle-resume"),
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
+    path("buyer/", views.buyer_dashboard, name="buyer-dashboard"),
+    path("buyer/jobs/<int:pk>/", views.job_detail, name="job-detail"),
+    path("buyer/jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("buyer/keys/", views.api_key_create, name="api-key-create"),
+    path("buyer/keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
+    path("owner/", fleet_views.owner_dashboard, name="owner-dashboard"),
+    path("owner/cars/<int:pk>/pause/", fleet_views.vehicle_pause, {"pause": True}, name="vehicle-pause"),
+    path("owner/cars/<int:pk>/resume/", fleet_views.vehicle_pause, {"pause": False}, name="vehicle-resume"),
+    path("owner/cars/<int:pk>/pairing-code/", fleet_views.vehicle_pairing_code, name="vehicle-pairing-code"),
+    path("accounts/", include("allauth.urls")),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+]

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from marketplace import corpus, services
+from tests.factories import BuyerFactory, VehicleFactory, future
+
+
+@pytest.fixture
+def buyer(db):
+    return BuyerFactory()
+
+
+@pytest.fixture
+def api_key(buyer):
+    _, secret = services.api_key_create(organisation=buyer.organisation, name="test", created_by=buyer)
+    return secret
+
+
+@pytest.fixture
+def api(api_key):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key}")
+    return client
+
+
+def jsonl(rows) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+@pytest.fixture
+def make_job(buyer):
+    """Create a job of ``docs`` corpus documents for the buyer through the service."""
+
+    def make(docs: int = 16, precision: str = "int8", price: int = 2_000_000, organisation=None):
+        return services.job_create(
+            organisation=organisation or buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+            precision=precision, max_price_micros=price, deadline=future(),
+            inputs=jsonl(corpus.documents(docs)).splitlines(keepends=True))
+
+    return make
+
+
+@pytest.fixture
+def vehicle(db):
+    return VehicleFactory()

@@ -1,0 +1,121 @@
+"""One buyer job travels bid -> auction -> cars -> results -> ledger, with every part real: the ASGI server
+on loopback (plus Celery worker and beat in the services profile), three car agent processes pairing and
+computing over websockets, the REST API for the buyer."""
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from billing.models import LedgerAccount, MeterRecord
+from billing.money import femto_per_minor
+from billing.selectors import account_balance_minor, unbalanced_transaction_ids
+from fleet import services as fleet
+from fleet.agent.models import get_runner
+from fleet.models import HardwareGeneration, Lease, WorkUnit
+from marketplace import corpus, services
+from marketplace.models import Job
+from tests.conftest import jsonl
+from tests.factories import BuyerFactory, OwnerFactory
+from tests.support.live import live_product
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+DOCS = 300
+CARS = 3
+# Prices far above today's market (about $0.002 per 10^15 ops) so that the job costs whole dollars and the
+# ledger assertions compare non-trivial amounts.
+BID_MICROS = 5_000_000_000
+OUTPUT = Path(settings.BASE_DIR) / "test-output"
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_a_job_of_300_documents_is_computed_by_three_real_agents_and_booked(tmp_path):
+    # Given a buyer with an API key and three owners whose cars have pairing codes,
+    buyer = BuyerFactory()
+    _, key = services.api_key_create(organisation=buyer.organisation, name="e2e", created_by=buyer)
+    hw4 = HardwareGeneration.objects.get(code="HW4")
+    codes = []
+    for i in range(CARS):
+        vehicle, code = fleet.vehicle_create(owner=OwnerFactory(), name=f"E2E car {i}", hardware=hw4)
+        fleet.policy_update(vehicle=vehicle, reserve_price_micros=1_000_000_000 * (i + 1))
+        codes.append(code)
+    docs = corpus.documents(DOCS)
+
+    # A short auction interval, so that one car's capacity per round is less than the job needs and the
+    # clearing spreads the job over the three cars (by reserve price, cheapest first).
+    with live_product(tmp_path, AUCTION_INTERVAL_S="0.5") as (base, procs):
+        # when three real agents pair and connect over websockets,
+        for i, code in enumerate(codes):
+            procs.start(f"agent{i}", [sys.executable, "-m", "fleet.agent", "--server", base, "--pair", code,
+                                      "--state-file", str(tmp_path / f"agent{i}.json"), "--battery", "85",
+                                      "--plugged-in", "--wifi"], FLEET_ORT_THREADS="1")
+        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        deadline = time.monotonic() + 60
+        while api.get("/healthz").json()["vehicles_connected"] < CARS:
+            assert time.monotonic() < deadline, procs.logs()
+            time.sleep(0.3)
+
+        # and the buyer submits a job through the REST API,
+        started = time.monotonic()
+        response = api.post("/api/v1/jobs/", data={
+            "model": "all-minilm-l6-v2", "precision": "int8", "max_price_micros": str(BID_MICROS),
+            "deadline": (timezone.now() + timedelta(hours=1)).isoformat()},
+            files={"inputs": ("docs.jsonl", jsonl(docs), "application/x-ndjson")})
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+
+        # then the job completes,
+        deadline = time.monotonic() + 240
+        while (state := api.get(f"/api/v1/jobs/{job_id}/").json())["state"] != "completed":
+            assert time.monotonic() < deadline, f"job stuck: {state}\n{procs.logs()}"
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        results = [json.loads(line) for line in api.get(f"/api/v1/jobs/{job_id}/results/").text.splitlines()]
+
+    # with one embedding per input, in input order, equal to the same model run directly,
+    assert [r["id"] for r in results] == [d["id"] for d in docs]
+    direct = get_runner("all-minilm-l6-v2", "int8").embed([d["text"] for d in docs])
+    similarities = [cosine(np.array(r["embedding"]), direct[i]) for i, r in enumerate(results)]
+    assert min(similarities) >= 0.99
+
+    # computed by all three cars, every unit exactly once,
+    job = Job.objects.get(pk=job_id)
+    records = list(MeterRecord.objects.filter(job=job).select_related("unit__allocation__round"))
+    assert len(records) == job.units_total == WorkUnit.objects.filter(job=job, state="done").count()
+    assert {r.vehicle_id for r in records} == set(job.units.values_list("completed_by", flat=True)) and len(
+        {r.vehicle_id for r in records}) == CARS
+    assert Lease.objects.filter(unit__job=job, outcome="completed").count() == job.units_total
+
+    # and the ledger balances, the buyer paid no more than its bid, the owners got units x price less the fee.
+    assert unbalanced_transaction_ids() == []
+    assert MeterRecord.objects.filter(job=job, price_micros__lt=1_000_000_000).count() == 0  # reserves respected
+    per_minor = femto_per_minor(job.currency)
+    for record in records:
+        assert record.price_micros == record.unit.allocation.round.clearing_price_micros <= BID_MICROS
+    buyer_paid = -account_balance_minor(account=LedgerAccount.objects.get(kind="buyer", organisation=buyer.organisation))
+    assert buyer_paid == sum(r.mops * r.price_micros for r in records) // per_minor > 0
+    assert buyer_paid <= sum(r.mops * BID_MICROS for r in records) // per_minor
+    fee = settings.PLATFORM_FEE_BPS
+    for owner_id in {r.owner_id for r in records}:
+        mine = [r for r in records if r.owner_id == owner_id]
+        expected = sum(r.mops * r.price_micros * (10_000 - fee) // 10_000 for r in mine) // per_minor
+        account = LedgerAccount.objects.get(kind="owner", owner_id=owner_id)
+        assert account_balance_minor(account=account) == expected
+
+    OUTPUT.mkdir(exist_ok=True)
+    figures = {"profile": "services" if settings.REDIS_URL else "embedded", "docs": DOCS, "cars": CARS,
+               "units": job.units_total, "seconds": round(elapsed, 2), "embeddings_per_s": round(DOCS / elapsed, 1),
+               "min_cosine": round(min(similarities), 5), "buyer_paid_minor": buyer_paid}
+    (OUTPUT / f"e2e-{figures['profile']}.json").write_text(json.dumps(figures))
+    print("e2e:", json.dumps(figures))

@@ -1,0 +1,70 @@
+from datetime import timedelta
+
+import factory
+from django.utils import timezone
+
+from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
+from marketplace.models import Organisation, User
+
+
+class OrganisationFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Organisation
+
+    name = factory.Sequence(lambda n: f"Org {n}")
+    slug = factory.Sequence(lambda n: f"org-{n}")
+
+
+class BuyerFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = User
+        skip_postgeneration_save = True
+
+    email = factory.Sequence(lambda n: f"buyer{n}@example.com")
+    role = User.Role.BUYER
+    organisation = factory.SubFactory(OrganisationFactory)
+    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-1")
+
+
+class OwnerFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = User
+        skip_postgeneration_save = True
+
+    email = factory.Sequence(lambda n: f"owner{n}@example.com")
+    role = User.Role.OWNER
+    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-1")
+
+
+class VehicleFactory(factory.django.DjangoModelFactory):
+    """A connected, parked, charged car on WiFi that has said hello."""
+
+    class Meta:
+        model = Vehicle
+        skip_postgeneration_save = True
+
+    owner = factory.SubFactory(OwnerFactory)
+    name = factory.Sequence(lambda n: f"Car {n}")
+    hardware = factory.LazyFunction(lambda: HardwareGeneration.objects.get(code="HW4"))
+    connected = True
+    last_seen_at = factory.LazyFunction(timezone.now)
+    battery_pct = 80.0
+    on_wifi = True
+    plugged_in = True
+    runtimes = ["all-minilm-l6-v2"]
+    throughput_mops = {"int8": 50_000, "fp32": 5_000}
+    policy = factory.RelatedFactory("tests.factories.PolicyFactory", factory_related_name="vehicle")
+
+
+class PolicyFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = OwnerPolicy
+
+    battery_floor_pct = 30
+    wifi_only = True
+    paused = False
+    reserve_price_micros = 100_000
+
+
+def future(hours: int = 4):
+    return timezone.now() + timedelta(hours=hours)

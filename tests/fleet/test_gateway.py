@@ -1,0 +1,232 @@
+"""The vehicle gateway over websockets (channels' WebsocketCommunicator against the real ASGI application):
+authentication, the lease cycle with real inference, withdrawal when a car may no longer work, fencing."""
+
+import json
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+
+from billing.models import MeterRecord
+from fleet import services
+from fleet.agent.client import encode_embeddings
+from fleet.agent.models import get_runner
+from fleet.models import Lease, WorkUnit
+from marketplace import services as market
+from marketplace.asgi import application
+from tests.factories import OwnerFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HEALTHY = {"battery_pct": 80.0, "driving": False, "plugged_in": True, "on_wifi": True}
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    channel_layers.backends = {}
+    yield
+    channel_layers.backends = {}
+
+
+@pytest.fixture
+def paired():
+    from fleet.models import HardwareGeneration
+
+    vehicle, code = services.vehicle_create(owner=OwnerFactory(), name="Test car",
+                                            hardware=HardwareGeneration.objects.get(code="HW4"))
+    vehicle, token = services.vehicle_pair(code=code)
+    return vehicle, token
+
+
+def communicator(token: str | None) -> WebsocketCommunicator:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    return WebsocketCommunicator(application, "/ws/vehicle/", headers=headers)
+
+
+async def send(comm, type_, **fields):
+    await comm.send_to(text_data=json.dumps({"v": 1, "type": type_, **fields}))
+
+
+async def receive(comm, timeout=5):
+    return json.loads(await comm.receive_from(timeout=timeout))
+
+
+async def receive_type(comm, type_, timeout=5):
+    while True:
+        message = await receive(comm, timeout)
+        if message["type"] == type_:
+            return message
+
+
+async def online(token, **telemetry):
+    comm = communicator(token)
+    connected, _ = await comm.connect()
+    assert connected
+    welcome = await receive(comm)
+    assert welcome["type"] == "welcome"
+    await send(comm, "hello", agent_version="test", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 200_000})
+    await send(comm, "telemetry", **{**HEALTHY, **telemetry})
+    await send(comm, "work.request")  # a round trip: hello and telemetry are processed, in order, before it
+    assert (await receive(comm))["type"] == "no_work"  # no round has cleared yet
+    return comm
+
+
+async def lease_one(comm):
+    await sync_to_async(market.auction_tick)()
+    await send(comm, "work.request")
+    return await receive_type(comm, "unit.assign")
+
+
+def test_the_handshake_is_refused_for_a_missing_wrong_or_revoked_token(paired):
+    vehicle, token = paired
+
+    async def scenario():
+        for bad in (None, "", "dev_12345678_wrong", token[:-2] + "xx"):
+            connected, _ = await communicator(bad).connect()
+            assert not connected, bad
+        comm = communicator(token)
+        assert (await comm.connect())[0]
+        await comm.disconnect()
+        await sync_to_async(services.vehicle_token_revoke)(vehicle=vehicle)
+        assert not (await communicator(token).connect())[0]
+
+    async_to_sync(scenario)()
+
+
+def test_a_car_leases_a_unit_computes_it_for_real_and_is_paid(paired, make_job):
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        assert assign["precision"] == "int8" and len(assign["texts"]) == 8
+        vectors = get_runner(assign["runtime"], assign["precision"]).embed(assign["texts"])
+        await send(comm, "result", unit_id=assign["unit_id"], epoch=assign["epoch"], embeddings_b64=encode_embeddings(vectors))
+        ack = await receive_type(comm, "result.ack")
+        assert ack["accepted"] is True, ack
+        # A second result for the same lease is stale: refused, not paid twice.
+        await send(comm, "result", unit_id=assign["unit_id"], epoch=assign["epoch"], embeddings_b64=encode_embeddings(vectors))
+        again = await receive_type(comm, "result.ack")
+        assert again["accepted"] is False and again["reason"] == "stale_lease"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    job.refresh_from_db()
+    assert job.state == "completed" and job.units_done == 1
+    assert MeterRecord.objects.filter(job=job).count() == 1
+    assert Lease.objects.get(unit__job=job).outcome == "completed"
+
+
+@pytest.mark.parametrize("telemetry, reason", [
+    ({"driving": True}, "driving"),
+    ({"battery_pct": 25.0}, "battery_floor"),
+    ({"on_wifi": False}, "not_on_wifi"),
+])
+def test_a_car_that_may_no_longer_work_loses_its_leases_and_gets_no_new_one(paired, make_job, telemetry, reason):
+    vehicle, token = paired
+    job = make_job(docs=16)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        await send(comm, "telemetry", **{**HEALTHY, **telemetry})
+        withdraw = await receive_type(comm, "unit.withdraw")
+        assert (withdraw["unit_id"], withdraw["epoch"], withdraw["reason"]) == (assign["unit_id"], assign["epoch"], reason)
+        await send(comm, "work.request")
+        refused = await receive_type(comm, "no_work")
+        assert refused["reason"] == reason
+        # The withdrawn lease's result is refused and not paid.
+        await send(comm, "result", unit_id=assign["unit_id"], epoch=assign["epoch"], embeddings_b64=[])
+        assert (await receive_type(comm, "result.ack"))["reason"] == "stale_lease"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert set(WorkUnit.objects.filter(job=job).values_list("state", flat=True)) == {"queued"}
+    assert Lease.objects.get(unit__job=job).outcome == "withdrawn"
+    assert MeterRecord.objects.count() == 0
+
+
+def test_a_pause_from_the_owner_reaches_the_connected_car_and_requeues_its_leases(paired, make_job):
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        await sync_to_async(services.policy_update)(vehicle=vehicle, paused=True)
+        withdraw = await receive_type(comm, "unit.withdraw")
+        assert (withdraw["unit_id"], withdraw["reason"]) == (assign["unit_id"], "paused")
+        await send(comm, "work.request")
+        assert (await receive_type(comm, "no_work"))["reason"] == "paused"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert job.units.get().state == "queued"
+
+
+def test_an_expired_lease_is_requeued_by_the_sweep_and_its_late_result_refused(paired, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        await sync_to_async(WorkUnit.objects.filter(pk=assign["unit_id"]).update)(
+            lease_expires_at=timezone.now() - timedelta(seconds=1))
+        assert await sync_to_async(services.leases_sweep)() == 1
+        await send(comm, "result", unit_id=assign["unit_id"], epoch=assign["epoch"], embeddings_b64=[])
+        assert (await receive_type(comm, "result.ack"))["reason"] == "stale_lease"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert job.units.get().state == "queued"
+    assert Lease.objects.get(unit__job=job).outcome == "expired"
+
+
+def test_a_malformed_result_is_refused_and_the_unit_requeued(paired, make_job):
+    vehicle, token = paired
+    make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        await send(comm, "result", unit_id=assign["unit_id"], epoch=assign["epoch"], embeddings_b64=["AAAA"] * 8)
+        ack = await receive_type(comm, "result.ack")
+        assert ack["accepted"] is False and ack["reason"].startswith("bad_result")
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert WorkUnit.objects.get().state == "queued" and MeterRecord.objects.count() == 0
+
+
+def test_bad_messages_get_a_protocol_error_and_the_socket_stays_usable(paired):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = communicator(token)
+        await comm.connect()
+        await receive(comm)
+        await send(comm, "telemetry", **HEALTHY)
+        assert (await receive(comm))["code"] == "hello_first"
+        await comm.send_to(text_data="{not json")
+        assert (await receive(comm))["code"] == "bad_json"
+        await comm.send_to(text_data=json.dumps({"v": 9, "type": "hello"}))
+        assert (await receive(comm))["code"] == "bad_version"
+        await comm.send_to(text_data="x" * 70_000)
+        assert (await receive(comm))["code"] == "too_large"
+        await comm.send_to(bytes_data=b"\x00")
+        assert (await receive(comm))["code"] == "bad_message"
+        await send(comm, "hello", agent_version="t", runtimes=[], throughput_mops={"int8": "fast"})
+        assert (await receive(comm))["code"] == "bad_field"
+        await send(comm, "hello", agent_version="t", runtimes=[], throughput_mops={})
+        await send(comm, "teleport")
+        assert (await receive(comm))["code"] == "unknown_type"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

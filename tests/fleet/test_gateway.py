@@ -115,8 +115,10 @@ def test_a_car_leases_a_unit_computes_it_for_real_and_is_paid(paired, make_job):
     async_to_sync(scenario)()
     job.refresh_from_db()
     assert job.state == "completed" and job.units_done == 1
-    assert MeterRecord.objects.filter(job=job).count() == 1
+    record = MeterRecord.objects.get(job=job)
     assert Lease.objects.get(unit__job=job).outcome == "completed"
+    # Energy: the HW4's 100 W for the time the unit takes at the car's reported 200,000 mega-ops per second.
+    assert record.energy_mwh == -(-100 * record.mops * 1000 // (200_000 * 3600)) > 0
 
 
 @pytest.mark.parametrize("telemetry, reason", [

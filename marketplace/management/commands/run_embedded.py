@@ -4,6 +4,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import timedelta
 
 import uvicorn
 from django.conf import settings
@@ -35,7 +36,7 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--cars", type=int, default=20, help="Simulated cars (0 for none).")
-        parser.add_argument("--no-seed", action="store_true")
+        parser.add_argument("--no-seed", action="store_true", help="No demo accounts, no demo buyer.")
 
     def handle(self, host, port, cars, no_seed, **options):
         if settings.REDIS_URL:
@@ -44,7 +45,10 @@ class Command(BaseCommand):
         if not no_seed:
             call_command("seed_demo")
         base = f"http://{host}:{port}"
-        scheduler = InProcessScheduler().start()
+        schedule = dict(settings.CELERY_BEAT_SCHEDULE)
+        if not no_seed:
+            schedule["demo-buyer"] = {"task": "marketplace.tasks.demo_job_top_up", "schedule": timedelta(seconds=20)}
+        scheduler = InProcessScheduler(schedule).start()
         fleet: list[subprocess.Popen] = []
 
         def start_fleet():

@@ -1,21 +1,18 @@
-import json
-from datetime import timedelta
-
 from django.core.management.base import BaseCommand
-from django.utils import timezone
 
-from marketplace import corpus, services
-from marketplace.models import Job, User
+from marketplace import services
+from marketplace.demo import BUYER, demo_job_top_up
+from marketplace.models import User
 
 PASSWORD = "fleet-demo-2026"
-OPERATOR, BUYER, OWNER = "operator@demo.local", "buyer@demo.local", "owner@demo.local"
+OPERATOR, OWNER = "operator@demo.local", "owner@demo.local"
 
 
 class Command(BaseCommand):
     help = "Create the demo accounts (idempotent), a demo job if the buyer has none open, and print the logins."
 
     def add_arguments(self, parser):
-        parser.add_argument("--docs", type=int, default=400, help="Documents in the demo job.")
+        parser.add_argument("--docs", type=int, default=400, help="Documents in the demo job (0 for none).")
 
     def handle(self, docs, **options):
         if not User.objects.filter(email=OPERATOR).exists():
@@ -25,11 +22,7 @@ class Command(BaseCommand):
         if not User.objects.filter(email=OWNER).exists():
             User.objects.create_user(email=OWNER, password=PASSWORD, role=User.Role.OWNER)
         _, key = services.api_key_create(organisation=buyer.organisation, name="demo", created_by=buyer)
-        if docs and not Job.objects.filter(organisation=buyer.organisation, state__in=Job.OPEN_STATES).exists():
-            rows = (json.dumps(row).encode() for row in corpus.documents(docs))
-            job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
-                                      precision="int8", max_price_micros=2_000_000,
-                                      deadline=timezone.now() + timedelta(days=1), inputs=rows)
+        if docs and (job := demo_job_top_up(docs=docs)):
             self.stdout.write(f"Demo job {job.pk}: {job.docs_total} standard-library docstrings, {job.units_total} units.")
         self.stdout.write(
             "\nDemo logins (password for all: %s)\n  operator (admin):  %s\n  buyer:             %s\n"

@@ -1,0 +1,27 @@
+"""The demo buyer of the embedded profile: keeps one job of standard-library docstrings open, so the market
+in `make run` always has work to clear."""
+
+import json
+import random
+from datetime import timedelta
+
+from django.utils import timezone
+
+from marketplace import corpus, services
+from marketplace.models import Job, User
+
+BUYER = "buyer@demo.local"
+
+
+def demo_job_top_up(*, docs: int = 400) -> Job | None:
+    """Submit a new demo job, with a bid drawn around the market, if the demo buyer has none open."""
+    buyer = User.objects.filter(email=BUYER).select_related("organisation").first()
+    if buyer is None or Job.objects.filter(organisation=buyer.organisation, state__in=Job.OPEN_STATES).exists():
+        return None
+    rng = random.Random()
+    start = rng.randrange(0, 1500)
+    rows = corpus.documents(start + docs)[start:]
+    return services.job_create(
+        organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2", precision=rng.choice(["int8", "fp32"]),
+        max_price_micros=rng.choice([400_000, 800_000, 1_500_000, 2_000_000]),
+        deadline=timezone.now() + timedelta(hours=1), inputs=(json.dumps(r).encode() for r in rows))

@@ -1,0 +1,89 @@
+"""Auction rounds against the database: who offers, what is allocated, replay, dispatch order, expiry."""
+
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from fleet import services as fleet
+from fleet.models import HardwareGeneration, WorkUnit
+from marketplace import services
+from marketplace.clearing import Fill
+from marketplace.models import Allocation, AuctionRound, Job
+from tests.factories import VehicleFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_round_allocates_eligible_cars_capacity_to_bids_and_replays_exactly(make_job):
+    job = make_job(docs=400, price=3_000_000)
+    cheap = VehicleFactory(policy__reserve_price_micros=100_000)
+    dear = VehicleFactory(policy__reserve_price_micros=200_000)
+    VehicleFactory(driving=True)  # ineligible: offers nothing
+    VehicleFactory(policy__paused=True)
+    VehicleFactory(policy__reserve_price_micros=5_000_000)  # reserve above every bid: offers, sells nothing
+
+    (auction_round,) = services.auction_tick()
+
+    offers = {o["id"] for o in auction_round.journal["offers"]}
+    assert offers == {cheap.pk, dear.pk, cheap.pk + 4}
+    assert auction_round.journal["bids"] == [{"id": job.pk, "price": 3_000_000, "quantity": job.mops_total}]
+    allocations = {a.vehicle_id: a for a in Allocation.objects.filter(round=auction_round)}
+    assert set(allocations) <= {cheap.pk, dear.pk}
+    for allocation in allocations.values():
+        assert 200_000 <= allocation.price_micros == auction_round.clearing_price_micros <= 3_000_000
+    # Each car sells at most what it can compute in the interval.
+    for vehicle_id, allocation in allocations.items():
+        assert allocation.mops <= 50_000 * settings.AUCTION_INTERVAL_S
+    replay = services.round_replay(auction_round=auction_round)
+    assert replay.price == auction_round.clearing_price_micros
+    assert list(replay.fills) == [Fill(**f) for f in auction_round.journal["fills"]]
+
+
+def test_a_car_in_two_markets_sells_each_second_of_the_interval_once(make_job):
+    make_job(docs=400, precision="int8", price=3_000_000)
+    make_job(docs=400, precision="fp32", price=2_000_000)
+    car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 2_000})
+
+    rounds = services.auction_tick()
+
+    assert [r.market for r in rounds] == ["int8", "fp32"]  # highest bid first
+    seconds = sum(a.mops / car.throughput_mops[a.round.market] for a in Allocation.objects.filter(vehicle=car))
+    assert seconds <= settings.AUCTION_INTERVAL_S + 1e-6
+
+
+def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
+    low = make_job(docs=16, price=1_000_000)
+    high = make_job(docs=16, price=2_000_000)
+    car = VehicleFactory()
+    assert fleet.unit_lease(vehicle_id=car.pk) == (None, "no_work")  # nothing sold yet
+
+    services.auction_tick()
+    unit, _ = fleet.unit_lease(vehicle_id=car.pk)
+    assert unit.job_id == high.pk and unit.lease_epoch == 1
+    assert unit.price_micros == AuctionRound.objects.get().clearing_price_micros
+    second, _ = fleet.unit_lease(vehicle_id=car.pk)
+    assert second.job_id == high.pk
+    assert fleet.unit_lease(vehicle_id=car.pk) == (None, "lease_limit")  # two in flight at most
+    assert low.units.filter(state=WorkUnit.State.LEASED).count() == 0
+
+
+def test_overdue_jobs_expire_and_their_leases_are_withdrawn(make_job):
+    job = make_job(docs=16)
+    car = VehicleFactory()
+    services.auction_tick()
+    unit, _ = fleet.unit_lease(vehicle_id=car.pk)
+    Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
+
+    assert services.auction_tick() == []
+
+    job.refresh_from_db()
+    assert job.state == Job.State.EXPIRED
+    assert set(job.units.values_list("state", flat=True)) == {WorkUnit.State.CANCELLED}
+    assert unit.lease_history.get().outcome == "cancelled"
+
+
+def test_no_round_is_recorded_without_demand():
+    VehicleFactory(hardware=HardwareGeneration.objects.get(code="HW3"))
+    assert services.auction_tick() == [] and AuctionRound.objects.count() == 0

@@ -1,4 +1,5 @@
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.response import Response
@@ -6,8 +7,7 @@ from rest_framework.views import APIView
 
 from fleet import services
 from fleet.models import Vehicle
-from fleet.selectors import vehicle_status
-from django.utils import timezone
+from fleet.selectors import vehicle_status, vehicles_of
 
 
 class PairInputSerializer(serializers.Serializer):
@@ -49,16 +49,13 @@ class PairApi(APIView):
         return Response({"vehicle_id": vehicle.pk, "token": token}, status=status.HTTP_201_CREATED)
 
 
-def _owned(request):
-    return Vehicle.objects.filter(owner=request.user, removed_at=None).select_related("policy", "hardware")
-
 
 class VehicleListApi(APIView):
     """The signed-in owner's cars."""
 
     @extend_schema(responses=VehicleSerializer(many=True))
     def get(self, request):
-        return Response(VehicleSerializer(_owned(request), many=True).data)
+        return Response(VehicleSerializer(vehicles_of(owner=request.user), many=True).data)
 
 
 class VehiclePauseApi(APIView):
@@ -68,6 +65,6 @@ class VehiclePauseApi(APIView):
 
     @extend_schema(request=None, responses=VehicleSerializer)
     def post(self, request, pk):
-        vehicle = get_object_or_404(_owned(request), pk=pk)
+        vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
         services.policy_update(vehicle=vehicle, paused=self.pause)
-        return Response(VehicleSerializer(_owned(request).get(pk=pk)).data)
+        return Response(VehicleSerializer(vehicles_of(owner=request.user).get(pk=pk)).data)

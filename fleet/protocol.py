@@ -9,7 +9,7 @@ incoming object against the schema of its direction and returns a typed message 
 import dataclasses
 import json
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024

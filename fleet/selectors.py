@@ -1,7 +1,7 @@
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Prefetch
+from django.db.models import Prefetch, QuerySet
 
 from fleet import eligibility
 from fleet.models import HardwareThroughput, Vehicle
@@ -50,3 +50,8 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
         if measured > 0:
             offering.append((vehicle, min(measured, nominal)))
     return offering
+
+
+def vehicles_of(*, owner) -> QuerySet[Vehicle]:
+    """An owner's cars (removed ones excluded); every owner page and endpoint is scoped through this."""
+    return Vehicle.objects.filter(owner=owner, removed_at=None).select_related("policy", "hardware")

@@ -8,16 +8,13 @@ from django.views.decorators.http import require_POST
 from billing.selectors import owner_earnings_minor
 from fleet import services
 from fleet.forms import VehicleForm
-from fleet.models import HardwareGeneration, Vehicle
-from fleet.selectors import vehicle_status
+from fleet.models import HardwareGeneration
+from fleet.selectors import vehicle_status, vehicles_of
 
 
 def _owner_or_403(request):
     return None if request.user.is_owner else HttpResponseForbidden("This page is for car owners.")
 
-
-def _owned(request):
-    return Vehicle.objects.filter(owner=request.user, removed_at=None).select_related("policy", "hardware")
 
 
 @login_required
@@ -33,7 +30,7 @@ def owner_dashboard(request):
         return redirect("owner-dashboard")
     now = timezone.now()
     cars = []
-    for vehicle in _owned(request):
+    for vehicle in vehicles_of(owner=request.user):
         status, explanation = vehicle_status(vehicle=vehicle, now=now, working=vehicle.leases_held.exists())
         cars.append({"vehicle": vehicle, "status": status, "explanation": explanation,
                      "units_done": vehicle.units_completed.count()})
@@ -49,7 +46,7 @@ def owner_dashboard(request):
 def vehicle_pause(request, pk, pause: bool):
     if denied := _owner_or_403(request):
         return denied
-    vehicle = get_object_or_404(_owned(request), pk=pk)
+    vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
     services.policy_update(vehicle=vehicle, paused=pause)
     messages.info(request, f"{vehicle.name} is {'paused: its work was withdrawn' if pause else 'available again'}.")
     return redirect("owner-dashboard")
@@ -60,6 +57,6 @@ def vehicle_pause(request, pk, pause: bool):
 def vehicle_pairing_code(request, pk):
     if denied := _owner_or_403(request):
         return denied
-    vehicle = get_object_or_404(_owned(request), pk=pk)
+    vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
     request.session["pairing"] = {"vehicle": vehicle.pk, "code": services.pairing_code_issue(vehicle=vehicle)}
     return redirect("owner-dashboard")

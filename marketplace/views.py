@@ -13,7 +13,7 @@ from fleet.models import Vehicle
 from marketplace import selectors, services
 from marketplace.errors import ApplicationError
 from marketplace.forms import ApiKeyForm, JobForm
-from marketplace.models import AIModel, ApiKey, AuctionRound, Job
+from marketplace.models import AIModel, ApiKey, AuctionRound
 
 
 def healthz(request):

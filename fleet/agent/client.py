@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -90,6 +91,20 @@ def pair(server_url: str, code: str, timeout: float = 10) -> dict:
     ):
         raise PairingError("unexpected pairing response from the server")
     return {"vehicle_id": body["vehicle_id"], "token": body["token"]}
+
+
+def wait_until_up(server_url: str, timeout: float = 60.0) -> bool:
+    """Poll the server's /healthz until it answers 200 (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(server_url.rstrip("/") + "/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
 
 
 def websocket_url(server_url: str) -> str:

@@ -2,11 +2,11 @@ import asyncio
 import random
 import signal
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from fleet import services
-from fleet.agent.client import pair
+from fleet.agent.client import pair, wait_until_up
 from fleet.agent.sim import run_fleet
 from fleet.models import HardwareGeneration, Vehicle
 from marketplace.models import User
@@ -26,6 +26,8 @@ class Command(BaseCommand):
         parser.add_argument("--owner", default=SIM_OWNER)
 
     def handle(self, cars, server, time_scale, seed, owner, **options):
+        if not wait_until_up(server, timeout=120):
+            raise CommandError(f"{server} did not answer /healthz")
         fleet = [{**car, "token": pair(server, car.pop("code"))["token"]} for car in self._provision(cars, seed, owner)]
         self.stdout.write(f"simulate_fleet: {len(fleet)} cars paired with {server}")
 

@@ -1,9 +1,9 @@
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from datetime import timedelta
 
 import uvicorn
@@ -11,21 +11,14 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from fleet.agent.client import wait_until_up
 from fleet.protocol import MAX_MESSAGE_BYTES
 from marketplace.scheduler import InProcessScheduler
 
 
-def wait_healthy(url: str, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.25)
-    return False
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process ends, however it ends (uvicorn re-raises SIGTERM)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Command(BaseCommand):
@@ -50,15 +43,16 @@ class Command(BaseCommand):
             schedule["demo-buyer"] = {"task": "marketplace.tasks.demo_job_top_up", "schedule": timedelta(seconds=20)}
         scheduler = InProcessScheduler(schedule).start()
         fleet: list[subprocess.Popen] = []
+        if cars:  # from the main thread: the child's parent-death signal follows the thread that started it
+            fleet.append(subprocess.Popen([sys.executable, "manage.py", "simulate_fleet", "--cars", str(cars),
+                                           "--server", base], cwd=settings.BASE_DIR, env=os.environ.copy(),
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
 
-        def start_fleet():
-            if wait_healthy(f"{base}/healthz"):
+        def announce():
+            if wait_until_up(base):
                 self.stdout.write(f"\nReady: {base}  (health: {base}/healthz, API schema: {base}/api/schema/)\n")
-                if cars:
-                    fleet.append(subprocess.Popen([sys.executable, "manage.py", "simulate_fleet", "--cars", str(cars),
-                                                   "--server", base], cwd=settings.BASE_DIR, env=os.environ.copy()))
 
-        threading.Thread(target=start_fleet, daemon=True).start()
+        threading.Thread(target=announce, daemon=True).start()
         config = uvicorn.Config("marketplace.asgi:application", host=host, port=port, log_level="warning",
                                 ws="websockets-sansio", ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="off")
         try:

@@ -1,6 +1,6 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpResponseForbidden
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
@@ -12,15 +12,15 @@ from fleet.models import HardwareGeneration
 from fleet.selectors import vehicle_status, vehicles_of
 
 
-def _owner_or_403(request):
-    return None if request.user.is_owner else HttpResponseForbidden("This page is for car owners.")
+def _require_owner(request) -> None:
+    if not request.user.is_owner:
+        raise PermissionDenied("This page is for car owners.")
 
 
 
 @login_required
 def owner_dashboard(request):
-    if denied := _owner_or_403(request):
-        return denied
+    _require_owner(request)
     form = VehicleForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         vehicle, code = services.vehicle_create(owner=request.user, name=form.cleaned_data["name"],
@@ -44,8 +44,7 @@ def owner_dashboard(request):
 @login_required
 @require_POST
 def vehicle_pause(request, pk, pause: bool):
-    if denied := _owner_or_403(request):
-        return denied
+    _require_owner(request)
     vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
     services.policy_update(vehicle=vehicle, paused=pause)
     messages.info(request, f"{vehicle.name} is {'paused: its work was withdrawn' if pause else 'available again'}.")
@@ -55,8 +54,7 @@ def vehicle_pause(request, pk, pause: bool):
 @login_required
 @require_POST
 def vehicle_pairing_code(request, pk):
-    if denied := _owner_or_403(request):
-        return denied
+    _require_owner(request)
     vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
     request.session["pairing"] = {"vehicle": vehicle.pk, "code": services.pairing_code_issue(vehicle=vehicle)}
     return redirect("owner-dashboard")

@@ -27,15 +27,15 @@ class SignupForm(forms.Form):
 class JobForm(forms.Form):
     model = forms.ModelChoiceField(queryset=AIModel.objects.filter(active=True), to_field_name="slug", empty_label=None)
     precision = forms.ChoiceField(choices=PRECISION_CHOICES)
-    max_price_micros = forms.IntegerField(label="Maximum price (micro-USD per compute unit of 10^15 ops)",
-                                          initial=2_000_000)
+    max_price_micros = forms.IntegerField(label="Maximum price", initial=2_000_000,
+                                          help_text="µ$ per PetaOp (10^15 operations): your sealed bid.")
     deadline = forms.DateTimeField(widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
-                                   help_text="Your local time.")
+                                   help_text="UTC. The job expires then; finished units stay paid.")
     inputs = forms.FileField(help_text='JSON Lines: one {"text": "...", "id": "..."} object per line.')
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["deadline"].initial = (timezone.localtime() + timezone.timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M")
+        self.fields["deadline"].initial = (timezone.now() + timezone.timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M")
 
 
 class ApiKeyForm(forms.Form):

@@ -12,8 +12,9 @@ from marketplace.models import AIModel, ApiKey, AuctionRound, Job, Organisation
 
 def organisation_of(request) -> Organisation | None:
     """The buyer organisation a request acts for: its API key's, else the signed-in member's."""
-    if isinstance(request.auth, ApiKey):
-        return request.auth.organisation
+    auth = getattr(request, "auth", None)  # only DRF requests carry one
+    if isinstance(auth, ApiKey):
+        return auth.organisation
     user = request.user
     return user.organisation if user.is_authenticated and user.is_buyer else None
 

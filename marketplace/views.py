@@ -1,7 +1,8 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import connection
-from django.http import HttpResponseForbidden, JsonResponse
+from django.core.exceptions import PermissionDenied
+from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -35,22 +36,22 @@ def home(request):
     return render(request, "home.html", {
         "models": AIModel.objects.filter(active=True),
         "rounds": AuctionRound.objects.all()[:10],
+        "chart_rounds": reversed(AuctionRound.objects.filter(cleared_at__gte=timezone.now() - timezone.timedelta(hours=1))
+                                 .order_by("-cleared_at")[:300]),
         "cars_online": Vehicle.objects.filter(connected=True).count(),
     })
 
 
-def _buyer_or_403(request):
+def _buyer_organisation(request):
     organisation = selectors.organisation_of(request)
     if organisation is None:
-        return None, HttpResponseForbidden("This page is for buyer organisations.")
-    return organisation, None
+        raise PermissionDenied("This page is for buyer organisations.")
+    return organisation
 
 
 @login_required
 def buyer_dashboard(request):
-    organisation, denied = _buyer_or_403(request)
-    if denied:
-        return denied
+    organisation = _buyer_organisation(request)
     form = JobForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -81,9 +82,7 @@ def buyer_dashboard(request):
 
 @login_required
 def job_detail(request, pk):
-    organisation, denied = _buyer_or_403(request)
-    if denied:
-        return denied
+    organisation = _buyer_organisation(request)
     job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
     working = job.units.filter(state="leased").values("leased_to").distinct().count()
     template = "marketplace/_job_progress.html" if request.GET.get("fragment") else "marketplace/job_detail.html"
@@ -98,9 +97,7 @@ def job_detail(request, pk):
 @login_required
 @require_POST
 def job_cancel(request, pk):
-    organisation, denied = _buyer_or_403(request)
-    if denied:
-        return denied
+    organisation = _buyer_organisation(request)
     job = services.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk))
     messages.info(request, f"Job {job.pk} is {job.get_state_display().lower()}.")
     return redirect("job-detail", pk=job.pk)
@@ -109,9 +106,7 @@ def job_cancel(request, pk):
 @login_required
 @require_POST
 def api_key_create(request):
-    organisation, denied = _buyer_or_403(request)
-    if denied:
-        return denied
+    organisation = _buyer_organisation(request)
     form = ApiKeyForm(request.POST)
     if form.is_valid():
         _, secret = services.api_key_create(organisation=organisation, name=form.cleaned_data["name"],
@@ -123,9 +118,7 @@ def api_key_create(request):
 @login_required
 @require_POST
 def api_key_revoke(request, pk):
-    organisation, denied = _buyer_or_403(request)
-    if denied:
-        return denied
+    organisation = _buyer_organisation(request)
     services.api_key_revoke(key=get_object_or_404(ApiKey, pk=pk, organisation=organisation))
     messages.info(request, "The API key is revoked.")
     return redirect(reverse("buyer-dashboard") + "#keys")

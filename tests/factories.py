@@ -23,7 +23,7 @@ class BuyerFactory(factory.django.DjangoModelFactory):
     email = factory.Sequence(lambda n: f"buyer{n}@example.com")
     role = User.Role.BUYER
     organisation = factory.SubFactory(OrganisationFactory)
-    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-1")
+    password = factory.django.Password("pw-for-tests-1")
 
 
 class OwnerFactory(factory.django.DjangoModelFactory):
@@ -33,7 +33,7 @@ class OwnerFactory(factory.django.DjangoModelFactory):
 
     email = factory.Sequence(lambda n: f"owner{n}@example.com")
     role = User.Role.OWNER
-    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-1")
+    password = factory.django.Password("pw-for-tests-1")
 
 
 class VehicleFactory(factory.django.DjangoModelFactory):

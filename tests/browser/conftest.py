@@ -69,12 +69,15 @@ def page(browser, base_url):
     context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900}, locale="en-GB")
     context.set_default_timeout(15_000)
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"JavaScript error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console: {msg.text}")
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.on("response", lambda response: problems.append(f"HTTP {response.status}: {response.request.method} {response.url}")
+            if response.status >= 400 else None)
     yield page
     context.close()
-    assert not errors, f"JavaScript errors on the pages: {errors}"
+    assert not problems, "The pages had errors:\n" + "\n".join(problems)
 
 
 @pytest.fixture

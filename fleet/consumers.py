@@ -84,7 +84,7 @@ class VehicleConsumer(DeviceConsumer):
     async def on_telemetry(self, msg: protocol.Telemetry):
         reason, withdrawn = await database_sync_to_async(services.vehicle_telemetry_record)(
             vehicle_id=self.vehicle_id, battery_pct=msg.battery_pct, driving=msg.driving,
-            plugged_in=msg.plugged_in, on_wifi=msg.on_wifi)
+            plugged_in=msg.plugged_in, on_wifi=msg.on_wifi, charging_kw=msg.charging_kw, temp_c=msg.temp_c)
         await self._withdraw(withdrawn, reason=reason or "")
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):

@@ -65,6 +65,10 @@ class Vehicle(models.Model):
     driving = models.BooleanField(default=False)
     plugged_in = models.BooleanField(default=False)
     on_wifi = models.BooleanField(default=False)
+    charging_kw = models.FloatField(default=0.0)
+    temp_c = models.FloatField(null=True, blank=True, help_text="Highest of cabin and battery temperature reported.")
+    battery_hold = models.BooleanField(default=False, help_text="Battery fell to the floor; waits for the resume level.")
+    battery_kwh = models.FloatField(default=75.0, help_text="Usable battery capacity.")
     agent_version = models.CharField(max_length=32, blank=True)
     runtimes = models.JSONField(default=list, blank=True, help_text="Model runtimes the agent can run.")
     throughput_mops = models.JSONField(
@@ -81,12 +85,28 @@ class Vehicle(models.Model):
 
 
 class OwnerPolicy(models.Model):
-    """The owner's hard limits for one car."""
+    """The owner's hard limits for one car; fleet.eligibility decides from them."""
 
     vehicle = models.OneToOneField(Vehicle, on_delete=models.CASCADE, related_name="policy")
-    battery_floor_pct = models.PositiveSmallIntegerField(default=30, help_text="Stop work at or below this charge.")
-    wifi_only = models.BooleanField(default=True)
     paused = models.BooleanField(default=False)
+    battery_floor_pct = models.PositiveSmallIntegerField(default=30, help_text="Stop work at or below this charge.")
+    battery_resume_pct = models.PositiveSmallIntegerField(default=35, help_text="After stopping, resume only above this charge.")
+    wifi_only = models.BooleanField(default=True)
+    plugged_in_only = models.BooleanField(default=False)
+    timezone = models.CharField(max_length=64, default="UTC", help_text="The owner's time zone (IANA name).")
+    windows = models.JSONField(default=list, blank=True, help_text='Availability: [{"weekday": 0-6, "start": "HH:MM", '
+                                                                  '"end": "HH:MM"}]; empty means any time.')
+    departures = models.JSONField(default=list, blank=True, help_text='Recurring: [{"weekday": 0-6, "at": "HH:MM", '
+                                                                     '"charge_pct": 80}].')
+    one_off_departures = models.JSONField(default=list, blank=True, help_text='[{"at": ISO 8601, "charge_pct": 80}].')
+    daily_energy_kwh = models.FloatField(null=True, blank=True)
+    monthly_energy_kwh = models.FloatField(null=True, blank=True)
+    daily_data_mb = models.FloatField(null=True, blank=True, help_text="Home network data per day.")
+    max_temp_c = models.FloatField(null=True, blank=True, help_text="Cabin or battery temperature limit.")
+    categories = models.JSONField(default=list, blank=True,
+                                  help_text='Workload categories the car may run, e.g. ["embedding"]; empty means all.')
+    blocked_organisations = models.ManyToManyField("marketplace.Organisation", blank=True,
+                                                   help_text="Buyers whose work this car never runs.")
     reserve_price_micros = models.PositiveBigIntegerField(
         default=0, help_text="The owner's minimum price per compute unit (10^15 ops), in micro-units."
     )
@@ -94,9 +114,22 @@ class OwnerPolicy(models.Model):
 
     class Meta:
         verbose_name_plural = "owner policies"
+        constraints = [models.CheckConstraint(condition=models.Q(battery_resume_pct__gt=models.F("battery_floor_pct")),
+                                              name="resume_above_floor")]
 
     def __str__(self):
         return f"Policy of {self.vehicle}"
+
+
+class VehicleDailyUsage(models.Model):
+    """Network data a car used per day of its owner's calendar (energy comes from the meter records)."""
+
+    vehicle = models.ForeignKey(Vehicle, on_delete=models.CASCADE, related_name="daily_usage")
+    day = models.DateField()
+    data_bytes = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["vehicle", "day"], name="one_usage_row_per_day")]
 
 
 class WorkUnit(models.Model):

@@ -105,11 +105,16 @@ class Telemetry(Message):
         "driving": _bool,
         "plugged_in": _bool,
         "on_wifi": _bool,
+        "charging_kw": lambda v, n: _num(v, n, 0, 1000),
+        "temp_c": lambda v, n: None if v is None else _num(v, n, -60, 150),
     }
+    OPTIONAL = frozenset({"charging_kw", "temp_c"})
     battery_pct: float
     driving: bool
     plugged_in: bool
     on_wifi: bool
+    charging_kw: float = 0.0
+    temp_c: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,9 +244,10 @@ def parse(obj: dict, registry: dict) -> Message:
         raise ProtocolError("unknown_type", f"unknown message type {obj.get('type')!r}")
     values = {}
     for name, check in cls.SCHEMA.items():
-        if name not in obj:
+        if name in obj:
+            values[name] = check(obj[name], name)
+        elif name not in cls.OPTIONAL:
             raise ProtocolError("missing_field", f"{cls.TYPE}: field {name!r} is required")
-        values[name] = check(obj[name], name)
     return cls(**values)
 
 

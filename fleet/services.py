@@ -17,7 +17,7 @@ from django.utils import timezone
 from billing.services import usage_record
 from fleet import tokens
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, WorkUnit
-from fleet.selectors import vehicle_ineligibility
+from fleet.selectors import vehicle_decision, vehicle_ineligibility
 from marketplace.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 
@@ -106,6 +106,10 @@ def policy_update(*, vehicle: Vehicle, **fields) -> OwnerPolicy:
     policy = OwnerPolicy.objects.select_for_update().get(vehicle=vehicle)
     for name, value in fields.items():
         setattr(policy, name, value)
+    if policy.battery_resume_pct <= policy.battery_floor_pct:
+        raise ValidationFailed("The resume level must be above the stop level, or the car would flip between "
+                               "working and stopping.", extra={"fields": {"battery_resume_pct": [
+                                   f"Set it above {policy.battery_floor_pct} %."]}})
     policy.save(update_fields=[*fields, "updated_at"])
     vehicle.policy = policy
     reason = vehicle_ineligibility(vehicle=vehicle, now=timezone.now())
@@ -134,16 +138,20 @@ def vehicle_disconnected(*, vehicle_id: int, channel_name: str) -> None:
 
 
 def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bool, plugged_in: bool,
-                             on_wifi: bool) -> tuple[str | None, list[tuple[int, int]]]:
+                             on_wifi: bool, charging_kw: float = 0.0,
+                             temp_c: float | None = None) -> tuple[str | None, list[tuple[int, int]]]:
     """Store the car's state; if it may no longer work, withdraw its leases. Returns (reason, withdrawn)."""
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy").get(pk=vehicle_id)
+        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware").get(pk=vehicle_id)
         vehicle.battery_pct, vehicle.driving, vehicle.plugged_in, vehicle.on_wifi = battery_pct, driving, plugged_in, on_wifi
+        vehicle.charging_kw, vehicle.temp_c = charging_kw, temp_c
         vehicle.last_seen_at = now
-        reason = vehicle_ineligibility(vehicle=vehicle, now=now)
-        vehicle.ineligible_reason = reason or ""
-        vehicle.save(update_fields=["battery_pct", "driving", "plugged_in", "on_wifi", "last_seen_at", "ineligible_reason"])
+        decision = vehicle_decision(vehicle=vehicle, now=now)
+        reason = decision.reason
+        vehicle.ineligible_reason, vehicle.battery_hold = reason or "", decision.battery_hold
+        vehicle.save(update_fields=["battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c",
+                                    "last_seen_at", "ineligible_reason", "battery_hold"])
         withdrawn = leases_withdraw(vehicle_id=vehicle_id, reason=reason, notify=False) if reason else []
     return reason, withdrawn
 
@@ -201,7 +209,7 @@ def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
     """
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy").get(pk=vehicle_id)
+        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware").get(pk=vehicle_id)
         reason = vehicle_ineligibility(vehicle=vehicle, now=now)
         if reason:
             return None, reason

@@ -179,6 +179,8 @@ class StaticSensors:
     driving: bool = False
     plugged_in: bool = False
     on_wifi: bool = True
+    charging_kw: float = 0.0
+    temp_c: float | None = None
 
     def on_work(self, seconds: float, watts: float) -> None:
         """Static readings: nothing drains."""
@@ -427,6 +429,8 @@ class _Session:
             driving=bool(sensors.driving),
             plugged_in=bool(sensors.plugged_in),
             on_wifi=bool(sensors.on_wifi),
+            charging_kw=float(getattr(sensors, "charging_kw", 0.0)),
+            temp_c=getattr(sensors, "temp_c", None),
         )
 
     async def _ticker(self) -> None:

@@ -111,6 +111,11 @@ class SimulatedSensors:
         return self._plugged
 
     @property
+    def charging_kw(self) -> float:
+        """The home charger's power while plugged in below the charge limit, else 0."""
+        return self.charger_kw if self.plugged_in and self.battery_pct < self.charge_limit_pct else 0.0
+
+    @property
     def on_wifi(self) -> bool:
         phase = self.phase
         return phase == HOME or (phase == WORK and self._work_wifi)

@@ -247,3 +247,14 @@ def test_a_second_session_with_the_same_token_replaces_the_first(paired):
         await second.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_contradictory_battery_levels_are_refused_and_nothing_changes(paired):
+    from fleet.models import OwnerPolicy
+    from marketplace.errors import ValidationFailed
+
+    vehicle, _ = paired
+    with pytest.raises(ValidationFailed) as refused:
+        services.policy_update(vehicle=vehicle, battery_floor_pct=50, battery_resume_pct=40)
+    assert "battery_resume_pct" in refused.value.extra["fields"]
+    assert OwnerPolicy.objects.get(vehicle=vehicle).battery_floor_pct == 30

@@ -54,7 +54,8 @@ class Command(BaseCommand):
             if vehicle is None:
                 vehicle, code = services.vehicle_create(owner=owner, name=name,
                                                         hardware=hardware["HW4" if rng.random() < 0.6 else "HW3"])
-                services.policy_update(vehicle=vehicle, battery_floor_pct=rng.choice([20, 25, 30, 40]),
+                floor = rng.choice([20, 25, 30, 40])
+                services.policy_update(vehicle=vehicle, battery_floor_pct=floor, battery_resume_pct=floor + 5,
                                        wifi_only=rng.random() < 0.8, reserve_price_micros=rng.choice([0, 100_000, 250_000, 500_000]))
             else:
                 code = services.pairing_code_issue(vehicle=vehicle)

@@ -168,6 +168,13 @@ def _departures(policy: Policy, now: datetime):
                 yield instant, d.charge_pct
 
 
+def consents(*, categories: tuple[str, ...] | list[str], blocked_organisations: set[int] | frozenset[int],
+             job_category: str, organisation_id: int) -> bool:
+    """Whether the owner lets the car run a job: its workload category is allowed (an empty list allows
+    every category) and its buyer is not on the owner's block list."""
+    return (not categories or job_category in categories) and organisation_id not in blocked_organisations
+
+
 def decide(*, policy: Policy, state: LiveState, usage: Usage, now: datetime, stale_after: timedelta,
            battery_hold: bool = False) -> Decision:
     """The first limit that stops the car working now, if any, and the new battery hysteresis state:

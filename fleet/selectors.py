@@ -57,6 +57,14 @@ def vehicle_decision(*, vehicle: Vehicle, now: datetime) -> eligibility.Decision
     )
 
 
+def vehicle_consents(*, vehicle: Vehicle, job_category: str, organisation_id: int) -> bool:
+    """The owner's consent rule for one job (fleet.eligibility.consents) on a vehicle row."""
+    policy = vehicle.policy
+    return eligibility.consents(categories=policy.categories,
+                                blocked_organisations={o.pk for o in policy.blocked_organisations.all()},
+                                job_category=job_category, organisation_id=organisation_id)
+
+
 def vehicle_ineligibility(*, vehicle: Vehicle, now: datetime) -> str | None:
     return vehicle_decision(vehicle=vehicle, now=now).reason
 
@@ -77,7 +85,7 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
     candidates = (
         Vehicle.objects.filter(connected=True, removed_at=None, hardware__throughputs__precision=precision)
         .select_related("policy", "hardware")
-        .prefetch_related(Prefetch("hardware__throughputs", queryset=HardwareThroughput.objects.filter(precision=precision),
+        .prefetch_related("policy__blocked_organisations", Prefetch("hardware__throughputs", queryset=HardwareThroughput.objects.filter(precision=precision),
                                    to_attr="nominal"))
         .order_by("pk")
     )

@@ -17,7 +17,7 @@ from django.utils import timezone
 from billing.services import usage_record
 from fleet import tokens
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, WorkUnit
-from fleet.selectors import vehicle_decision, vehicle_ineligibility
+from fleet.selectors import vehicle_consents, vehicle_decision, vehicle_ineligibility
 from marketplace.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 
@@ -217,7 +217,9 @@ def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
             return None, "lease_limit"
         for allocation_id in _current_allocations(vehicle=vehicle).values_list("pk", flat=True):
             allocation = Allocation.objects.select_for_update(of=("self",)).select_related("job__ai_model").get(pk=allocation_id)
-            if allocation.remaining_mops <= 0:
+            job = allocation.job
+            if allocation.remaining_mops <= 0 or not vehicle_consents(
+                    vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
                 continue
             unit = (WorkUnit.objects.select_for_update(skip_locked=True)
                     .filter(job_id=allocation.job_id, state=WorkUnit.State.QUEUED).order_by("seq").first())

@@ -46,7 +46,43 @@ class Outcome:
         return sum(f.quantity for f in self.fills)
 
 
-def clear(bids: list[Bid], offers: list[Offer]) -> Outcome:
+def clear(bids: list[Bid], offers: list[Offer], compatible=None) -> Outcome:
+    """Clear one market. ``compatible(bid_id, offer_id)``, if given, says which pairs may trade (an owner's
+    consent); see :func:`_clear_compatible`."""
+    return _clear(bids, offers) if compatible is None else _clear_compatible(bids, offers, compatible)
+
+
+def _clear_compatible(bids, offers, compatible) -> Outcome:
+    """Greedy matching under compatibility: bids by price descending take the cheapest compatible capacity
+    whose price is at most their own, as long as one uniform price can still serve every trade made (the
+    dearest offer used stays at or below every winning bid). The price is the midpoint of
+    [dearest offer used, lowest winning bid]. Not the surplus-maximising allocation (issue 5's LP is)."""
+    bids = sorted((b for b in bids if b.quantity > 0), key=lambda b: (-b.price, b.id))
+    offers = sorted((o for o in offers if o.quantity > 0), key=lambda o: (o.price, o.id))
+    left = {o.id: o.quantity for o in offers}
+    fills: list[Fill] = []
+    dearest_offer, lowest_bid = None, None
+    for bid in bids:
+        if dearest_offer is not None and dearest_offer > bid.price:
+            break
+        wanted = bid.quantity
+        for offer in offers:
+            if wanted == 0 or offer.price > bid.price:
+                break
+            if left[offer.id] and compatible(bid.id, offer.id):
+                q = min(wanted, left[offer.id])
+                fills.append(Fill(bid.id, offer.id, q))
+                left[offer.id] -= q
+                wanted -= q
+                dearest_offer = max(dearest_offer or 0, offer.price)
+                lowest_bid = bid.price
+    if not fills:
+        return Outcome(price=None, fills=())
+    return Outcome(price=(dearest_offer + lowest_bid) // 2, fills=tuple(fills))
+
+
+def _clear(bids: list[Bid], offers: list[Offer]) -> Outcome:
+    """The clearing of one market where every pair may trade (module docstring)."""
     bids = sorted((b for b in bids if b.quantity > 0), key=lambda b: (-b.price, b.id))
     offers = sorted((o for o in offers if o.quantity > 0), key=lambda o: (o.price, o.id))
     fills: list[Fill] = []

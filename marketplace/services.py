@@ -17,7 +17,7 @@ from django.utils.text import slugify
 from fleet import tokens
 from fleet.agent.models import count_tokens
 from fleet.models import Lease, WorkUnit
-from fleet.selectors import vehicles_offering
+from fleet.selectors import vehicle_consents, vehicles_offering
 from fleet.services import leases_withdraw
 from marketplace import clearing
 from marketplace.errors import ValidationFailed
@@ -200,17 +200,25 @@ def jobs_expire() -> int:
 
 def _round_clear(*, market: str, now: datetime, seconds_left: dict[int, float]) -> AuctionRound:
     interval = settings.AUCTION_INTERVAL_S
-    jobs = (Job.objects.filter(state__in=Job.OPEN_STATES, precision=market)
+    jobs = (Job.objects.filter(state__in=Job.OPEN_STATES, precision=market).select_related("ai_model")
             .annotate(queued_mops=Sum("units__mops", filter=Q(units__state=WorkUnit.State.QUEUED)))
             .filter(queued_mops__gt=0).order_by("pk"))
     bids = [clearing.Bid(id=job.pk, price=job.max_price_micros, quantity=job.queued_mops) for job in jobs]
-    rates = {}
+    rates, vehicles = {}, {}
     offers = []
     for vehicle, rate in vehicles_offering(precision=market, now=now):
-        rates[vehicle.pk] = rate
+        rates[vehicle.pk], vehicles[vehicle.pk] = rate, vehicle
         quantity = int(rate * seconds_left.setdefault(vehicle.pk, interval))
         offers.append(clearing.Offer(id=vehicle.pk, price=vehicle.policy.reserve_price_micros, quantity=quantity))
-    outcome = clearing.clear(bids, offers)
+    job_of = {job.pk: job for job in jobs}
+
+    def consent(job_id: int, vehicle_id: int) -> bool:
+        job = job_of[job_id]
+        return vehicle_consents(vehicle=vehicles[vehicle_id], job_category=job.ai_model.task,
+                                organisation_id=job.organisation_id)
+
+    refused = sorted([b.id, o.id] for b in bids for o in offers if not consent(b.id, o.id))
+    outcome = clearing.clear(bids, offers, _allowed(refused))
     per_pair: dict[tuple[int, int], int] = defaultdict(int)
     for fill in outcome.fills:
         seconds_left[fill.offer_id] -= fill.quantity / rates[fill.offer_id]
@@ -220,7 +228,7 @@ def _round_clear(*, market: str, now: datetime, seconds_left: dict[int, float]) 
             market=market, cleared_at=now, interval_s=interval, clearing_price_micros=outcome.price,
             offered_mops=sum(o.quantity for o in offers), demanded_mops=sum(b.quantity for b in bids),
             sold_mops=outcome.volume,
-            journal={"bids": [asdict(b) for b in bids], "offers": [asdict(o) for o in offers],
+            journal={"bids": [asdict(b) for b in bids], "offers": [asdict(o) for o in offers], "refused": refused,
                      "fills": [asdict(f) for f in outcome.fills], "price": outcome.price},
         )
         Allocation.objects.bulk_create(
@@ -245,10 +253,20 @@ def auction_tick() -> list[AuctionRound]:
     return [_round_clear(market=market, now=now, seconds_left=seconds_left) for market in markets]
 
 
+def _allowed(refused: list[list[int]]):
+    """The compatibility predicate of a round: every pair but the refused (job, car) pairs; None (every
+    pair may trade, the plain clearing) when no owner refused anything."""
+    if not refused:
+        return None
+    refused_pairs = {tuple(pair) for pair in refused}
+    return lambda job_id, vehicle_id: (job_id, vehicle_id) not in refused_pairs
+
+
 def round_replay(*, auction_round: AuctionRound) -> clearing.Outcome:
-    """Clear a recorded round again from its journal."""
+    """Clear a recorded round again from its journal (sealed inputs and the owners' refusals)."""
     journal = auction_round.journal
-    return clearing.clear([clearing.Bid(**b) for b in journal["bids"]], [clearing.Offer(**o) for o in journal["offers"]])
+    return clearing.clear([clearing.Bid(**b) for b in journal["bids"]], [clearing.Offer(**o) for o in journal["offers"]],
+                          _allowed(journal.get("refused", [])))
 
 
 

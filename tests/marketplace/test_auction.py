@@ -87,3 +87,22 @@ def test_overdue_jobs_expire_and_their_leases_are_withdrawn(make_job):
 def test_no_round_is_recorded_without_demand():
     VehicleFactory(hardware=HardwareGeneration.objects.get(code="HW3"))
     assert services.auction_tick() == [] and AuctionRound.objects.count() == 0
+
+
+def test_owners_consent_is_respected_by_the_auction_and_the_dispatcher(make_job, buyer):
+    job = make_job(docs=16, price=3_000_000)
+    picky = VehicleFactory(policy__reserve_price_micros=0)
+    picky.policy.blocked_organisations.add(buyer.organisation)
+    no_embeddings = VehicleFactory(policy__categories=["text-generation"])
+    willing = VehicleFactory(policy__reserve_price_micros=200_000)
+
+    (auction_round,) = services.auction_tick()
+
+    assert {a.vehicle_id for a in Allocation.objects.filter(round=auction_round)} == {willing.pk}
+    assert sorted(auction_round.journal["refused"]) == sorted([[job.pk, picky.pk], [job.pk, no_embeddings.pk]])
+    assert services.round_replay(auction_round=auction_round).fills == tuple(
+        Fill(**f) for f in auction_round.journal["fills"])
+    assert fleet.unit_lease(vehicle_id=picky.pk) == (None, "no_work")
+    # Consent withdrawn after the round: the dispatcher checks again before leasing.
+    willing.policy.blocked_organisations.add(buyer.organisation)
+    assert fleet.unit_lease(vehicle_id=willing.pk) == (None, "no_work")

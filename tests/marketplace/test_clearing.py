@@ -79,3 +79,21 @@ def test_price_is_midpoint_when_both_sides_are_exactly_exhausted():
 def test_no_trade_when_every_bid_is_below_every_reserve():
     outcome = clear([Bid(1, 100, 10)], [Offer(2, 101, 10)])
     assert outcome.price is None and outcome.fills == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(bids_st, offers_st, st.sets(st.tuples(st.integers(1, 10**6), st.integers(1, 10**6))), st.booleans())
+def test_with_consent_every_trade_is_allowed_voluntary_and_capacity_is_not_oversold(bids, offers, refused, refuse_half):
+    def compatible(bid_id, offer_id):
+        return (bid_id, offer_id) not in refused and not (refuse_half and (bid_id + offer_id) % 2)
+
+    outcome = clear(bids, offers, compatible)
+    bid_by_id, offer_by_id = {b.id: b for b in bids}, {o.id: o for o in offers}
+    sold, bought = {}, {}
+    for fill in outcome.fills:
+        assert compatible(fill.bid_id, fill.offer_id)
+        assert offer_by_id[fill.offer_id].price <= outcome.price <= bid_by_id[fill.bid_id].price
+        sold[fill.offer_id] = sold.get(fill.offer_id, 0) + fill.quantity
+        bought[fill.bid_id] = bought.get(fill.bid_id, 0) + fill.quantity
+    assert all(q <= offer_by_id[i].quantity for i, q in sold.items())
+    assert all(q <= bid_by_id[i].quantity for i, q in bought.items())

@@ -48,9 +48,17 @@ class DeviceConsumer(AsyncWebsocketConsumer):
 
 class VehicleConsumer(DeviceConsumer):
     hello_received = False
+    unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage (flushed on heartbeat)
 
     async def send_message(self, message: protocol.Message) -> None:
-        await self.send(text_data=json.dumps(protocol.dump(message), separators=(",", ":")))
+        text = json.dumps(protocol.dump(message), separators=(",", ":"))
+        self.unmetered_bytes += len(text)
+        await self.send(text_data=text)
+
+    async def _meter_data(self) -> None:
+        if self.unmetered_bytes:
+            data, self.unmetered_bytes = self.unmetered_bytes, 0
+            await database_sync_to_async(services.vehicle_data_record)(vehicle_id=self.vehicle_id, data_bytes=data)
 
     async def on_authenticated(self):
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
@@ -58,11 +66,13 @@ class VehicleConsumer(DeviceConsumer):
 
     async def disconnect(self, code):
         if self.vehicle_id is not None:
+            await self._meter_data()
             await database_sync_to_async(services.vehicle_disconnected)(vehicle_id=self.vehicle_id,
                                                                       channel_name=self.channel_name)
         await super().disconnect(code)
 
     async def receive(self, text_data=None, bytes_data=None):
+        self.unmetered_bytes += len(text_data or bytes_data or "")
         try:
             if text_data is None:
                 raise protocol.ProtocolError("bad_message", "binary frames are not part of the protocol")
@@ -88,6 +98,7 @@ class VehicleConsumer(DeviceConsumer):
         await self._withdraw(withdrawn, reason=reason or "")
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):
+        await self._meter_data()
         stale = await database_sync_to_async(services.leases_heartbeat)(vehicle_id=self.vehicle_id, held=msg.leases)
         await self._withdraw(stale, reason="not_current")
 

@@ -138,6 +138,40 @@ def in_windows(windows: tuple[Window, ...], local: datetime) -> bool:
     return False
 
 
+MINUTES_PER_DAY, MINUTES_PER_WEEK = 1440, 7 * 1440
+
+
+def merge_windows(windows: tuple[Window, ...] | list[Window]) -> tuple[Window, ...]:
+    """The same weekly availability with overlapping or touching windows merged, in weekday order. A
+    window's ``end`` equal to its ``start`` means a full 24 hours."""
+    intervals = []
+    for w in windows:
+        start = w.weekday * MINUTES_PER_DAY + w.start.hour * 60 + w.start.minute
+        length = ((w.end.hour * 60 + w.end.minute) - (w.start.hour * 60 + w.start.minute)) % MINUTES_PER_DAY
+        end = start + (length or MINUTES_PER_DAY)
+        if end > MINUTES_PER_WEEK:  # past Sunday midnight: split into the end and the start of the week
+            intervals += [(start, MINUTES_PER_WEEK), (0, end - MINUTES_PER_WEEK)]
+        else:
+            intervals.append((start, end))
+    merged: list[list[int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    if len(merged) > 1 and merged[0][0] == 0 and merged[-1][1] == MINUTES_PER_WEEK:  # joins across Sunday night
+        merged[-1][1] = MINUTES_PER_WEEK + merged.pop(0)[1]
+    result = []
+    for start, end in merged:
+        while start < end:  # windows of at most 24 hours
+            chunk = min(end - start, MINUTES_PER_DAY)
+            day, minute = divmod(start % MINUTES_PER_WEEK, MINUTES_PER_DAY)
+            stop = (minute + chunk) % MINUTES_PER_DAY
+            result.append(Window(day, time(minute // 60, minute % 60), time(stop // 60, stop % 60)))
+            start += chunk
+    return tuple(sorted(result, key=lambda w: (w.weekday, w.start)))
+
+
 def next_departure(policy: Policy, now: datetime) -> tuple[datetime, float] | None:
     """The earliest departure after ``now`` (recurring or one-off) and the charge needed then."""
     return min(_departures(policy, now), default=None, key=lambda item: (item[0], -item[1]))

@@ -4,7 +4,8 @@ import base64
 import binascii
 import logging
 import math
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from asgiref.sync import async_to_sync
@@ -12,11 +13,13 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from billing.services import usage_record
 from fleet import tokens
-from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, WorkUnit
+from fleet.eligibility import Window, merge_windows
+from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
 from fleet.selectors import vehicle_consents, vehicle_decision, vehicle_ineligibility
 from marketplace.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
@@ -69,16 +72,29 @@ def vehicle_pair(*, code: str) -> tuple[Vehicle, str]:
         if vehicle is None or vehicle.pairing_expires_at is None or vehicle.pairing_expires_at < timezone.now():
             raise ValidationFailed("This pairing code is unknown or has expired. Ask the owner's portal for a new one.",
                                    code="pairing_invalid")
-        token, prefix = tokens.new_token("dev")
-        had_token = bool(vehicle.token_hash)
-        vehicle.token_prefix, vehicle.token_hash = prefix, tokens.digest(token)
-        vehicle.token_issued_at, vehicle.token_revoked_at = timezone.now(), None
         vehicle.pairing_code_hash, vehicle.pairing_expires_at = "", None
-        vehicle.save(update_fields=["token_prefix", "token_hash", "token_issued_at", "token_revoked_at",
-                                    "pairing_code_hash", "pairing_expires_at"])
-        if had_token:
-            transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle.pk, message={"type": "vehicle.revoked"}))
+        vehicle.save(update_fields=["pairing_code_hash", "pairing_expires_at"])
+        token = _token_issue(vehicle=vehicle)
     return vehicle, token
+
+
+def _token_issue(*, vehicle: Vehicle) -> str:
+    """A new device token for the car; any older one stops working and its connection is closed."""
+    token, prefix = tokens.new_token("dev")
+    had_token = bool(vehicle.token_hash)
+    vehicle.token_prefix, vehicle.token_hash = prefix, tokens.digest(token)
+    vehicle.token_issued_at, vehicle.token_revoked_at = timezone.now(), None
+    vehicle.save(update_fields=["token_prefix", "token_hash", "token_issued_at", "token_revoked_at"])
+    if had_token:
+        leases_withdraw(vehicle_id=vehicle.pk, reason="token_rotated", notify=False)
+        transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle.pk, message={"type": "vehicle.revoked"}))
+    return token
+
+
+@transaction.atomic
+def vehicle_token_rotate(*, vehicle: Vehicle) -> str:
+    """Replace the car's device token (shown once to the owner, who sets it on the car's agent)."""
+    return _token_issue(vehicle=Vehicle.objects.select_for_update().get(pk=vehicle.pk))
 
 
 def device_authenticate(*, token: str) -> Vehicle | None:
@@ -101,11 +117,42 @@ def vehicle_token_revoke(*, vehicle: Vehicle) -> None:
 
 
 @transaction.atomic
+def vehicle_remove(*, vehicle: Vehicle) -> None:
+    """Take a car off the marketplace: its token stops working and its work is withdrawn. Its history
+    (units, leases, meter records, ledger) stays."""
+    Vehicle.objects.filter(pk=vehicle.pk).update(removed_at=timezone.now(), pairing_code_hash="", pairing_expires_at=None)
+    vehicle_token_revoke(vehicle=vehicle)
+
+
+def vehicles_pause_all(*, owner, paused: bool) -> int:
+    """Pause (or resume) every car of an owner; returns how many."""
+    vehicles = list(Vehicle.objects.filter(owner=owner, removed_at=None).select_related("policy", "hardware"))
+    for vehicle in vehicles:
+        policy_update(vehicle=vehicle, paused=paused)
+    return len(vehicles)
+
+
+def vehicle_data_record(*, vehicle_id: int, data_bytes: int) -> None:
+    """Add network bytes the car exchanged with the gateway to its owner's current day."""
+    if data_bytes <= 0:
+        return
+    tz = OwnerPolicy.objects.filter(vehicle_id=vehicle_id).values_list("timezone", flat=True).first() or "UTC"
+    day = timezone.now().astimezone(ZoneInfo(tz)).date()
+    with transaction.atomic():
+        usage, _ = VehicleDailyUsage.objects.select_for_update().get_or_create(vehicle_id=vehicle_id, day=day)
+        VehicleDailyUsage.objects.filter(pk=usage.pk).update(data_bytes=F("data_bytes") + data_bytes)
+
+
+@transaction.atomic
 def policy_update(*, vehicle: Vehicle, **fields) -> OwnerPolicy:
     """Change the owner's limits; if the car may no longer work, its leases are withdrawn at once."""
     policy = OwnerPolicy.objects.select_for_update().get(vehicle=vehicle)
     for name, value in fields.items():
         setattr(policy, name, value)
+    if "windows" in fields:  # overlapping windows are merged, so the owner sees what will really apply
+        policy.windows = [{"weekday": w.weekday, "start": w.start.strftime("%H:%M"), "end": w.end.strftime("%H:%M")}
+                          for w in merge_windows([Window(w["weekday"], time.fromisoformat(w["start"]),
+                                                         time.fromisoformat(w["end"])) for w in policy.windows])]
     if policy.battery_resume_pct <= policy.battery_floor_pct:
         raise ValidationFailed("The resume level must be above the stop level, or the car would flip between "
                                "working and stopping.", extra={"fields": {"battery_resume_pct": [

@@ -209,3 +209,31 @@ def test_working_never_leaves_less_charge_at_departure_than_the_owner_needs(star
     # At departure the car holds what the owner asked for, or, if even never working could not reach it,
     # exactly what it would have held had it never worked.
     assert battery >= min(need_pct / 100 * kwh, idle) - 1e-9
+
+
+minute_times = st.builds(time, st.integers(0, 23), st.integers(0, 59))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.builds(el.Window, st.integers(0, 6), minute_times, minute_times), min_size=1, max_size=6),
+       st.lists(st.integers(0, 7 * 1440 - 1), min_size=20, max_size=20))
+def test_merging_windows_keeps_the_same_availability_without_overlaps(windows, minutes):
+    merged = el.merge_windows(windows)
+    monday = datetime(2026, 11, 23, tzinfo=UTC)
+    for minute in minutes:
+        moment = monday + timedelta(minutes=minute)
+        assert el.in_windows(tuple(windows), moment) == el.in_windows(merged, moment)
+    # No two merged windows overlap: each minute of the week is covered at most once.
+    covered = [0] * (7 * 1440)
+    for w in merged:
+        start = w.weekday * 1440 + w.start.hour * 60 + w.start.minute
+        length = ((w.end.hour * 60 + w.end.minute) - (w.start.hour * 60 + w.start.minute)) % 1440 or 1440
+        for m in range(start, start + length):
+            covered[m % (7 * 1440)] += 1
+    assert max(covered) <= 1
+
+
+def test_overlapping_windows_are_merged_into_one():
+    merged = el.merge_windows([el.Window(0, time(18), time(22)), el.Window(0, time(21), time(23, 30)),
+                               el.Window(0, time(23, 30), time(6))])
+    assert merged == (el.Window(0, time(18), time(6)),)

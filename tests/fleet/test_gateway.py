@@ -258,3 +258,22 @@ def test_contradictory_battery_levels_are_refused_and_nothing_changes(paired):
         services.policy_update(vehicle=vehicle, battery_floor_pct=50, battery_resume_pct=40)
     assert "battery_resume_pct" in refused.value.extra["fields"]
     assert OwnerPolicy.objects.get(vehicle=vehicle).battery_floor_pct == 30
+
+
+def test_the_gateway_meters_the_cars_data_and_stops_work_at_the_owners_daily_budget(paired, make_job):
+    from fleet.models import VehicleDailyUsage
+
+    vehicle, token = paired
+    make_job(docs=8)
+    services.policy_update(vehicle=vehicle, daily_data_mb=0.0002)  # 200 bytes a day
+
+    async def scenario():
+        comm = await online(token)
+        await send(comm, "heartbeat", leases=[])
+        await send(comm, "telemetry", **HEALTHY)
+        await send(comm, "work.request")
+        assert (await receive_type(comm, "no_work"))["reason"] == "data_budget"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert VehicleDailyUsage.objects.get(vehicle=vehicle).data_bytes > 200

@@ -1,13 +1,30 @@
+"""The owner API (cars, limits, credentials) and the agent's pairing endpoint. Every owner endpoint is
+scoped to the requesting owner's cars: another owner's car id is a 404."""
+
+from zoneinfo import available_timezones
+
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from billing.money import femto_per_minor
 from fleet import services
-from fleet.models import Vehicle
-from fleet.selectors import vehicle_status, vehicles_of
+from fleet.eligibility import next_departure
+from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
+from fleet.selectors import policy_rules, vehicle_earnings_femto, vehicle_status, vehicle_usage, vehicles_of
+from marketplace.models import Organisation
+
+WORKLOAD_CATEGORIES = ["embedding", "classification", "text-generation"]
+
+
+class IsOwner(permissions.BasePermission):
+    message = "This endpoint is for car owners."
+
+    def has_permission(self, request, view):
+        return bool(request.user and request.user.is_authenticated and request.user.is_owner)
 
 
 class PairInputSerializer(serializers.Serializer):
@@ -19,20 +36,109 @@ class PairOutputSerializer(serializers.Serializer):
     token = serializers.CharField(help_text="Device token: send it as `Authorization: Bearer` to /ws/vehicle/. Shown once.")
 
 
+class WindowSerializer(serializers.Serializer):
+    weekday = serializers.IntegerField(min_value=0, max_value=6, help_text="0 is Monday.")
+    start = serializers.TimeField(format="%H:%M")
+    end = serializers.TimeField(format="%H:%M", help_text="At or before start: runs past midnight.")
+
+
+class DepartureSerializer(serializers.Serializer):
+    weekday = serializers.IntegerField(min_value=0, max_value=6)
+    at = serializers.TimeField(format="%H:%M")
+    charge_pct = serializers.FloatField(min_value=0, max_value=100)
+
+
+class OneOffDepartureSerializer(serializers.Serializer):
+    at = serializers.DateTimeField()
+    charge_pct = serializers.FloatField(min_value=0, max_value=100)
+
+
+class PolicySerializer(serializers.ModelSerializer):
+    """The owner's limits. Times are in the policy's ``timezone``."""
+
+    timezone = serializers.ChoiceField(choices=sorted(available_timezones()), required=False)
+    windows = WindowSerializer(many=True, required=False)
+    departures = DepartureSerializer(many=True, required=False)
+    one_off_departures = OneOffDepartureSerializer(many=True, required=False)
+    categories = serializers.ListField(child=serializers.ChoiceField(choices=WORKLOAD_CATEGORIES), required=False)
+    blocked_organisations = serializers.SlugRelatedField(slug_field="slug", many=True, required=False,
+                                                         queryset=Organisation.objects.all())
+    battery_floor_pct = serializers.IntegerField(min_value=0, max_value=100, required=False)
+    battery_resume_pct = serializers.IntegerField(min_value=0, max_value=100, required=False)
+    daily_energy_kwh = serializers.FloatField(min_value=0, allow_null=True, required=False)
+    monthly_energy_kwh = serializers.FloatField(min_value=0, allow_null=True, required=False)
+    daily_data_mb = serializers.FloatField(min_value=0, allow_null=True, required=False)
+
+    class Meta:
+        model = OwnerPolicy
+        fields = ["paused", "battery_floor_pct", "battery_resume_pct", "wifi_only", "plugged_in_only", "timezone",
+                  "windows", "departures", "one_off_departures", "daily_energy_kwh", "monthly_energy_kwh",
+                  "daily_data_mb", "max_temp_c", "categories", "blocked_organisations", "reserve_price_micros",
+                  "updated_at"]
+        read_only_fields = ["updated_at"]
+
+    def to_internal_value(self, data):
+        """Times and datetimes become the JSON strings stored on the policy."""
+        values = super().to_internal_value(data)
+        for name in ("windows", "departures"):
+            if name in values:
+                values[name] = [{k: (v.strftime("%H:%M") if hasattr(v, "strftime") else v) for k, v in row.items()}
+                                for row in values[name]]
+        if "one_off_departures" in values:
+            values["one_off_departures"] = [{"at": row["at"].isoformat(), "charge_pct": row["charge_pct"]}
+                                            for row in values["one_off_departures"]]
+        return values
+
+
 class VehicleSerializer(serializers.ModelSerializer):
-    hardware = serializers.CharField(source="hardware.code")
+    hardware = serializers.SlugRelatedField(slug_field="code", queryset=HardwareGeneration.objects.filter(
+        status=HardwareGeneration.Status.IN_SERVICE))
     status = serializers.SerializerMethodField()
-    paused = serializers.BooleanField(source="policy.paused")
-    battery_floor_pct = serializers.IntegerField(source="policy.battery_floor_pct")
-    wifi_only = serializers.BooleanField(source="policy.wifi_only")
+    status_reason = serializers.SerializerMethodField()
+    paused = serializers.BooleanField(source="policy.paused", read_only=True)
 
     class Meta:
         model = Vehicle
-        fields = ["id", "name", "hardware", "status", "connected", "battery_pct", "driving", "plugged_in", "on_wifi",
-                  "last_seen_at", "paused", "battery_floor_pct", "wifi_only"]
+        fields = ["id", "name", "hardware", "status", "status_reason", "paused", "connected", "battery_pct",
+                  "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c", "last_seen_at", "created_at"]
+        read_only_fields = ["connected", "battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c",
+                            "last_seen_at", "created_at"]
+
+    def _status(self, obj):
+        return vehicle_status(vehicle=obj, now=timezone.now(), working=obj.leases_held.exists())
 
     def get_status(self, obj) -> str:
-        return vehicle_status(vehicle=obj, now=timezone.now(), working=obj.leases_held.exists())[0]
+        return self._status(obj)[0]
+
+    def get_status_reason(self, obj) -> str:
+        return self._status(obj)[1]
+
+
+class VehicleDetailSerializer(VehicleSerializer):
+    usage = serializers.SerializerMethodField()
+    units_completed = serializers.SerializerMethodField()
+    earnings_minor = serializers.SerializerMethodField()
+    next_departure = serializers.SerializerMethodField()
+    policy = PolicySerializer(read_only=True)
+
+    class Meta(VehicleSerializer.Meta):
+        fields = VehicleSerializer.Meta.fields + ["usage", "units_completed", "earnings_minor", "next_departure", "policy"]
+
+    def get_usage(self, obj) -> dict:
+        usage = vehicle_usage(vehicle=obj, tz=obj.policy.timezone, now=timezone.now())
+        return {"energy_today_kwh": round(usage.energy_today_kwh, 4), "energy_month_kwh": round(usage.energy_month_kwh, 4),
+                "data_today_mb": round(usage.data_today_mb, 3)}
+
+    def get_units_completed(self, obj) -> int:
+        return obj.units_completed.count()
+
+    def get_earnings_minor(self, obj) -> int:
+        """What this car earned its owner to date, in minor units (rounded down)."""
+        return vehicle_earnings_femto(vehicle=obj) // femto_per_minor("usd")
+
+    def get_next_departure(self, obj) -> dict | None:
+        found = next_departure(policy_rules(policy=obj.policy, vehicle=obj), timezone.now())
+        return None if found is None else {"at": found[0].isoformat(), "charge_pct": found[1]}
 
 
 class PairApi(APIView):
@@ -49,22 +155,116 @@ class PairApi(APIView):
         return Response({"vehicle_id": vehicle.pk, "token": token}, status=status.HTTP_201_CREATED)
 
 
+class OwnerApi(APIView):
+    permission_classes = [IsOwner]
 
-class VehicleListApi(APIView):
-    """The signed-in owner's cars."""
+    def vehicle(self, request, pk) -> Vehicle:
+        return get_object_or_404(vehicles_of(owner=request.user), pk=pk)
+
+
+class VehicleListApi(OwnerApi):
+    """The owner's cars; POST adds one and answers with its one-time pairing code."""
 
     @extend_schema(responses=VehicleSerializer(many=True))
     def get(self, request):
         return Response(VehicleSerializer(vehicles_of(owner=request.user), many=True).data)
 
+    @extend_schema(request=VehicleSerializer, responses={201: VehicleSerializer},
+                   examples=[OpenApiExample("add a car", request_only=True, value={"name": "Blue Model Y", "hardware": "HW4"})])
+    def post(self, request):
+        data = VehicleSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        vehicle, code = services.vehicle_create(owner=request.user, name=data.validated_data["name"],
+                                                hardware=data.validated_data["hardware"])
+        return Response({**VehicleSerializer(vehicle).data, "pairing_code": code}, status=status.HTTP_201_CREATED)
 
-class VehiclePauseApi(APIView):
+
+class VehicleDetailApi(OwnerApi):
+    """One car: live status, usage, earnings, limits. DELETE removes it (its history stays)."""
+
+    @extend_schema(responses=VehicleDetailSerializer)
+    def get(self, request, pk):
+        return Response(VehicleDetailSerializer(self.vehicle(request, pk)).data)
+
+    @extend_schema(request=None, responses={204: None})
+    def delete(self, request, pk):
+        services.vehicle_remove(vehicle=self.vehicle(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class VehiclePolicyApi(OwnerApi):
+    """The car's limits. PATCH changes some, PUT all; they apply within seconds (leases are withdrawn when
+    the car may no longer work). Overlapping windows are merged."""
+
+    @extend_schema(responses=PolicySerializer)
+    def get(self, request, pk):
+        return Response(PolicySerializer(self.vehicle(request, pk).policy).data)
+
+    def _update(self, request, pk, partial: bool):
+        vehicle = self.vehicle(request, pk)
+        data = PolicySerializer(vehicle.policy, data=request.data, partial=partial)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        blocked = fields.pop("blocked_organisations", None)
+        services.policy_update(vehicle=vehicle, blocked_organisations=blocked, **fields)
+        return Response(PolicySerializer(OwnerPolicy.objects.get(vehicle=vehicle)).data)
+
+    @extend_schema(request=PolicySerializer, responses=PolicySerializer, examples=[OpenApiExample(
+        "night owl", request_only=True, value={"battery_floor_pct": 40, "battery_resume_pct": 45,
+                                               "timezone": "Europe/Berlin",
+                                               "windows": [{"weekday": 0, "start": "22:00", "end": "06:00"}],
+                                               "departures": [{"weekday": 1, "at": "07:30", "charge_pct": 70}]})])
+    def patch(self, request, pk):
+        return self._update(request, pk, partial=True)
+
+    @extend_schema(request=PolicySerializer, responses=PolicySerializer)
+    def put(self, request, pk):
+        return self._update(request, pk, partial=False)
+
+
+class VehiclePauseApi(OwnerApi):
     """Pause (or resume) a car: a paused car's active leases are withdrawn at once."""
 
     pause = True
 
     @extend_schema(request=None, responses=VehicleSerializer)
     def post(self, request, pk):
-        vehicle = get_object_or_404(vehicles_of(owner=request.user), pk=pk)
-        services.policy_update(vehicle=vehicle, paused=self.pause)
-        return Response(VehicleSerializer(vehicles_of(owner=request.user).get(pk=pk)).data)
+        services.policy_update(vehicle=self.vehicle(request, pk), paused=self.pause)
+        return Response(VehicleSerializer(self.vehicle(request, pk)).data)
+
+
+class PauseAllApi(OwnerApi):
+    """Pause (or resume) every car of the owner."""
+
+    pause = True
+
+    @extend_schema(request=None, responses={200: {"type": "object", "properties": {"vehicles": {"type": "integer"}}}})
+    def post(self, request):
+        return Response({"vehicles": services.vehicles_pause_all(owner=request.user, paused=self.pause)})
+
+
+class PairingCodeApi(OwnerApi):
+    """A new one-time pairing code for the car's agent (valid 15 minutes)."""
+
+    @extend_schema(request=None, responses={201: {"type": "object", "properties": {"pairing_code": {"type": "string"}}}})
+    def post(self, request, pk):
+        code = services.pairing_code_issue(vehicle=self.vehicle(request, pk))
+        return Response({"pairing_code": code}, status=status.HTTP_201_CREATED)
+
+
+class TokenRotateApi(OwnerApi):
+    """Replace the car's device token; the old one stops working at once. The new one is shown once."""
+
+    @extend_schema(request=None, responses={201: {"type": "object", "properties": {"token": {"type": "string"}}}})
+    def post(self, request, pk):
+        return Response({"token": services.vehicle_token_rotate(vehicle=self.vehicle(request, pk))},
+                        status=status.HTTP_201_CREATED)
+
+
+class TokenRevokeApi(OwnerApi):
+    """Revoke the car's device token: its connection is closed and its work requeued."""
+
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request, pk):
+        services.vehicle_token_revoke(vehicle=self.vehicle(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)

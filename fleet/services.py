@@ -144,9 +144,12 @@ def vehicle_data_record(*, vehicle_id: int, data_bytes: int) -> None:
 
 
 @transaction.atomic
-def policy_update(*, vehicle: Vehicle, **fields) -> OwnerPolicy:
-    """Change the owner's limits; if the car may no longer work, its leases are withdrawn at once."""
+def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> OwnerPolicy:
+    """Change the owner's limits (``blocked_organisations``: the full block list, or None to keep it). If the
+    car may no longer work, its leases are withdrawn at once; so are leases of jobs it no longer consents to."""
     policy = OwnerPolicy.objects.select_for_update().get(vehicle=vehicle)
+    if blocked_organisations is not None:
+        policy.blocked_organisations.set(blocked_organisations)
     for name, value in fields.items():
         setattr(policy, name, value)
     if "windows" in fields:  # overlapping windows are merged, so the owner sees what will really apply
@@ -163,6 +166,13 @@ def policy_update(*, vehicle: Vehicle, **fields) -> OwnerPolicy:
     Vehicle.objects.filter(pk=vehicle.pk).update(ineligible_reason=reason or "")
     if reason:
         leases_withdraw(vehicle_id=vehicle.pk, reason=reason, notify=True)
+    else:
+        refused = [(unit.pk, unit.lease_epoch) for unit in WorkUnit.objects.filter(
+            leased_to=vehicle, state=WorkUnit.State.LEASED).select_related("job__ai_model")
+            if not vehicle_consents(vehicle=vehicle, job_category=unit.job.ai_model.task,
+                                    organisation_id=unit.job.organisation_id)]
+        if refused:
+            leases_withdraw(vehicle_id=vehicle.pk, reason="consent", notify=True, only=refused)
     return policy
 
 

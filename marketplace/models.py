@@ -72,9 +72,11 @@ class User(AbstractUser):
 
 
 class ApiKey(models.Model):
-    """An organisation's API key. The secret is shown once; only its SHA-256 is stored."""
+    """An API key: a buyer organisation's, or (without organisation) a car owner's own. The secret is shown
+    once; only its SHA-256 is stored. Requests with it act as ``created_by``."""
 
-    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="api_keys")
+    organisation = models.ForeignKey(Organisation, null=True, blank=True, on_delete=models.CASCADE,
+                                     related_name="api_keys")
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=12, unique=True, help_text="Public part, shown in listings.")
     key_hash = models.CharField(max_length=64, help_text="SHA-256 hex of the whole key.")

@@ -44,8 +44,9 @@ def buyer_create(*, email: str, password: str | None = None, organisation_name: 
     return user_role_set(user=user, role=User.Role.BUYER, organisation_name=organisation_name)
 
 
-def api_key_create(*, organisation: Organisation, name: str, created_by: User | None = None) -> tuple[ApiKey, str]:
-    """Create an API key; the secret is returned once and only its hash is kept."""
+def api_key_create(*, organisation: Organisation | None, name: str, created_by: User | None = None) -> tuple[ApiKey, str]:
+    """Create an API key (an organisation's, or with ``organisation=None`` an owner's own); the secret is
+    returned once and only its hash is kept."""
     secret, prefix = tokens.new_token("mk")
     key = ApiKey.objects.create(organisation=organisation, name=name, prefix=prefix, key_hash=tokens.digest(secret),
                                 created_by=created_by)

@@ -14,8 +14,15 @@ api_v1 = [
     path("jobs/<int:pk>/results/", api.JobResultsApi.as_view(), name="api-job-results"),
     path("fleet/pair/", fleet_api.PairApi.as_view(), name="api-pair"),
     path("vehicles/", fleet_api.VehicleListApi.as_view(), name="api-vehicles"),
+    path("vehicles/pause-all/", fleet_api.PauseAllApi.as_view(pause=True), name="api-vehicles-pause-all"),
+    path("vehicles/resume-all/", fleet_api.PauseAllApi.as_view(pause=False), name="api-vehicles-resume-all"),
+    path("vehicles/<int:pk>/", fleet_api.VehicleDetailApi.as_view(), name="api-vehicle"),
+    path("vehicles/<int:pk>/policy/", fleet_api.VehiclePolicyApi.as_view(), name="api-vehicle-policy"),
     path("vehicles/<int:pk>/pause/", fleet_api.VehiclePauseApi.as_view(pause=True), name="api-vehicle-pause"),
     path("vehicles/<int:pk>/resume/", fleet_api.VehiclePauseApi.as_view(pause=False), name="api-vehicle-resume"),
+    path("vehicles/<int:pk>/pairing-code/", fleet_api.PairingCodeApi.as_view(), name="api-vehicle-pairing-code"),
+    path("vehicles/<int:pk>/rotate-token/", fleet_api.TokenRotateApi.as_view(), name="api-vehicle-rotate-token"),
+    path("vehicles/<int:pk>/revoke-token/", fleet_api.TokenRevokeApi.as_view(), name="api-vehicle-revoke-token"),
 ]
 
 urlpatterns = [

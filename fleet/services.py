@@ -161,6 +161,7 @@ def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> 
                                "working and stopping.", extra={"fields": {"battery_resume_pct": [
                                    f"Set it above {policy.battery_floor_pct} %."]}})
     policy.save(update_fields=[*fields, "updated_at"])
+    vehicle = Vehicle.objects.select_related("hardware").get(pk=vehicle.pk)  # the live state as it is now
     vehicle.policy = policy
     reason = vehicle_ineligibility(vehicle=vehicle, now=timezone.now())
     Vehicle.objects.filter(pk=vehicle.pk).update(ineligible_reason=reason or "")

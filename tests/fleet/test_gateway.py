@@ -277,3 +277,25 @@ def test_the_gateway_meters_the_cars_data_and_stops_work_at_the_owners_daily_bud
 
     async_to_sync(scenario)()
     assert VehicleDailyUsage.objects.get(vehicle=vehicle).data_bytes > 200
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"plugged_in_only": True}, "not_plugged_in"),
+    ({"max_temp_c": 30.0}, "temperature"),
+    ({"battery_floor_pct": 85, "battery_resume_pct": 90}, "battery_floor"),
+    ({"daily_energy_kwh": 0.0}, "energy_budget"),
+])
+def test_a_policy_change_reaches_the_connected_car_and_requeues_its_leases(paired, make_job, change, reason):
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token, plugged_in=False, temp_c=35.0)
+        assign = await lease_one(comm)
+        await sync_to_async(services.policy_update)(vehicle=vehicle, **change)
+        withdraw = await receive_type(comm, "unit.withdraw")
+        assert (withdraw["unit_id"], withdraw["reason"]) == (assign["unit_id"], reason)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert job.units.get().state == "queued"

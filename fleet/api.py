@@ -15,9 +15,8 @@ from fleet import services
 from fleet.eligibility import next_departure
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from fleet.selectors import policy_rules, vehicle_earnings_femto, vehicle_status, vehicle_usage, vehicles_of
-from marketplace.models import Organisation
+from marketplace.models import WORKLOAD_CATEGORIES, Organisation
 
-WORKLOAD_CATEGORIES = ["embedding", "classification", "text-generation"]
 
 
 class IsOwner(permissions.BasePermission):
@@ -60,7 +59,7 @@ class PolicySerializer(serializers.ModelSerializer):
     windows = WindowSerializer(many=True, required=False)
     departures = DepartureSerializer(many=True, required=False)
     one_off_departures = OneOffDepartureSerializer(many=True, required=False)
-    categories = serializers.ListField(child=serializers.ChoiceField(choices=WORKLOAD_CATEGORIES), required=False)
+    categories = serializers.ListField(child=serializers.ChoiceField(choices=[c for c, _, _ in WORKLOAD_CATEGORIES]), required=False)
     blocked_organisations = serializers.SlugRelatedField(slug_field="slug", many=True, required=False,
                                                          queryset=Organisation.objects.all())
     battery_floor_pct = serializers.IntegerField(min_value=0, max_value=100, required=False)

@@ -3,6 +3,12 @@ from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.db import models
 
 PRECISION_CHOICES = [("int8", "INT8"), ("fp16", "FP16"), ("fp32", "FP32")]
+# Workload categories: a model's task, and what an owner consents to. (code, name, in plain words)
+WORKLOAD_CATEGORIES = [
+    ("embedding", "Embeddings", "turning text into vectors for search and recommendations"),
+    ("classification", "Classification", "sorting texts into labels, such as spam or not spam"),
+    ("text-generation", "Text generation", "writing text, the heaviest kind of work"),
+]
 
 
 class UserManager(BaseUserManager):
@@ -102,7 +108,7 @@ class AIModel(models.Model):
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
-    task = models.CharField(max_length=32, default="embedding")
+    task = models.CharField(max_length=32, default="embedding", choices=[(c, n) for c, n, _ in WORKLOAD_CATEGORIES])
     runtime = models.CharField(max_length=64)
     precisions = models.JSONField(default=list, help_text='Precisions the model runs at, e.g. ["int8", "fp32"].')
     dims = models.PositiveIntegerField(help_text="Output vector size.")

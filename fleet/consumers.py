@@ -2,6 +2,7 @@
 protocol (fleet.protocol)."""
 
 import json
+import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -61,6 +62,7 @@ class VehicleConsumer(DeviceConsumer):
             await database_sync_to_async(services.vehicle_data_record)(vehicle_id=self.vehicle_id, data_bytes=data)
 
     async def on_authenticated(self):
+        self.limiter, self.strikes = protocol.RateLimiter(), 0
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
                                                  lease_ttl_s=settings.LEASE_TTL_S))
 
@@ -73,6 +75,14 @@ class VehicleConsumer(DeviceConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         self.unmetered_bytes += len(text_data or bytes_data or "")
+        if not self.limiter.allow(time.monotonic()):
+            self.strikes += 1
+            if self.strikes > protocol.RATE_STRIKES:
+                await self.close(code=protocol.CLOSE_PROTOCOL_VIOLATION)
+            elif self.strikes == 1 or self.strikes % 10 == 0:  # say so, without echoing every flooded frame
+                await self.send_message(protocol.Error(code="rate_limited", message=(
+                    f"more than {protocol.RATE_PER_S:g} messages a second; this one was dropped")))
+            return
         try:
             if text_data is None:
                 raise protocol.ProtocolError("bad_message", "binary frames are not part of the protocol")

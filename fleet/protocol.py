@@ -22,6 +22,32 @@ CLOSE_PROTOCOL_VIOLATION = 4002
 CLOSE_REPLACED = 4003
 
 
+#: Per-connection message rate: a bucket of RATE_BURST messages refilled at RATE_PER_S. A car's agent sends a
+#: few messages a second at most (two per unit, plus telemetry and heartbeats every 5 s); messages beyond the
+#: bucket are dropped with a ``rate_limited`` error, and a connection that goes on after RATE_STRIKES drops
+#: is closed with CLOSE_PROTOCOL_VIOLATION.
+RATE_PER_S = 50.0
+RATE_BURST = 100
+RATE_STRIKES = 200
+
+
+class RateLimiter:
+    """A token bucket (pure; the caller passes the clock)."""
+
+    def __init__(self, *, rate_per_s: float = RATE_PER_S, burst: int = RATE_BURST):
+        self.rate, self.burst = rate_per_s, burst
+        self.tokens, self.stamp = float(burst), None
+
+    def allow(self, now: float) -> bool:
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)

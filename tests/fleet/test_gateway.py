@@ -299,3 +299,31 @@ def test_a_policy_change_reaches_the_connected_car_and_requeues_its_leases(paire
 
     async_to_sync(scenario)()
     assert job.units.get().state == "queued"
+
+
+def test_a_flooding_car_is_rate_limited_then_disconnected_with_the_protocol_close_code(paired):
+    from fleet import protocol
+
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        # Cheap frames (no database work), far faster than the refill rate.
+        for _ in range(2 * (protocol.RATE_BURST + protocol.RATE_STRIKES)):
+            await send(comm, "teleport")
+        codes = []
+        while (output := await comm.receive_output(timeout=10))["type"] != "websocket.close":
+            codes.append(json.loads(output["text"])["code"])
+        assert "rate_limited" in codes and codes.count("unknown_type") >= protocol.RATE_BURST - 10  # online() spent a few
+        assert output["code"] == protocol.CLOSE_PROTOCOL_VIOLATION
+
+    async_to_sync(scenario)()
+
+
+def test_the_token_bucket_refills_at_its_rate():
+    from fleet.protocol import RateLimiter
+
+    bucket = RateLimiter(rate_per_s=2, burst=3)
+    assert [bucket.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow(0.4) is False and bucket.allow(0.6) is True  # one token back after 0.5 s
+    assert [bucket.allow(100.0) for _ in range(4)] == [True, True, True, False]  # never more than the burst

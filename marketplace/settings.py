@@ -98,7 +98,14 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": CHANNEL_CAPACITY, "expiry": 30},
+            "CONFIG": {
+                # redis-py 8 times socket reads out after 5 s by default, exactly channels-redis's blocking-pop
+                # timeout: every idle consumer would die every 5 s. Reads wait longer than the pop; the pool
+                # is large because redis-py's async pool raises instead of waiting when it runs out.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "max_connections": 5000}],
+                "capacity": CHANNEL_CAPACITY,
+                "expiry": 30,
+            },
         }
     }
 else:

@@ -83,6 +83,9 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_and_booked(tmp_
         elapsed = time.monotonic() - started
         results = [json.loads(line) for line in api.get(f"/api/v1/jobs/{job_id}/results/").text.splitlines()]
 
+    # with every agent's one session kept for the whole job (no dropped sockets),
+    for i in range(CARS):
+        assert "connection lost" not in (tmp_path / f"agent{i}.log").read_text(), f"agent{i} was disconnected"
     # with one embedding per input, in input order, equal to the same model run directly,
     assert [r["id"] for r in results] == [d["id"] for d in docs]
     direct = get_runner("all-minilm-l6-v2", "int8").embed([d["text"] for d in docs])

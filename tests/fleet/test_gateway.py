@@ -327,3 +327,20 @@ def test_the_token_bucket_refills_at_its_rate():
     assert [bucket.allow(0.0) for _ in range(4)] == [True, True, True, False]
     assert bucket.allow(0.4) is False and bucket.allow(0.6) is True  # one token back after 0.5 s
     assert [bucket.allow(100.0) for _ in range(4)] == [True, True, True, False]  # never more than the burst
+
+
+def test_an_idle_connection_outlives_the_channel_layers_blocking_read(paired):
+    """channels-redis waits 5 s per blocking pop; redis-py 8 times reads out after 5 s by default, which
+    killed every idle consumer (services profile). The settings give reads more time; an idle car stays."""
+    import asyncio
+
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        await asyncio.sleep(6.5)
+        await send(comm, "work.request")
+        assert (await receive_type(comm, "no_work"))["type"] == "no_work"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

@@ -55,8 +55,8 @@ def price_per_million_tokens_micros(*, price_micros: int, ops_per_token: int) ->
     return price_micros * ops_per_token * 10**6 // OPS_PER_COMPUTE_UNIT
 
 
-def format_minor(amount: int, currency: str) -> str:
-    exp = MINOR_EXPONENT[currency.lower()]
-    sign = "-" if amount < 0 else ""
-    whole, frac = divmod(abs(amount), 10**exp)
-    return f"{sign}{whole}.{frac:0{exp}d} {currency.upper()}" if exp else f"{sign}{whole} {currency.upper()}"
+def format_femto_as_minor(femto: int, currency: str) -> str:
+    """An exact femto amount shown in minor units with two decimals (hundredths of a cent), rounded down.
+    Display only: the ledger books whole minor units."""
+    hundredths = femto // (femto_per_minor(currency) // 100)
+    return f"{hundredths // 100:,}.{hundredths % 100:02d}"

@@ -1,6 +1,6 @@
 from django.db.models import Sum
 
-from billing.models import LedgerAccount, LedgerEntry
+from billing.models import LedgerAccount, LedgerEntry, MeterRecord
 
 
 def account_balance_minor(*, account: LedgerAccount) -> int:
@@ -27,3 +27,14 @@ def owner_earnings_minor(*, owner) -> int:
     total = LedgerEntry.objects.filter(account__kind=LedgerAccount.Kind.OWNER, account__owner=owner).aggregate(
         total=Sum("amount_minor"))["total"]
     return total or 0
+
+
+def owner_earnings_femto(*, owner, currency: str) -> int:
+    """The owner's exact share of everything their cars computed (removed cars included), in femto-units.
+    The ledger books it in whole minor units, the remainder waiting on the account's carry."""
+    return MeterRecord.objects.filter(owner=owner, currency=currency).aggregate(total=Sum("owner_femto"))["total"] or 0
+
+
+def vehicle_earnings_femto(*, vehicle) -> int:
+    """The owner's exact share of everything one car computed, in femto-units."""
+    return MeterRecord.objects.filter(vehicle=vehicle).aggregate(total=Sum("owner_femto"))["total"] or 0

@@ -3,6 +3,7 @@ scoped to the requesting owner's cars: another owner's car id is a 404."""
 
 from zoneinfo import available_timezones
 
+from django.conf import settings
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, extend_schema
@@ -11,10 +12,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.money import femto_per_minor
+from billing.selectors import vehicle_earnings_femto
 from fleet import services
 from fleet.eligibility import next_departure
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
-from fleet.selectors import policy_rules, vehicle_earnings_femto, vehicle_status, vehicle_usage, vehicles_of
+from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
 from marketplace.models import WORKLOAD_CATEGORIES, Organisation
 
 
@@ -104,7 +106,11 @@ class VehicleSerializer(serializers.ModelSerializer):
                             "last_seen_at", "created_at"]
 
     def _status(self, obj):
-        return vehicle_status(vehicle=obj, now=timezone.now(), working=obj.leases_held.exists())
+        """(status, reason), computed once per car for both fields."""
+        cache = self.context.setdefault("status", {})
+        if obj.pk not in cache:
+            cache[obj.pk] = vehicle_status(vehicle=obj, now=timezone.now(), working=obj.leases_held.exists())
+        return cache[obj.pk]
 
     def get_status(self, obj) -> str:
         return self._status(obj)[0]
@@ -133,7 +139,7 @@ class VehicleDetailSerializer(VehicleSerializer):
 
     def get_earnings_minor(self, obj) -> int:
         """What this car earned its owner to date, in minor units (rounded down)."""
-        return vehicle_earnings_femto(vehicle=obj) // femto_per_minor("usd")
+        return vehicle_earnings_femto(vehicle=obj) // femto_per_minor(settings.CURRENCY)
 
     def get_next_departure(self, obj) -> dict | None:
         found = next_departure(policy_rules(policy=obj.policy, vehicle=obj), timezone.now())

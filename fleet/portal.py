@@ -11,10 +11,11 @@ from django.conf import settings
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
-from billing.money import femto_per_minor
+from billing.money import femto_per_minor, format_femto_as_minor
+from billing.selectors import vehicle_earnings_femto
 from fleet import eligibility
 from fleet.models import Vehicle, WorkUnit
-from fleet.selectors import policy_rules, vehicle_earnings_femto, vehicle_status, vehicle_usage, vehicles_of
+from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
 from marketplace.models import AuctionRound
 
 WEEKDAYS = [(0, "Monday"), (1, "Tuesday"), (2, "Wednesday"), (3, "Thursday"), (4, "Friday"), (5, "Saturday"),
@@ -55,7 +56,7 @@ class CarSnapshot:
 
     @property
     def earnings_cents(self) -> str:
-        return cents_text(self.earnings_femto, self.currency)
+        return format_femto_as_minor(self.earnings_femto, self.currency)
 
     @property
     def energy_today(self) -> str:
@@ -93,22 +94,6 @@ def window_text(window: dict, *, short: bool = False) -> str:
     if start == end:
         return f"{day} all day" if start == "00:00" else f"{day} from {start}, 24 hours"
     return f"{day} {start}–{end}" + (" next day" if end < start and end != "00:00" else "")
-
-
-def owner_earnings_femto(*, owner) -> int:
-    """The owner's exact share of everything their cars computed (removed cars included), in femto-units.
-    The ledger books it in whole minor units, the remainder waiting on the account's carry."""
-    from billing.models import MeterRecord
-
-    return MeterRecord.objects.filter(owner=owner, currency=settings.CURRENCY).aggregate(
-        total=Sum("owner_femto"))["total"] or 0
-
-
-def cents_text(femto: int, currency: str) -> str:
-    """An exact femto amount as minor units with two decimals (hundredths of a cent), rounded down:
-    display only, integer arithmetic (the ledger books whole minor units)."""
-    hundredths = femto // (femto_per_minor(currency) // 100)
-    return f"{hundredths // 100:,}.{hundredths % 100:02d}"
 
 
 def owner_explanation(*, vehicle: Vehicle, status: str, reason: str | None, usage: eligibility.Usage) -> str:
@@ -184,7 +169,7 @@ class Day:
 
     @property
     def cents(self) -> str:
-        return cents_text(self.earnings_femto, settings.CURRENCY)
+        return format_femto_as_minor(self.earnings_femto, settings.CURRENCY)
 
     @property
     def energy(self) -> str:
@@ -331,8 +316,8 @@ def usage_chart(series: list[Day], *, currency: str | None = None) -> list[Panel
                labels=[f"{d.energy}, {d.units} unit{'s' if d.units != 1 else ''}" for d in series],
                total=energy_text(sum(kwh))),
         _panel(title="Earnings", unit="¢", colour="#0b7a5a", values=cents, days=days,
-               labels=[f"{cents_text(d.earnings_femto, currency)} ¢" for d in series],
-               total=f"{cents_text(sum(d.earnings_femto for d in series), currency)} ¢"),
+               labels=[f"{format_femto_as_minor(d.earnings_femto, currency)} ¢" for d in series],
+               total=f"{format_femto_as_minor(sum(d.earnings_femto for d in series), currency)} ¢"),
     ]
 
 

@@ -103,10 +103,3 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
 def vehicles_of(*, owner) -> QuerySet[Vehicle]:
     """An owner's cars (removed ones excluded); every owner page and endpoint is scoped through this."""
     return Vehicle.objects.filter(owner=owner, removed_at=None).select_related("policy", "hardware")
-
-
-def vehicle_earnings_femto(*, vehicle: Vehicle) -> int:
-    """The owner's exact share of everything the car computed, in femto-units."""
-    from billing.models import MeterRecord
-
-    return MeterRecord.objects.filter(vehicle=vehicle).aggregate(total=Sum("owner_femto"))["total"] or 0

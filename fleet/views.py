@@ -12,7 +12,8 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from billing.selectors import owner_earnings_minor
+from billing.money import format_femto_as_minor
+from billing.selectors import owner_earnings_femto, owner_earnings_minor
 from fleet import portal, services
 from fleet.forms import LimitsForm, VehicleForm
 from fleet.models import HardwareGeneration, Vehicle
@@ -63,7 +64,8 @@ def owner_dashboard(request):
         "cars": cars, "form": form, "units_total": sum(c["units_done"] for c in cars),
         "pairing": request.session.pop("pairing", None), "agent_server": _agent_server(request),
         "earnings_minor": owner_earnings_minor(owner=request.user),
-        "earnings_cents": portal.cents_text(portal.owner_earnings_femto(owner=request.user), settings.CURRENCY),
+        "earnings_cents": format_femto_as_minor(owner_earnings_femto(owner=request.user, currency=settings.CURRENCY),
+                                                settings.CURRENCY),
         "any_paused": any(c["vehicle"].policy.paused for c in cars),
         "any_running": any(not c["vehicle"].policy.paused for c in cars),
         "hardware": HardwareGeneration.objects.prefetch_related("throughputs"),

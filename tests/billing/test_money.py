@@ -26,3 +26,12 @@ def test_charge_is_exact_integer_arithmetic():
     # 21,600 mega-ops at 2,000,000 micro-dollars per 10^15 ops = 4.32e-5 dollars = 4.32e10 femto-dollars.
     assert charge_femto(mops=21_600, price_micros=2_000_000) == 43_200_000_000
     assert price_per_million_tokens_micros(price_micros=2_000_000, ops_per_token=23_592_960) == 47_185
+
+
+def test_femto_amounts_are_shown_to_hundredths_of_a_cent_rounded_down():
+    from billing.money import format_femto_as_minor
+
+    per_minor = femto_per_minor("usd")
+    assert format_femto_as_minor(2 * per_minor + per_minor // 100 * 37 + 1, "usd") == "2.37"
+    assert format_femto_as_minor(per_minor // 100 - 1, "usd") == "0.00"
+    assert format_femto_as_minor(123_456 * per_minor, "usd") == "123,456.00"

@@ -64,7 +64,8 @@ class VehicleConsumer(DeviceConsumer):
     async def on_authenticated(self):
         self.limiter, self.strikes = protocol.RateLimiter(), 0
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
-                                                 lease_ttl_s=settings.LEASE_TTL_S))
+                                                 lease_ttl_s=settings.LEASE_TTL_S,
+                                                 max_inflight=settings.MAX_LEASES_PER_CAR))
 
     async def disconnect(self, code):
         if self.vehicle_id is not None:
@@ -106,6 +107,8 @@ class VehicleConsumer(DeviceConsumer):
             vehicle_id=self.vehicle_id, battery_pct=msg.battery_pct, driving=msg.driving,
             plugged_in=msg.plugged_in, on_wifi=msg.on_wifi, charging_kw=msg.charging_kw, temp_c=msg.temp_c)
         await self._withdraw(withdrawn, reason=reason or "")
+        if msg.seq is not None:
+            await self.send_message(protocol.Ack(seq=msg.seq))
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):
         await self._meter_data()

@@ -14,6 +14,8 @@ from typing import ClassVar
 VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TEXTS_PER_UNIT = 64
+#: Upper bound of any car's in-flight leases (the gateway derives each car's own limit, at most this).
+MAX_INFLIGHT = 32
 
 # Close codes (4000-4999 are the application's). The handshake itself is refused (HTTP 403) for a
 # missing, wrong or revoked token, before the socket is accepted.
@@ -111,16 +113,22 @@ class Message:
 # Car -> gateway
 @dataclasses.dataclass(frozen=True)
 class Hello(Message):
-    """First message after connecting: what the agent can run and how fast (measured)."""
+    """First message after connecting: what the agent can run and how fast (measured), its uplink, and the
+    leases it still holds from an earlier session (the gateway resumes those that are still current)."""
     TYPE = "hello"
     SCHEMA = {
         "agent_version": lambda v, n: _str(v, n, 32),
         "runtimes": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 64), 16),
         "throughput_mops": _mops_map,
+        "uplink_kbps": lambda v, n: None if v is None else _int(v, n, 1, 10**8),
+        "leases": lambda v, n: tuple(_list(v, n, _lease_ref, MAX_INFLIGHT)),
     }
+    OPTIONAL = frozenset({"uplink_kbps", "leases"})
     agent_version: str
     runtimes: list
     throughput_mops: dict
+    uplink_kbps: int | None = None
+    leases: tuple = ()  # of (unit_id, epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +141,16 @@ class Telemetry(Message):
         "on_wifi": _bool,
         "charging_kw": lambda v, n: _num(v, n, 0, 1000),
         "temp_c": lambda v, n: None if v is None else _num(v, n, -60, 150),
+        "seq": lambda v, n: None if v is None else _int(v, n),
     }
-    OPTIONAL = frozenset({"charging_kw", "temp_c"})
+    OPTIONAL = frozenset({"charging_kw", "temp_c", "seq"})
     battery_pct: float
     driving: bool
     plugged_in: bool
     on_wifi: bool
     charging_kw: float = 0.0
     temp_c: float | None = None
+    seq: int | None = None  # when set, the gateway answers with an ack of the same seq (round-trip check)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +158,7 @@ class Heartbeat(Message):
     """Keeps the socket and the car's leases alive; ``leases`` is what the car holds, so the gateway can
     withdraw any it no longer recognises (repairing a lost control message)."""
     TYPE = "heartbeat"
-    SCHEMA = {"leases": lambda v, n: _list(v, n, _lease_ref, 64)}
+    SCHEMA = {"leases": lambda v, n: _list(v, n, _lease_ref, MAX_INFLIGHT)}
     leases: list
 
 
@@ -185,10 +195,13 @@ class Release(Message):
 @dataclasses.dataclass(frozen=True)
 class Welcome(Message):
     TYPE = "welcome"
-    SCHEMA = {"vehicle_id": _int, "heartbeat_s": _int, "lease_ttl_s": _int}
+    """``max_inflight``: the most leases this car may hold at once, derived from its hardware and link."""
+    SCHEMA = {"vehicle_id": _int, "heartbeat_s": _int, "lease_ttl_s": _int,
+              "max_inflight": lambda v, n: _int(v, n, 1, MAX_INFLIGHT)}
     vehicle_id: int
     heartbeat_s: int
     lease_ttl_s: int
+    max_inflight: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +251,14 @@ class ResultAck(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Ack(Message):
+    """Answer to a telemetry message that carried a ``seq``."""
+    TYPE = "ack"
+    SCHEMA = {"seq": _int}
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Error(Message):
     TYPE = "error"
     SCHEMA = {"code": lambda v, n: _str(v, n, 64), "message": lambda v, n: _str(v, n, 512)}
@@ -246,7 +267,7 @@ class Error(Message):
 
 
 CLIENT_MESSAGES = {m.TYPE: m for m in (Hello, Telemetry, Heartbeat, WorkRequest, Result, Release)}
-SERVER_MESSAGES = {m.TYPE: m for m in (Welcome, UnitAssign, NoWork, UnitWithdraw, ResultAck, Error)}
+SERVER_MESSAGES = {m.TYPE: m for m in (Welcome, UnitAssign, NoWork, UnitWithdraw, ResultAck, Ack, Error)}
 
 
 def decode(text: str) -> dict:

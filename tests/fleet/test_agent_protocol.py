@@ -17,19 +17,24 @@ from fleet.agent.sim import DAY_S, SimulatedSensors
 CLIENT_SAMPLES = [
     protocol.Hello(agent_version="1.0.0", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 91_000, "fp32": 30_500}),
     protocol.Telemetry(battery_pct=63.5, driving=False, plugged_in=True, on_wifi=True),
+    protocol.Telemetry(battery_pct=63.5, driving=False, plugged_in=True, on_wifi=True, charging_kw=7.2, temp_c=31.0,
+                       seq=41),
+    protocol.Hello(agent_version="1.0.0", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 91_000},
+                   uplink_kbps=20_000, leases=((12, 3),)),
     protocol.Heartbeat(leases=[(12, 3), (13, 1)]),
     protocol.WorkRequest(),
     protocol.Result(unit_id=12, epoch=3, embeddings_b64=encode_embeddings(np.ones((2, 4), np.float32))),
     protocol.Release(unit_id=12, epoch=3, reason="driving"),
 ]
 SERVER_SAMPLES = [
-    protocol.Welcome(vehicle_id=7, heartbeat_s=10, lease_ttl_s=60),
+    protocol.Welcome(vehicle_id=7, heartbeat_s=10, lease_ttl_s=60, max_inflight=4),
     protocol.UnitAssign(
         unit_id=12, epoch=3, runtime="all-minilm-l6-v2", precision="int8", texts=["a car", "ünïcode ✓"], lease_ttl_s=60
     ),
     protocol.NoWork(reason="no_jobs", retry_after_s=2.5),
     protocol.UnitWithdraw(unit_id=12, epoch=3, reason="lease_expired"),
     protocol.ResultAck(unit_id=12, epoch=3, accepted=False, reason="stale_epoch"),
+    protocol.Ack(seq=41),
     protocol.Error(code="bad_field", message="unit_id must be an integer"),
 ]
 

@@ -1,14 +1,20 @@
 """The vehicle websocket gateway. Database work goes through fleet.services; this module only speaks the
 protocol (fleet.protocol)."""
 
+import asyncio
 import json
+import logging
 import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
-from fleet import protocol, services
+from fleet import eligibility, protocol, selectors, services
+from fleet.selectors import GatewayView
+
+log = logging.getLogger(__name__)
 
 
 def _bearer_token(scope) -> str:
@@ -47,32 +53,106 @@ class DeviceConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(services.vehicle_group(self.vehicle_id), self.channel_name)
 
 
+class LiveBatch:
+    """One gateway process's batch of database writes that need not happen at once: telemetry that changed
+    no decision, and heartbeats (lease extension and reconciliation). Flushed every GATEWAY_FLUSH_S in one
+    transaction (fleet.services.vehicles_live_record), so a message costs no database round trip of its own."""
+
+    def __init__(self):
+        self.states: dict[int, dict] = {}
+        self.held_by: dict[int, list] = {}
+        self.waiters: dict[int, list[asyncio.Future]] = {}
+        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.loop is not loop:
+            self.loop, self.task = loop, loop.create_task(self._run())
+
+    def state(self, vehicle_id: int, fields: dict) -> None:
+        self._start()
+        self.states[vehicle_id] = fields
+
+    def forget(self, vehicle_id: int) -> None:
+        """Drop a car's pending state (it was just written directly, and is newer)."""
+        self.states.pop(vehicle_id, None)
+
+    def heartbeat(self, vehicle_id: int, held: list) -> asyncio.Future:
+        """Queue a heartbeat; the future gives the leases the car must drop."""
+        self._start()
+        self.held_by[vehicle_id] = held
+        future = self.loop.create_future()
+        self.waiters.setdefault(vehicle_id, []).append(future)
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(settings.GATEWAY_FLUSH_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        states, held_by, waiters = self.states, self.held_by, self.waiters
+        self.states, self.held_by, self.waiters = {}, {}, {}
+        if not states and not held_by:
+            return
+        try:
+            stale = await database_sync_to_async(services.vehicles_live_record)(states=states, held_by=held_by)
+        except Exception as exc:  # the next heartbeat tries again; telemetry is only a reading
+            log.exception("gateway: flushing %d states and %d heartbeats failed", len(states), len(held_by))
+            stale, error = {}, exc
+        else:
+            error = None
+        for vehicle_id, futures in waiters.items():
+            for future in futures:
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(stale.get(vehicle_id, []))
+
+
+live_batch = LiveBatch()
+
+
 class VehicleConsumer(DeviceConsumer):
+    """One car's session. Every message is checked against fleet.protocol; telemetry is decided in memory
+    against a cached view of the car (fleet.selectors.GatewayView) and written at once only when it changes
+    a decision, else in the process's batch; heartbeats are batched; leasing and results go to the database."""
+
     hello_received = False
-    unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage (flushed on heartbeat)
+    view: GatewayView | None = None
+    view_at = 0.0
+    unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
     async def send_message(self, message: protocol.Message) -> None:
         text = json.dumps(protocol.dump(message), separators=(",", ":"))
         self.unmetered_bytes += len(text)
         await self.send(text_data=text)
 
-    async def _meter_data(self) -> None:
-        if self.unmetered_bytes:
-            data, self.unmetered_bytes = self.unmetered_bytes, 0
-            await database_sync_to_async(services.vehicle_data_record)(vehicle_id=self.vehicle_id, data_bytes=data)
-
     async def on_authenticated(self):
         self.limiter, self.strikes = protocol.RateLimiter(), 0
-        await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
-                                                 lease_ttl_s=settings.LEASE_TTL_S,
-                                                 max_inflight=settings.MAX_LEASES_PER_CAR))
+        self.tasks: set[asyncio.Task] = set()
 
     async def disconnect(self, code):
+        for task in getattr(self, "tasks", ()):
+            task.cancel()
         if self.vehicle_id is not None:
-            await self._meter_data()
+            live_batch.forget(self.vehicle_id)
+            data, self.unmetered_bytes = self.unmetered_bytes, 0
+            await database_sync_to_async(services.vehicle_data_record)(vehicle_id=self.vehicle_id, data_bytes=data)
             await database_sync_to_async(services.vehicle_disconnected)(vehicle_id=self.vehicle_id,
                                                                       channel_name=self.channel_name)
         await super().disconnect(code)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _set_view(self, view: GatewayView) -> None:
+        self.view, self.view_at = view, time.monotonic()
 
     async def receive(self, text_data=None, bytes_data=None):
         self.unmetered_bytes += len(text_data or bytes_data or "")
@@ -97,32 +177,59 @@ class VehicleConsumer(DeviceConsumer):
 
     # --- car -> gateway ----------------------------------------------------------------------------
     async def on_hello(self, msg: protocol.Hello):
-        self.hello_received = True
-        await database_sync_to_async(services.vehicle_connected)(
+        if self.hello_received:
+            raise protocol.ProtocolError("out_of_order", "hello was already received on this connection")
+        stale, view = await database_sync_to_async(services.vehicle_connected)(
             vehicle_id=self.vehicle_id, channel_name=self.channel_name, agent_version=msg.agent_version,
-            runtimes=msg.runtimes, throughput_mops=msg.throughput_mops)
+            runtimes=msg.runtimes, throughput_mops=msg.throughput_mops, uplink_kbps=msg.uplink_kbps,
+            held=list(msg.leases))
+        self.hello_received = True
+        self._set_view(view)
+        await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
+                                                 lease_ttl_s=settings.LEASE_TTL_S, max_inflight=view.max_inflight))
+        await self._withdraw(stale, reason="not_current")
 
     async def on_telemetry(self, msg: protocol.Telemetry):
-        reason, withdrawn = await database_sync_to_async(services.vehicle_telemetry_record)(
-            vehicle_id=self.vehicle_id, battery_pct=msg.battery_pct, driving=msg.driving,
-            plugged_in=msg.plugged_in, on_wifi=msg.on_wifi, charging_kw=msg.charging_kw, temp_c=msg.temp_c)
-        await self._withdraw(withdrawn, reason=reason or "")
+        now = timezone.now()
+        fields = {"battery_pct": msg.battery_pct, "driving": msg.driving, "plugged_in": msg.plugged_in,
+                  "on_wifi": msg.on_wifi, "charging_kw": msg.charging_kw, "temp_c": msg.temp_c}
+        view = self.view
+        decision = selectors.vehicle_decide(
+            rules=view.rules, usage=view.usage, now=now, battery_hold=view.battery_hold,
+            state=eligibility.LiveState(connected=True, last_seen_at=now, **fields))
+        if decision.reason != view.reason or decision.battery_hold != view.battery_hold:
+            live_batch.forget(self.vehicle_id)
+            withdrawn, view = await database_sync_to_async(services.vehicle_telemetry_record)(
+                vehicle_id=self.vehicle_id, **fields)
+            self._set_view(view)
+            await self._withdraw(withdrawn, reason=view.reason or "")
+        else:
+            live_batch.state(self.vehicle_id, {**fields, "last_seen_at": now})
         if msg.seq is not None:
             await self.send_message(protocol.Ack(seq=msg.seq))
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):
-        await self._meter_data()
-        stale = await database_sync_to_async(services.leases_heartbeat)(vehicle_id=self.vehicle_id, held=msg.leases)
-        await self._withdraw(stale, reason="not_current")
+        if self.view.rules.daily_data_mb is not None or time.monotonic() - self.view_at > settings.GATEWAY_VIEW_REFRESH_S:
+            await self._refresh_view()  # a car with a data budget is metered at every heartbeat
+        self._spawn(self._heartbeat_answer(live_batch.heartbeat(self.vehicle_id, list(msg.leases))))
+
+    async def _heartbeat_answer(self, future: asyncio.Future):
+        await self._withdraw(await future, reason="not_current")
+
+    async def _refresh_view(self):
+        data, self.unmetered_bytes = self.unmetered_bytes, 0
+        self._set_view(await database_sync_to_async(services.vehicle_data_flush)(vehicle_id=self.vehicle_id,
+                                                                                 data_bytes=data))
 
     async def on_work_request(self, msg: protocol.WorkRequest):
-        unit, reason = await database_sync_to_async(services.unit_lease)(vehicle_id=self.vehicle_id)
-        if unit is None:
+        units, reason = await database_sync_to_async(services.units_lease)(vehicle_id=self.vehicle_id)
+        if not units:
             await self.send_message(protocol.NoWork(reason=reason, retry_after_s=settings.AUCTION_INTERVAL_S))
             return
-        await self.send_message(protocol.UnitAssign(
-            unit_id=unit.pk, epoch=unit.lease_epoch, runtime=unit.job.ai_model.runtime, precision=unit.job.precision,
-            texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S))
+        for unit in units:
+            await self.send_message(protocol.UnitAssign(
+                unit_id=unit.pk, epoch=unit.lease_epoch, runtime=unit.job.ai_model.runtime, precision=unit.job.precision,
+                texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S))
 
     async def on_result(self, msg: protocol.Result):
         accepted, reason = await database_sync_to_async(services.unit_complete)(
@@ -142,6 +249,11 @@ class VehicleConsumer(DeviceConsumer):
     # --- control messages through the channel layer ------------------------------------------------
     async def vehicle_withdraw(self, event):
         await self._withdraw(event["leases"], reason=event["reason"])
+
+    async def vehicle_policy(self, event):
+        """The owner changed the car's limits (the service already withdrew what they forbid)."""
+        if self.hello_received:
+            await self._refresh_view()
 
     async def vehicle_revoked(self, event):
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

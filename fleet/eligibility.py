@@ -202,6 +202,49 @@ def _departures(policy: Policy, now: datetime):
                 yield instant, d.charge_pct
 
 
+def window_end(windows: tuple[Window, ...], local: datetime) -> datetime | None:
+    """When the availability that includes ``local`` ends (following windows that touch), or None for no
+    windows (any time). ``local`` must be inside a window; the result is in ``local``'s time zone."""
+    if not windows:
+        return None
+    end = local
+    for _ in range(8):  # a week of touching 24-hour windows is always available
+        later = None
+        for w in windows:
+            for day in (end.date() - timedelta(days=1), end.date()):
+                if day.weekday() != w.weekday:
+                    continue
+                start = datetime.combine(day, w.start, tzinfo=local.tzinfo)
+                stop = datetime.combine(day + timedelta(days=w.end <= w.start), w.end, tzinfo=local.tzinfo)
+                if start <= end < stop and (later is None or stop > later):
+                    later = stop
+        if later is None:
+            return end
+        end = later
+    return None
+
+
+def work_time_left(*, policy: Policy, state: LiveState, usage: Usage, now: datetime) -> float | None:
+    """Seconds this car can still work from ``now`` before a limit stops it (the next departure, the end of
+    its availability window, the battery reaching the floor, an energy budget), or None when nothing ahead
+    bounds it. The dispatcher sizes a car's work to this, so that work rarely outlives the parking."""
+    bounds = []
+    if (departure := next_departure(policy, now)) is not None:
+        bounds.append((departure[0] - now).total_seconds())
+    local = now.astimezone(ZoneInfo(policy.timezone))
+    if (end := window_end(policy.windows, local)) is not None:
+        bounds.append((end - local).total_seconds())
+    drain_kw = policy.work_kw - (state.charging_kw if state.plugged_in else 0.0)
+    if state.battery_pct is not None and drain_kw > 0:
+        above_floor_kwh = max(0.0, state.battery_pct - policy.battery_floor_pct) / 100 * policy.battery_kwh
+        bounds.append(above_floor_kwh / drain_kw * 3600)
+    for budget, used in ((policy.daily_energy_kwh, usage.energy_today_kwh),
+                         (policy.monthly_energy_kwh, usage.energy_month_kwh)):
+        if budget is not None and policy.work_kw > 0:
+            bounds.append(max(0.0, budget - used) / policy.work_kw * 3600)
+    return max(0.0, min(bounds)) if bounds else None
+
+
 def consents(*, categories: tuple[str, ...] | list[str], blocked_organisations: set[int] | frozenset[int],
              job_category: str, organisation_id: int) -> bool:
     """Whether the owner lets the car run a job: its workload category is allowed (an empty list allows

@@ -74,6 +74,7 @@ class Vehicle(models.Model):
     throughput_mops = models.JSONField(
         default=dict, blank=True, help_text="Measured mega-ops per second per precision, reported at hello."
     )
+    uplink_kbps = models.PositiveIntegerField(null=True, blank=True, help_text="Uplink the agent reported at hello.")
     ineligible_reason = models.CharField(max_length=32, blank=True)
     channel_name = models.CharField(max_length=200, blank=True, help_text="The gateway connection holding the car.")
 

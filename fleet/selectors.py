@@ -1,10 +1,11 @@
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet, Sum
 
-from fleet import eligibility
+from fleet import dispatch, eligibility
 from fleet.models import HardwareThroughput, OwnerPolicy, Vehicle, VehicleDailyUsage
 
 
@@ -41,20 +42,76 @@ def vehicle_usage(*, vehicle: Vehicle, tz: str, now: datetime) -> eligibility.Us
                              data_today_mb=(data or 0) / 10**6)
 
 
+def vehicle_live_state(*, vehicle: Vehicle) -> eligibility.LiveState:
+    return eligibility.LiveState(connected=vehicle.connected, last_seen_at=vehicle.last_seen_at,
+                                 battery_pct=vehicle.battery_pct, driving=vehicle.driving, plugged_in=vehicle.plugged_in,
+                                 on_wifi=vehicle.on_wifi, charging_kw=vehicle.charging_kw, temp_c=vehicle.temp_c)
+
+
+def vehicle_decide(*, rules: eligibility.Policy, state: eligibility.LiveState, usage: eligibility.Usage,
+                   now: datetime, battery_hold: bool) -> eligibility.Decision:
+    """fleet.eligibility.decide with the configured staleness (the gateway calls it with cached inputs)."""
+    return eligibility.decide(policy=rules, state=state, usage=usage, now=now,
+                              stale_after=timedelta(seconds=settings.VEHICLE_STALE_AFTER_S), battery_hold=battery_hold)
+
+
+def vehicle_outlook(*, vehicle: Vehicle, now: datetime) -> tuple[eligibility.Decision, float | None]:
+    """The eligibility decision for a vehicle row (its policy, live state and usage) and the seconds it can
+    still work (fleet.eligibility.work_time_left; None: unbounded)."""
+    rules = policy_rules(policy=vehicle.policy, vehicle=vehicle)
+    state = vehicle_live_state(vehicle=vehicle)
+    usage = vehicle_usage(vehicle=vehicle, tz=vehicle.policy.timezone, now=now)
+    decision = vehicle_decide(rules=rules, state=state, usage=usage, now=now, battery_hold=vehicle.battery_hold)
+    return decision, eligibility.work_time_left(policy=rules, state=state, usage=usage, now=now)
+
+
 def vehicle_decision(*, vehicle: Vehicle, now: datetime) -> eligibility.Decision:
     """The eligibility rule applied to a vehicle row: its policy, its live state and its usage."""
-    policy = vehicle.policy
-    return eligibility.decide(
-        policy=policy_rules(policy=policy, vehicle=vehicle),
-        state=eligibility.LiveState(connected=vehicle.connected, last_seen_at=vehicle.last_seen_at,
-                                    battery_pct=vehicle.battery_pct, driving=vehicle.driving,
-                                    plugged_in=vehicle.plugged_in, on_wifi=vehicle.on_wifi,
-                                    charging_kw=vehicle.charging_kw, temp_c=vehicle.temp_c),
-        usage=vehicle_usage(vehicle=vehicle, tz=policy.timezone, now=now),
-        now=now,
-        stale_after=timedelta(seconds=settings.VEHICLE_STALE_AFTER_S),
-        battery_hold=vehicle.battery_hold,
-    )
+    return vehicle_outlook(vehicle=vehicle, now=now)[0]
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    """What a gateway connection keeps in memory about its car, to apply the eligibility rule to each
+    telemetry message without a database read: refreshed at hello, after every state change it writes, when
+    the owner's policy changes, and every GATEWAY_VIEW_REFRESH_S."""
+
+    rules: eligibility.Policy
+    usage: eligibility.Usage
+    battery_hold: bool
+    reason: str | None
+    policy_updated_at: datetime
+    max_inflight: int
+
+
+def vehicle_gateway_view(*, vehicle: Vehicle, now: datetime, reason: str | None = None) -> GatewayView:
+    """The gateway's view of a vehicle row (with ``policy`` and ``hardware`` loaded)."""
+    rules = policy_rules(policy=vehicle.policy, vehicle=vehicle)
+    usage = vehicle_usage(vehicle=vehicle, tz=vehicle.policy.timezone, now=now)
+    if reason is None:
+        reason = vehicle_decide(rules=rules, state=vehicle_live_state(vehicle=vehicle), usage=usage, now=now,
+                                battery_hold=vehicle.battery_hold).reason
+    return GatewayView(rules=rules, usage=usage, battery_hold=vehicle.battery_hold, reason=reason,
+                       policy_updated_at=vehicle.policy.updated_at, max_inflight=vehicle_inflight_limit(vehicle=vehicle))
+
+
+def vehicle_inflight_limit(*, vehicle: Vehicle, unit_mops: int = dispatch.REFERENCE_UNIT_MOPS,
+                           values: int = dispatch.REFERENCE_UNIT_VALUES, precision: str | None = None) -> int:
+    """The car's in-flight lease limit (fleet.dispatch) for units of ``unit_mops`` at ``precision`` (its
+    fastest precision if None), within the operator's MAX_INFLIGHT_PER_CAR."""
+    rates = [vehicle_mops_per_s(vehicle=vehicle, precision=p)
+             for p in ([precision] if precision else [t.precision for t in vehicle.hardware.throughputs.all()])]
+    unit_s = dispatch.unit_seconds(unit_mops=unit_mops, values=values, mops_per_s=max(rates, default=1),
+                                   uplink_kbps=vehicle.uplink_kbps)
+    return dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
+
+
+def vehicle_mops_per_s(*, vehicle: Vehicle, precision: str) -> int:
+    """Mega-ops per second the car delivers at ``precision``: its measured figure (from its hello) capped by
+    its hardware's nominal peak; the nominal peak when it measured none; 0 if the hardware cannot run it."""
+    nominal = next((t.gops_per_s * 1000 for t in vehicle.hardware.throughputs.all() if t.precision == precision), 0)
+    measured = int(vehicle.throughput_mops.get(precision, 0) or 0)
+    return min(measured, nominal) if measured > 0 else nominal
 
 
 def vehicle_consents(*, vehicle: Vehicle, job_category: str, organisation_id: int) -> bool:

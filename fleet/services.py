@@ -12,15 +12,17 @@ from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
+from django.db.models import F, Subquery
 from django.utils import timezone
 
 from billing.services import usage_record
 from fleet import tokens
 from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
-from fleet.selectors import vehicle_consents, vehicle_decision, vehicle_ineligibility
+from fleet import dispatch
+from fleet.selectors import (GatewayView, vehicle_consents, vehicle_gateway_view, vehicle_ineligibility,
+                             vehicle_mops_per_s, vehicle_outlook)
 from marketplace.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 
@@ -165,6 +167,7 @@ def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> 
     vehicle.policy = policy
     reason = vehicle_ineligibility(vehicle=vehicle, now=timezone.now())
     Vehicle.objects.filter(pk=vehicle.pk).update(ineligible_reason=reason or "")
+    transaction.on_commit(lambda: vehicle_notify(vehicle_id=vehicle.pk, message={"type": "vehicle.policy"}))
     if reason:
         leases_withdraw(vehicle_id=vehicle.pk, reason=reason, notify=True)
     else:
@@ -180,38 +183,72 @@ def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> 
 # --- live state ----------------------------------------------------------------------------------------
 
 def vehicle_connected(*, vehicle_id: int, channel_name: str, agent_version: str, runtimes: list[str],
-                      throughput_mops: dict[str, int]) -> None:
-    Vehicle.objects.filter(pk=vehicle_id).update(
-        connected=True, channel_name=channel_name, last_seen_at=timezone.now(), agent_version=agent_version,
-        runtimes=runtimes, throughput_mops=throughput_mops,
-    )
+                      throughput_mops: dict[str, int], uplink_kbps: int | None,
+                      held: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], GatewayView]:
+    """The car said hello on ``channel_name``. Leases it still holds from an earlier session are resumed if
+    they are still current; returns the ones it must drop, and the gateway's view of the car."""
+    now = timezone.now()
+    with transaction.atomic():
+        Vehicle.objects.filter(pk=vehicle_id).update(
+            connected=True, channel_name=channel_name, last_seen_at=now, agent_version=agent_version,
+            runtimes=runtimes, throughput_mops=throughput_mops, uplink_kbps=uplink_kbps)
+        stale = leases_reconcile(held_by={vehicle_id: held}, grace=timedelta(0), now=now)[vehicle_id]
+    return stale, vehicle_view_get(vehicle_id=vehicle_id)
+
+
+def vehicle_view_get(*, vehicle_id: int) -> GatewayView:
+    vehicle = Vehicle.objects.select_related("policy", "hardware").prefetch_related("hardware__throughputs").get(pk=vehicle_id)
+    return vehicle_gateway_view(vehicle=vehicle, now=timezone.now())
 
 
 def vehicle_disconnected(*, vehicle_id: int, channel_name: str) -> None:
-    """The car's socket closed. Its leases go back to the queue; a later connection (maybe on another
-    gateway process) is left alone."""
-    with transaction.atomic():
-        if Vehicle.objects.filter(pk=vehicle_id, channel_name=channel_name).update(connected=False, channel_name=""):
-            leases_withdraw(vehicle_id=vehicle_id, reason="disconnected", notify=False)
+    """The car's socket closed. Its leases stay until they expire, so that a car that reconnects in time
+    resumes them (see vehicle_connected); a later connection (maybe on another gateway process) is left alone."""
+    Vehicle.objects.filter(pk=vehicle_id, channel_name=channel_name).update(connected=False, channel_name="")
+
+
+LIVE_FIELDS = ("battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c", "last_seen_at")
 
 
 def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bool, plugged_in: bool,
                              on_wifi: bool, charging_kw: float = 0.0,
-                             temp_c: float | None = None) -> tuple[str | None, list[tuple[int, int]]]:
-    """Store the car's state; if it may no longer work, withdraw its leases. Returns (reason, withdrawn)."""
+                             temp_c: float | None = None) -> tuple[list[tuple[int, int]], GatewayView]:
+    """Store the car's state at once and decide; if it may no longer work, withdraw its leases. Returns the
+    withdrawn leases and the gateway's fresh view. (Telemetry that changes no decision is written in batches:
+    vehicles_live_record.)"""
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware").get(pk=vehicle_id)
+        vehicle = (Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware")
+                   .prefetch_related("hardware__throughputs").get(pk=vehicle_id))
         vehicle.battery_pct, vehicle.driving, vehicle.plugged_in, vehicle.on_wifi = battery_pct, driving, plugged_in, on_wifi
         vehicle.charging_kw, vehicle.temp_c = charging_kw, temp_c
         vehicle.last_seen_at = now
-        decision = vehicle_decision(vehicle=vehicle, now=now)
-        reason = decision.reason
-        vehicle.ineligible_reason, vehicle.battery_hold = reason or "", decision.battery_hold
-        vehicle.save(update_fields=["battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c",
-                                    "last_seen_at", "ineligible_reason", "battery_hold"])
-        withdrawn = leases_withdraw(vehicle_id=vehicle_id, reason=reason, notify=False) if reason else []
-    return reason, withdrawn
+        decision, _ = vehicle_outlook(vehicle=vehicle, now=now)
+        vehicle.ineligible_reason, vehicle.battery_hold = decision.reason or "", decision.battery_hold
+        vehicle.save(update_fields=[*LIVE_FIELDS, "ineligible_reason", "battery_hold"])
+        withdrawn = leases_withdraw(vehicle_id=vehicle_id, reason=decision.reason, notify=False) if decision.reason else []
+    return withdrawn, vehicle_gateway_view(vehicle=vehicle, now=now, reason=decision.reason)
+
+
+def vehicles_live_record(*, states: dict[int, dict], held_by: dict[int, list[tuple[int, int]]]) -> dict[int, list]:
+    """One gateway process's batch: live state that changed no decision (``states``: vehicle id -> the
+    LIVE_FIELDS), and heartbeats (``held_by``: vehicle id -> the leases the car says it holds), which extend
+    and reconcile leases. Returns, per heartbeat, the leases the car must drop."""
+    now = timezone.now()
+    with transaction.atomic():
+        if states:
+            Vehicle.objects.bulk_update([Vehicle(pk=pk, **fields) for pk, fields in states.items()], LIVE_FIELDS,
+                                        batch_size=500)
+        if not held_by:
+            return {}
+        Vehicle.objects.filter(pk__in=[pk for pk in held_by if pk not in states]).update(last_seen_at=now)
+        return leases_reconcile(held_by=held_by, grace=UNCONFIRMED_LEASE_GRACE, now=now)
+
+
+def vehicle_data_flush(*, vehicle_id: int, data_bytes: int) -> GatewayView:
+    """Periodic per car: book the network bytes it exchanged, and return the gateway's refreshed view."""
+    vehicle_data_record(vehicle_id=vehicle_id, data_bytes=data_bytes)
+    return vehicle_view_get(vehicle_id=vehicle_id)
 
 
 # --- leases --------------------------------------------------------------------------------------------
@@ -249,75 +286,111 @@ def leases_withdraw(*, vehicle_id: int, reason: str, notify: bool, outcome: str 
 
 
 def _current_allocations(*, vehicle: Vehicle):
-    """The car's unspent capacity in the latest round of each market: the best-paying market first, and in
-    a market the highest bid first."""
-    latest = [r for r in (AuctionRound.objects.filter(market=m).order_by("-cleared_at").values_list("pk", flat=True).first()
-                          for m in AuctionRound.objects.values_list("market", flat=True).distinct()) if r]
-    return (Allocation.objects.filter(vehicle=vehicle, round_id__in=latest, remaining_mops__gt=0,
+    """The car's unspent capacity in the latest auction tick (every market of a tick clears at the same
+    instant): the best-paying market first, and in a market the highest bid first."""
+    latest = AuctionRound.objects.order_by("-cleared_at").values("cleared_at")[:1]
+    return (Allocation.objects.filter(vehicle=vehicle, round__cleared_at=Subquery(latest), remaining_mops__gt=0,
                                       job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes)
-            .order_by("-price_micros", "-job__max_price_micros", "job_id"))
+            .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id"))
 
 
-def unit_lease(*, vehicle_id: int) -> tuple[WorkUnit | None, str]:
-    """Lease the car one unit of the best-paying job it won capacity for. Returns (unit, "") or (None, why).
+# Lease a batch of a job's queued units in sequence order, in one statement. On PostgreSQL the units are
+# picked with FOR UPDATE SKIP LOCKED, so concurrent leasers (any number of gateway processes) never wait for
+# each other nor lease a unit twice; SQLite has a single writer (transactions are IMMEDIATE) and no row locks.
+_CLAIM_SQL = """
+UPDATE fleet_workunit SET state = %s, leased_to_id = %s, lease_epoch = lease_epoch + 1, leased_at = %s,
+    lease_expires_at = %s, allocation_id = %s, price_micros = %s, attempts = attempts + 1
+WHERE id IN (SELECT id FROM fleet_workunit WHERE job_id = %s AND state = %s ORDER BY seq LIMIT %s {lock})
+RETURNING id, seq, lease_epoch, inputs, mops, tokens"""
 
-    Safe under any number of concurrent gateway processes: the car's row is locked, units are picked with
-    SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation is drawn down under its row lock.
-    A unit is leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
+
+def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Allocation, now: datetime) -> list[WorkUnit]:
+    lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
+    inputs_field = WorkUnit._meta.get_field("inputs")
+    expires = now + timedelta(seconds=settings.LEASE_TTL_S)
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL.format(lock=lock), [
+            WorkUnit.State.LEASED, vehicle_id, now, expires, allocation.pk, allocation.price_micros, job_id,
+            WorkUnit.State.QUEUED, count])
+        rows = cursor.fetchall()
+    units = [WorkUnit(pk=pk, job_id=job_id, seq=seq, lease_epoch=epoch, mops=mops, tokens=tokens,
+                      inputs=inputs_field.from_db_value(inputs, None, connection), state=WorkUnit.State.LEASED,
+                      leased_to_id=vehicle_id, leased_at=now, lease_expires_at=expires, allocation=allocation,
+                      price_micros=allocation.price_micros)
+             for pk, seq, epoch, inputs, mops, tokens in rows]
+    return sorted(units, key=lambda u: u.seq)
+
+
+def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
+    """Lease the car a batch of units of the best-paying job it won capacity for, sized to the car
+    (fleet.dispatch: its speed, uplink and remaining working time, within its in-flight limit; at most
+    ``max_units``). Returns (units, "") or ([], why not).
+
+    Safe under any number of concurrent gateway processes: the car's row is locked, units are claimed with
+    SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation is drawn down under its row lock. Units
+    are leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
     """
     now = timezone.now()
     with transaction.atomic():
-        vehicle = Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware").get(pk=vehicle_id)
-        reason = vehicle_ineligibility(vehicle=vehicle, now=now)
-        if reason:
-            return None, reason
-        if WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED).count() >= settings.MAX_LEASES_PER_CAR:
-            return None, "lease_limit"
-        for allocation_id in _current_allocations(vehicle=vehicle).values_list("pk", flat=True):
-            allocation = Allocation.objects.select_for_update(of=("self",)).select_related("job__ai_model").get(pk=allocation_id)
+        vehicle = (Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware")
+                   .prefetch_related("hardware__throughputs", "policy__blocked_organisations").get(pk=vehicle_id))
+        decision, time_left = vehicle_outlook(vehicle=vehicle, now=now)
+        if decision.reason:
+            return [], decision.reason
+        held = WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED).count()
+        for allocation in _current_allocations(vehicle=vehicle):
             job = allocation.job
-            if allocation.remaining_mops <= 0 or not vehicle_consents(
-                    vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
+            if not vehicle_consents(vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
                 continue
-            unit = (WorkUnit.objects.select_for_update(skip_locked=True)
-                    .filter(job_id=allocation.job_id, state=WorkUnit.State.QUEUED).order_by("seq").first())
-            if unit is None:
+            unit_mops = max(1, job.mops_total // max(1, job.units_total))
+            values = job.ai_model.dims * settings.DOCS_PER_UNIT
+            unit_s = dispatch.unit_seconds(unit_mops=unit_mops, values=values, uplink_kbps=vehicle.uplink_kbps,
+                                           mops_per_s=vehicle_mops_per_s(vehicle=vehicle, precision=job.precision))
+            limit = dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
+            if held >= limit:
+                return [], "lease_limit"
+            count = dispatch.batch_size(limit=limit, held=held, unit_s=unit_s, time_left_s=time_left)
+            if count == 0:
+                return [], "leaving_soon"
+            allocation = Allocation.objects.select_for_update(of=("self",)).get(pk=allocation.pk)
+            if allocation.remaining_mops <= 0:
                 continue
-            allocation.remaining_mops -= unit.mops
-            allocation.save(update_fields=["remaining_mops"])
-            unit.state = WorkUnit.State.LEASED
-            unit.leased_to = vehicle
-            unit.lease_epoch += 1
-            unit.leased_at = now
-            unit.lease_expires_at = now + timedelta(seconds=settings.LEASE_TTL_S)
-            unit.allocation = allocation
-            unit.price_micros = allocation.price_micros
-            unit.attempts += 1
-            unit.save(update_fields=["state", "leased_to", "lease_epoch", "leased_at", "lease_expires_at",
-                                     "allocation", "price_micros", "attempts"])
-            Lease.objects.create(unit=unit, vehicle=vehicle, epoch=unit.lease_epoch, price_micros=unit.price_micros,
-                                 started_at=now)
-            Job.objects.filter(pk=allocation.job_id, state=Job.State.QUEUED).update(state=Job.State.RUNNING, started_at=now)
-            unit.job = allocation.job
-            return unit, ""
-        return None, "no_work"
+            count = min(count, max_units or count, -(-allocation.remaining_mops // unit_mops))
+            units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now)
+            if not units:
+                continue
+            Allocation.objects.filter(pk=allocation.pk).update(remaining_mops=F("remaining_mops") - sum(u.mops for u in units))
+            Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
+                                            price_micros=u.price_micros, started_at=now) for u in units)
+            if job.state == Job.State.QUEUED:
+                Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(state=Job.State.RUNNING, started_at=now)
+            for unit in units:
+                unit.job = job
+            return units, ""
+        return [], "no_work"
 
 
-def leases_heartbeat(*, vehicle_id: int, held: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Extend the car's leases and reconcile them with what it says it holds. Returns the leases the car
-    holds that are no longer current (the car must drop them). Leases the car does not know about, granted
-    more than a grace period ago (the assignment was lost), are requeued."""
-    now = timezone.now()
+def leases_reconcile(*, held_by: dict[int, list[tuple[int, int]]], grace: timedelta,
+                     now: datetime) -> dict[int, list[tuple[int, int]]]:
+    """Heartbeats (or a hello) of several cars: extend their leases and reconcile them with what each says it
+    holds. Returns per car the leases it holds that are no longer current (it must drop them). Leases a car
+    does not know about, granted more than ``grace`` ago (the assignment was lost, or the car restarted), are
+    requeued."""
     with transaction.atomic():
-        Vehicle.objects.filter(pk=vehicle_id).update(last_seen_at=now)
-        active = WorkUnit.objects.filter(leased_to_id=vehicle_id, state=WorkUnit.State.LEASED)
-        current = {(pk, epoch): leased_at for pk, epoch, leased_at in active.values_list("pk", "lease_epoch", "leased_at")}
-        held_set = {tuple(ref) for ref in held}
-        lost = [ref for ref, leased_at in current.items() if ref not in held_set and now - leased_at > UNCONFIRMED_LEASE_GRACE]
-        if lost:
-            leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=lost)
+        active = WorkUnit.objects.filter(leased_to_id__in=list(held_by), state=WorkUnit.State.LEASED)
+        current: dict[int, dict[tuple[int, int], datetime]] = {pk: {} for pk in held_by}
+        for pk, epoch, leased_at, vehicle_id in active.values_list("pk", "lease_epoch", "leased_at", "leased_to_id"):
+            current[vehicle_id][(pk, epoch)] = leased_at
+        stale = {}
+        for vehicle_id, held in held_by.items():
+            held_set = {tuple(ref) for ref in held}
+            lost = [ref for ref, leased_at in current[vehicle_id].items()
+                    if ref not in held_set and now - leased_at >= grace]
+            if lost:
+                leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=lost)
+            stale[vehicle_id] = sorted(ref for ref in held_set if ref not in current[vehicle_id])
         active.update(lease_expires_at=now + timedelta(seconds=settings.LEASE_TTL_S))
-    return [ref for ref in held_set if ref not in current]
+    return stale
 
 
 def leases_sweep(*, batch: int = 500) -> int:
@@ -376,7 +449,8 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
                 .filter(pk=unit_id).first())
         if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
             return False, "stale_lease"
-        vehicle = Vehicle.objects.select_related("hardware", "owner").get(pk=vehicle_id)
+        vehicle = (Vehicle.objects.select_related("hardware", "owner").prefetch_related("hardware__throughputs")
+                   .get(pk=vehicle_id))
         problem = result_problem(texts=len(unit.inputs), dims=unit.job.ai_model.dims, embeddings_b64=embeddings_b64)
         if problem:
             _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
@@ -389,9 +463,7 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
         unit.leased_to = None
         unit.lease_expires_at = None
         unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
-        # The car's measured rate (from its hello) says how long it worked; the nominal peak if it sent none.
-        rate = (vehicle.throughput_mops.get(unit.job.precision)
-                or vehicle.hardware.throughputs.get(precision=unit.job.precision).gops_per_s * 1000)
+        rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
         usage_record(unit=unit, vehicle=vehicle, price_micros=unit.price_micros,
                      energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts))
         job = Job.objects.select_for_update().get(pk=unit.job_id)

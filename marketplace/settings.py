@@ -129,7 +129,13 @@ LEASE_SWEEP_INTERVAL_S = env.float("LEASE_SWEEP_INTERVAL_S", default=2.0)
 LEASE_TTL_S = env.int("LEASE_TTL_S", default=30)
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=5)
 VEHICLE_STALE_AFTER_S = env.int("VEHICLE_STALE_AFTER_S", default=20)
-MAX_LEASES_PER_CAR = env.int("MAX_LEASES_PER_CAR", default=2)
+# The operator's cap on any car's in-flight leases; each car's own limit comes from its speed and link
+# (fleet.dispatch). At most fleet.protocol.MAX_INFLIGHT.
+MAX_INFLIGHT_PER_CAR = min(32, env.int("MAX_INFLIGHT_PER_CAR", default=32))
+# A gateway process writes telemetry that changes no decision, and heartbeats, in one batch this often; it
+# re-reads each car's policy and usage at least this often (and at once when the owner changes the policy).
+GATEWAY_FLUSH_S = env.float("GATEWAY_FLUSH_S", default=1.0)
+GATEWAY_VIEW_REFRESH_S = env.float("GATEWAY_VIEW_REFRESH_S", default=60.0)
 DOCS_PER_UNIT = env.int("DOCS_PER_UNIT", default=8)
 PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each charge goes to the platform
 CURRENCY = env("CURRENCY", default="usd")

@@ -63,9 +63,9 @@ async def online(token, **telemetry):
     comm = communicator(token)
     connected, _ = await comm.connect()
     assert connected
+    await send(comm, "hello", agent_version="test", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 200_000})
     welcome = await receive(comm)
     assert welcome["type"] == "welcome"
-    await send(comm, "hello", agent_version="test", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 200_000})
     await send(comm, "telemetry", **{**HEALTHY, **telemetry})
     await send(comm, "work.request")  # a round trip: hello and telemetry are processed, in order, before it
     assert (await receive(comm))["type"] == "no_work"  # no round has cleared yet
@@ -128,7 +128,7 @@ def test_a_car_leases_a_unit_computes_it_for_real_and_is_paid(paired, make_job):
 ])
 def test_a_car_that_may_no_longer_work_loses_its_leases_and_gets_no_new_one(paired, make_job, telemetry, reason):
     vehicle, token = paired
-    job = make_job(docs=16)
+    job = make_job(docs=8)
 
     async def scenario():
         comm = await online(token)
@@ -213,7 +213,6 @@ def test_bad_messages_get_a_protocol_error_and_the_socket_stays_usable(paired):
     async def scenario():
         comm = communicator(token)
         await comm.connect()
-        await receive(comm)
         await send(comm, "telemetry", **HEALTHY)
         assert (await receive(comm))["code"] == "hello_first"
         await comm.send_to(text_data="{not json")
@@ -227,6 +226,9 @@ def test_bad_messages_get_a_protocol_error_and_the_socket_stays_usable(paired):
         await send(comm, "hello", agent_version="t", runtimes=[], throughput_mops={"int8": "fast"})
         assert (await receive(comm))["code"] == "bad_field"
         await send(comm, "hello", agent_version="t", runtimes=[], throughput_mops={})
+        assert (await receive(comm))["type"] == "welcome"
+        await send(comm, "hello", agent_version="t", runtimes=[], throughput_mops={})
+        assert (await receive(comm))["code"] == "out_of_order"
         await send(comm, "teleport")
         assert (await receive(comm))["code"] == "unknown_type"
         await comm.disconnect()

@@ -56,8 +56,7 @@ def test_blocking_a_buyer_withdraws_the_cars_leases_of_its_jobs(owner, client_fo
     vehicle = VehicleFactory(owner=owner)
     make_job(docs=8)
     market.auction_tick()
-    unit, _ = services.unit_lease(vehicle_id=vehicle.pk)
-    assert unit is not None
+    (unit, *_), _ = services.units_lease(vehicle_id=vehicle.pk)
     response = client_for(owner).patch(f"/api/v1/vehicles/{vehicle.pk}/policy/",
                                        {"blocked_organisations": [buyer.organisation.slug]}, format="json")
     assert response.status_code == 200

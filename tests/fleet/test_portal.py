@@ -38,9 +38,9 @@ def owner_client(client, owner):
 
 def lease_one(vehicle) -> WorkUnit:
     market.auction_tick()
-    unit, why = services.unit_lease(vehicle_id=vehicle.pk)
-    assert unit is not None, why
-    return unit
+    units, why = services.units_lease(vehicle_id=vehicle.pk, max_units=1)
+    assert units, why
+    return units[0]
 
 
 def complete(vehicle, unit: WorkUnit) -> None:

@@ -57,23 +57,25 @@ def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
     low = make_job(docs=16, price=1_000_000)
     high = make_job(docs=16, price=2_000_000)
     car = VehicleFactory()
-    assert fleet.unit_lease(vehicle_id=car.pk) == (None, "no_work")  # nothing sold yet
+    assert fleet.units_lease(vehicle_id=car.pk) == ([], "no_work")  # nothing sold yet
 
     services.auction_tick()
-    unit, _ = fleet.unit_lease(vehicle_id=car.pk)
-    assert unit.job_id == high.pk and unit.lease_epoch == 1
-    assert unit.price_micros == AuctionRound.objects.get().clearing_price_micros
-    second, _ = fleet.unit_lease(vehicle_id=car.pk)
-    assert second.job_id == high.pk
-    assert fleet.unit_lease(vehicle_id=car.pk) == (None, "lease_limit")  # two in flight at most
+    units, _ = fleet.units_lease(vehicle_id=car.pk)
+    assert units and {u.job_id for u in units} == {high.pk} and {u.lease_epoch for u in units} == {1}
+    assert {u.price_micros for u in units} == {AuctionRound.objects.get().clearing_price_micros}
+    sold = Allocation.objects.get(vehicle=car, job=high)
+    assert sum(u.mops for u in units[:-1]) < sold.mops <= sum(u.mops for u in units)  # leased while capacity was left
     assert low.units.filter(state=WorkUnit.State.LEASED).count() == 0
+    rest, _ = fleet.units_lease(vehicle_id=car.pk)  # the high bid's capacity is used up: the next job it won
+    assert {u.job_id for u in rest} <= {low.pk}
+    assert bool(rest) == Allocation.objects.filter(vehicle=car, job=low).exists()
 
 
 def test_overdue_jobs_expire_and_their_leases_are_withdrawn(make_job):
     job = make_job(docs=16)
     car = VehicleFactory()
     services.auction_tick()
-    unit, _ = fleet.unit_lease(vehicle_id=car.pk)
+    (unit, *_), _ = fleet.units_lease(vehicle_id=car.pk)
     Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
 
     assert services.auction_tick() == []
@@ -102,7 +104,7 @@ def test_owners_consent_is_respected_by_the_auction_and_the_dispatcher(make_job,
     assert sorted(auction_round.journal["refused"]) == sorted([[job.pk, picky.pk], [job.pk, no_embeddings.pk]])
     assert services.round_replay(auction_round=auction_round).fills == tuple(
         Fill(**f) for f in auction_round.journal["fills"])
-    assert fleet.unit_lease(vehicle_id=picky.pk) == (None, "no_work")
+    assert fleet.units_lease(vehicle_id=picky.pk) == ([], "no_work")
     # Consent withdrawn after the round: the dispatcher checks again before leasing.
     willing.policy.blocked_organisations.add(buyer.organisation)
-    assert fleet.unit_lease(vehicle_id=willing.pk) == (None, "no_work")
+    assert fleet.units_lease(vehicle_id=willing.pk) == ([], "no_work")

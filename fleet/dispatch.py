@@ -1,0 +1,45 @@
+"""How much work a car is given: pure sizing rules, no ORM (see docs/vehicle-protocol.md, "Sizing").
+
+Jobs are cut into small units (``DOCS_PER_UNIT`` documents). What a car receives for one ``work.request`` is a
+batch of consecutive units sized to the car: its measured throughput for the precision (capped by the
+hardware's nominal peak), its uplink (results are about 2.7 KB of base64 per 384-float vector), and the time
+it can still work before its owner's next departure, window end, battery floor or energy budget. Every unit
+keeps its own lease and fencing epoch.
+"""
+
+import math
+
+#: A car keeps at most this many seconds of work in hand: enough to bridge a round trip on a slow link and
+#: the gateway's queueing, little enough that work taken back from a car that leaves is small.
+PIPELINE_S = 4.0
+#: A car is given only work it can finish in this share of the time it can still work.
+PARKED_TIME_SHARE = 0.5
+#: Bytes on the uplink per embedding value (float32 in base64) and per result message (framing, ids).
+RESULT_BYTES_PER_VALUE = 16 / 3
+RESULT_OVERHEAD_BYTES = 200
+#: The unit the welcome's in-flight limit is computed for, before the car has work: 8 documents of about
+#: 128 tokens of the default embedding model (all-MiniLM-L6-v2, about 23.6 Mops per token), 384 dimensions.
+REFERENCE_UNIT_MOPS = 24_000
+REFERENCE_UNIT_VALUES = 8 * 384
+#: Uplink assumed for a car that did not report one (a slow home line).
+DEFAULT_UPLINK_KBPS = 5_000
+
+
+def unit_seconds(*, unit_mops: int, values: int, mops_per_s: int, uplink_kbps: int | None) -> float:
+    """Time for the car to compute one unit and send its result back."""
+    result_bits = (values * RESULT_BYTES_PER_VALUE + RESULT_OVERHEAD_BYTES) * 8
+    return unit_mops / max(1, mops_per_s) + result_bits / ((uplink_kbps or DEFAULT_UPLINK_KBPS) * 1000)
+
+
+def inflight_limit(*, unit_s: float, max_inflight: int) -> int:
+    """How many leases the car may hold at once: PIPELINE_S of work, at least one, at most ``max_inflight``."""
+    return max(1, min(max_inflight, math.ceil(PIPELINE_S / max(unit_s, 1e-9))))
+
+
+def batch_size(*, limit: int, held: int, unit_s: float, time_left_s: float | None) -> int:
+    """How many more units to lease to a car holding ``held``: up to its in-flight limit, and only as many
+    as it can finish (with what it holds) in PARKED_TIME_SHARE of its remaining working time. 0: none."""
+    room = limit - held
+    if time_left_s is not None:
+        room = min(room, math.floor(time_left_s * PARKED_TIME_SHARE / max(unit_s, 1e-9)) - held)
+    return max(0, room)

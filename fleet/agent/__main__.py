@@ -3,6 +3,7 @@
     python -m fleet.agent --server http://127.0.0.1:8000 --pair CODE     # first start: pair, save the token
     python -m fleet.agent --server http://127.0.0.1:8000                 # later starts: reuse the saved token
     python -m fleet.agent --server http://127.0.0.1:8000 --token TOKEN   # a token from elsewhere (not saved)
+    python -m fleet.agent ... --faults drop_socket=0.05,duplicate=0.05   # inject faults (testing; see client.Faults)
 
 Prints ``agent: paired as vehicle N`` after pairing and ``agent: connected`` on every connection, on stdout.
 Exits 0 after SIGINT/SIGTERM, 1 if the server cannot be reached for pairing, 2 for a refused pairing code or a
@@ -20,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fleet.agent.client import AuthRefused, CarAgent, PairingError, Replaced, StaticSensors, pair
+from fleet.agent.client import AuthRefused, CarAgent, Faults, PairingError, Replaced, StaticSensors, pair
 
 DEFAULT_STATE_FILE = "~/.fleet-agent.json"
 
@@ -30,6 +31,13 @@ def _percent(value: str) -> float:
     if not 0 <= pct <= 100:
         raise argparse.ArgumentTypeError("must be between 0 and 100")
     return pct
+
+
+def _faults(value: str) -> Faults:
+    try:
+        return Faults.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--battery", type=_percent, default=80.0, help="battery charge in %% (default 80)")
     parser.add_argument("--plugged-in", action="store_true", help="the car is plugged in")
     parser.add_argument("--wifi", action=argparse.BooleanOptionalAction, default=True, help="the car is on WiFi")
+    parser.add_argument("--faults", type=_faults, default=Faults(), metavar="KIND=P,...",
+                        help="inject faults for testing, per lease: drop_socket, stall, duplicate, corrupt, late "
+                             "(probabilities), stall_s, late_s, seed; e.g. drop_socket=0.05,duplicate=0.05")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -68,13 +79,14 @@ def save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-async def run_agent(server: str, token: str, sensors: StaticSensors) -> int:
+async def run_agent(server: str, token: str, sensors: StaticSensors, faults: Faults | None = None) -> int:
     """Run until SIGINT/SIGTERM; the exit status."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    agent = CarAgent(server, token, sensors=sensors, on_connect=lambda welcome: print("agent: connected", flush=True))
+    agent = CarAgent(server, token, sensors=sensors, faults=faults,
+                     on_connect=lambda welcome: print("agent: connected", flush=True))
     try:
         await agent.run(stop)
     except (AuthRefused, Replaced) as exc:
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         token = state["token"]
     sensors = StaticSensors(battery_pct=args.battery, plugged_in=args.plugged_in, on_wifi=args.wifi)
-    return asyncio.run(run_agent(args.server, token, sensors))
+    return asyncio.run(run_agent(args.server, token, sensors, args.faults))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -37,6 +38,13 @@ SENSOR_POLL_S = 0.25
 REQUEST_TIMEOUT_S = 30.0
 #: Pause before asking for work again after the gateway answered with an Error.
 ERROR_RETRY_S = 5.0
+#: After a unit.assign, wait this long before asking again: the rest of its batch is on the way.
+BATCH_SETTLE_S = 0.25
+#: Telemetry unacknowledged for max(ACK_TIMEOUT_HEARTBEATS heartbeats, ACK_TIMEOUT_MIN_S) means a hung gateway.
+ACK_TIMEOUT_HEARTBEATS = 3
+ACK_TIMEOUT_MIN_S = 15.0
+#: The stall fault's default: sit on a result this long beyond its lease's TTL (the sweep runs every few s).
+STALL_MARGIN_S = 10.0
 #: First reconnect delay; doubles per failed attempt up to ``max_backoff_s`` (full jitter).
 BACKOFF_BASE_S = 1.0
 #: Largest frame accepted from the gateway: enough for any message of MAX_MESSAGE_BYTES characters, so an
@@ -153,7 +161,8 @@ def default_executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class Sensors(Protocol):
-    """What the agent reads from the car; on a real car these come from the vehicle bus."""
+    """What the agent reads from the car; on a real car these come from the vehicle bus. Optional attributes,
+    read when present: ``charging_kw`` and ``temp_c`` (telemetry), ``uplink_kbps`` (the hello)."""
 
     @property
     def battery_pct(self) -> float: ...
@@ -181,32 +190,120 @@ class StaticSensors:
     on_wifi: bool = True
     charging_kw: float = 0.0
     temp_c: float | None = None
+    uplink_kbps: int | None = None  # the link's upload speed, reported in the hello (None: unknown)
 
     def on_work(self, seconds: float, watts: float) -> None:
         """Static readings: nothing drains."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Faults the agent injects on purpose, for chaos tests and the simulator; all off by default.
+
+    Each probability applies per lease: when the car takes a lease, one draw per kind (from a
+    ``random.Random(seed)`` of its own) decides which of these happen to it:
+
+    * ``drop_socket``: when the unit's result is ready, abort the connection instead of sending it (no close
+      frame, no release), as a car losing its network would. The agent reconnects, lists the lease in its
+      hello and sends the result in the new session.
+    * ``stall``: sit on the finished result for ``stall_s`` seconds (default: the lease's TTL plus
+      STALL_MARGIN_S, so the lease expires), sending no heartbeats meanwhile and ignoring withdrawals of that
+      lease, then send the result anyway: the gateway must refuse it as stale.
+    * ``duplicate``: send the result message twice.
+    * ``corrupt``: send a result whose first vector is twice unit length (or, for a unit without texts, one
+      vector too many), which the gateway's result check must refuse.
+    * ``late``: send the result ``late_s`` seconds after it is ready; heartbeats go on, so the lease stays
+      current, and a withdrawal meanwhile is honoured.
+
+    Several kinds can hit one lease. ``AgentStats.faults_injected`` counts what really happened.
+    """
+
+    KINDS: ClassVar[tuple[str, ...]] = ("drop_socket", "stall", "duplicate", "corrupt", "late")
+
+    drop_socket: float = 0.0
+    stall: float = 0.0
+    duplicate: float = 0.0
+    corrupt: float = 0.0
+    late: float = 0.0
+    stall_s: float | None = None
+    late_s: float = 10.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        for kind in self.KINDS:
+            p = getattr(self, kind)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"fault probability {kind}={p!r} must be a number between 0 and 1")
+        for name in ("stall_s", "late_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a number of seconds, 0 or more")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, kind) > 0 for kind in self.KINDS)
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        """``"drop_socket=0.05,stall=0.02,duplicate=0.05"``: probabilities by kind, and optionally ``stall_s``,
+        ``late_s`` (seconds) and ``seed``. Raises ValueError with a readable message."""
+        known = (*cls.KINDS, "stall_s", "late_s", "seed")
+        values: dict[str, float | int] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, raw = (s.strip() for s in item.partition("="))
+            if not sep or not name or not raw:
+                raise ValueError(f"bad fault {item!r}: expected name=value, e.g. drop_socket=0.05")
+            if name not in known:
+                raise ValueError(f"unknown fault {name!r}; known: {', '.join(known)}")
+            if name in values:
+                raise ValueError(f"fault {name!r} given twice")
+            try:
+                values[name] = int(raw) if name == "seed" else float(raw)
+            except ValueError:
+                raise ValueError(f"fault {name}={raw!r}: not a number") from None
+        return cls(**values)
+
+    def draw(self, rng: random.Random) -> set[str]:
+        """The faults of one lease: one draw per kind, always all of them (so a seed gives the same sequence
+        whatever the probabilities)."""
+        draws = [(kind, rng.random()) for kind in self.KINDS]
+        return {kind for kind, x in draws if x < getattr(self, kind)}
 
 
 @dataclasses.dataclass
 class AgentStats:
     """Counters over the agent's lifetime, for tests and benchmarks."""
 
-    units_done: int = 0  # results sent
+    units_done: int = 0  # results sent (a duplicated one once)
     texts_done: int = 0
     results_accepted: int = 0
     results_rejected: int = 0
     withdrawn: int = 0  # units the gateway took back while the car held them
     released: int = 0  # units the car gave back
     reconnects: int = 0  # connections established after the first
+    resumed: int = 0  # leases carried from a lost connection into a new session's hello
     malformed: int = 0  # server messages ignored as invalid
+    acks: int = 0  # telemetry acknowledgements received
+    ack_timeouts: int = 0  # connections closed because the gateway stopped acknowledging telemetry
+    faults_injected: dict[str, int] = dataclasses.field(default_factory=dict)  # by Faults kind
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Lease:
+    """A lease the car holds, from its unit.assign until the result is sent, or the lease is released or
+    withdrawn. Leases belong to the agent, not to one connection, so they survive a reconnect."""
+
     unit_id: int
     epoch: int
     runtime: str
     precision: str
     texts: list
+    lease_ttl_s: int
+    faults: set[str] = dataclasses.field(default_factory=set)  # injected faults still to happen
+    result: str | None = None  # the encoded result message, once computed
+    send_at: float = 0.0  # loop time before which the result is held back (the late and stall faults)
+    stalled: bool = False  # sitting on the result: no heartbeats, withdrawals ignored (the stall fault)
+    release_reason: str | None = None  # to be given back at the next chance (computing failed, too large)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -215,7 +312,18 @@ class _Lease:
 
 class CarAgent:
     """One car's connection to the gateway: hello, telemetry, heartbeats and the work loop, reconnecting
-    with exponential backoff and full jitter until ``stop`` is set."""
+    with exponential backoff and full jitter until ``stop`` is set.
+
+    The car holds at most the welcome's ``max_inflight`` leases (or ``max_units``, a local cap, if lower).
+    Held leases and results computed but not yet sent belong to the agent rather than to one connection:
+    after a lost connection the agent reconnects, lists every held lease in its hello, sends the finished
+    results once welcomed, and keeps computing the others; the gateway withdraws leases that are no longer
+    current and refuses stale results. On ``stop`` the agent releases what it holds and closes with 1000.
+
+    Telemetry carries an increasing ``seq`` that the gateway acknowledges; when no acknowledgement comes for
+    ``ack_timeout_s`` (default: max(3 heartbeats, 15 s)) the gateway is taken as hung and the agent closes
+    the connection, so the reconnect loop takes over.
+    """
 
     def __init__(
         self,
@@ -230,7 +338,9 @@ class CarAgent:
         max_backoff_s: float = 30.0,
         throughput_mops: dict | None = None,
         watts: float = 100,
-        max_units: int = 2,
+        max_units: int | None = None,
+        ack_timeout_s: float | None = None,
+        faults: Faults | None = None,
         on_connect: Callable[[protocol.Welcome], None] | None = None,
     ):
         self.url = websocket_url(server_url)
@@ -240,6 +350,8 @@ class CarAgent:
         unknown = [r for r in self.runtimes if r not in MODELS]
         if unknown:
             raise ValueError(f"unknown runtimes {unknown}; this agent has {sorted(MODELS)}")
+        if max_units is not None and max_units < 1:
+            raise ValueError("max_units must be 1 or more (or None for the gateway's max_inflight)")
         self.executor = executor or default_executor()
         self.name = name
         self.telemetry_interval_s = telemetry_interval_s
@@ -247,9 +359,17 @@ class CarAgent:
         self.throughput_mops = {p: int(v) for p, v in throughput_mops.items()} if throughput_mops is not None else None
         self.watts = watts
         self.max_units = max_units
+        self.ack_timeout_s = ack_timeout_s
+        self.faults = faults if faults is not None and faults.enabled else None
         self.on_connect = on_connect
         self.vehicle_id: int | None = None
         self.stats = AgentStats()
+        # Held leases in lease order (the order they are computed and their results sent).
+        self.held: dict[tuple[int, int], _Lease] = {}
+        self._work: asyncio.Queue[_Lease] = asyncio.Queue()  # leases for the worker
+        self._outbox = asyncio.Event()  # a result (or a release) is ready for the session to send
+        self._telemetry_seq = 0
+        self._fault_rng = random.Random(self.faults.seed) if self.faults is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set. Raises :class:`AuthRefused` or :class:`Replaced`, both final."""
@@ -257,6 +377,14 @@ class CarAgent:
         if self.throughput_mops is None:
             self.throughput_mops = await loop.run_in_executor(self.executor, measure_mops, self.runtimes)
             logger.info("%s: measured throughput %s Mops/s", self.name, self.throughput_mops)
+        worker = asyncio.create_task(self._worker())
+        try:
+            await self._connect_loop(stop)
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def _connect_loop(self, stop: asyncio.Event) -> None:
         failures = 0
         connected_before = False
         while not stop.is_set():
@@ -278,7 +406,7 @@ class CarAgent:
                     if session.welcomed.is_set():
                         failures = 0
                     if stop.is_set():
-                        await ws.close(1000, "agent stopping")
+                        await session.shutdown()
                         logger.info("%s: stopped", self.name)
                         return
                     self._check_final_close(ws)
@@ -292,7 +420,7 @@ class CarAgent:
                 logger.warning("%s: cannot connect to %s: %s", self.name, self.url, exc or type(exc).__name__)
             delay = random.uniform(0, min(self.max_backoff_s, BACKOFF_BASE_S * 2**failures))
             failures += 1
-            logger.info("%s: reconnecting in %.1f s", self.name, delay)
+            logger.info("%s: reconnecting in %.1f s (holding %d leases)", self.name, delay, len(self.held))
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
@@ -306,9 +434,68 @@ class CarAgent:
             logger.error("%s: another agent connected with this token; not retrying", self.name)
             raise Replaced("another agent connected with this token")
 
+    # --- leases and work (independent of the connection) ------------------------------------------------
+
+    def _hold(self, lease: _Lease) -> None:
+        if self.faults is not None:
+            lease.faults = self.faults.draw(self._fault_rng)
+        self.held[lease.key] = lease
+        self._work.put_nowait(lease)
+
+    def _holds(self, lease: _Lease) -> bool:
+        return self.held.get(lease.key) is lease
+
+    def _injected(self, kind: str, lease: _Lease) -> None:
+        self.stats.faults_injected[kind] = self.stats.faults_injected.get(kind, 0) + 1
+        logger.info("%s: injecting fault %s on unit %s", self.name, kind, lease.unit_id)
+
+    async def _worker(self) -> None:
+        """Computes held units one at a time, in lease order, connected or not; sessions send the results."""
+        loop = asyncio.get_running_loop()
+        while True:
+            lease = await self._work.get()
+            while self._holds(lease) and self.sensors.driving:
+                await asyncio.sleep(SENSOR_POLL_S)  # no inference while driving; the session releases the lease
+            if not self._holds(lease):
+                continue  # withdrawn or released while queued
+            # Busy time, submission to result: on a car the unit has the computer to itself; in the simulator,
+            # cars sharing the CPU each stand for a slower computer working all that time.
+            started = loop.time()
+            try:
+                vectors = await loop.run_in_executor(self.executor, _embed, lease.runtime, lease.precision, lease.texts)
+            except Exception:
+                logger.exception("%s: computing unit %s failed", self.name, lease.unit_id)
+                lease.release_reason = "compute_failed"
+                self._outbox.set()
+                continue
+            self.sensors.on_work(loop.time() - started, self.watts)
+            if not self._holds(lease):
+                logger.debug("%s: discarding result of unit %s (no longer held)", self.name, lease.unit_id)
+                continue
+            if "corrupt" in lease.faults:
+                vectors = _corrupt(vectors)
+                self._injected("corrupt", lease)
+            text = _encode(
+                protocol.Result(unit_id=lease.unit_id, epoch=lease.epoch, embeddings_b64=encode_embeddings(vectors))
+            )
+            if len(text) > protocol.MAX_MESSAGE_BYTES:
+                logger.error("%s: result of unit %s exceeds the message limit", self.name, lease.unit_id)
+                lease.release_reason = "result_too_large"
+            else:
+                lease.result, lease.send_at = text, loop.time()
+                if "late" in lease.faults:
+                    lease.send_at += self.faults.late_s
+                    self._injected("late", lease)
+                if "stall" in lease.faults:
+                    stall_s = self.faults.stall_s if self.faults.stall_s is not None else lease.lease_ttl_s + STALL_MARGIN_S
+                    lease.send_at = max(lease.send_at, loop.time() + stall_s)
+                    lease.stalled = True
+                    self._injected("stall", lease)
+            self._outbox.set()
+
 
 class _Session:
-    """State of one websocket connection; leases do not survive it (the gateway requeues them)."""
+    """State of one websocket connection. The leases live on the agent and outlast it."""
 
     def __init__(self, agent: CarAgent, ws: ClientConnection):
         self.agent = agent
@@ -317,23 +504,45 @@ class _Session:
         self.welcomed = asyncio.Event()
         self.wake = asyncio.Event()  # something changed that may allow a work request
         self.send_lock = asyncio.Lock()
-        self.held: dict[tuple[int, int], _Lease] = {}
-        self.queue: asyncio.Queue[_Lease] = asyncio.Queue()
         self.heartbeat_s = 0.0
+        self.max_inflight = 0  # from the welcome
         self.request_sent_at: float | None = None
         self.retry_at = 0.0
         self.driving = agent.sensors.driving
+        self.unacked: dict[int, float] = {}  # telemetry seq -> loop time sent, until acknowledged
+
+    @property
+    def capacity(self) -> int:
+        """The most leases the car may hold: the gateway's ``max_inflight``, or the agent's lower local cap."""
+        if self.agent.max_units is None:
+            return self.max_inflight
+        return min(self.max_inflight, self.agent.max_units)
+
+    @property
+    def ack_timeout_s(self) -> float:
+        if self.agent.ack_timeout_s is not None:
+            return self.agent.ack_timeout_s
+        return max(ACK_TIMEOUT_HEARTBEATS * self.heartbeat_s, ACK_TIMEOUT_MIN_S)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until the connection ends, a task fails, or ``stop`` is set."""
+        agent = self.agent
+        if agent.held:
+            agent.stats.resumed += len(agent.held)
+            logger.info("%s: resuming %d leases", agent.name, len(agent.held))
+        uplink = getattr(agent.sensors, "uplink_kbps", None)
         await self.send(
             protocol.Hello(
-                agent_version=AGENT_VERSION, runtimes=self.agent.runtimes, throughput_mops=self.agent.throughput_mops
+                agent_version=AGENT_VERSION,
+                runtimes=agent.runtimes,
+                throughput_mops=agent.throughput_mops,
+                uplink_kbps=int(uplink) if uplink else None,
+                leases=tuple(agent.held),
             )
         )
         tasks = [
             asyncio.create_task(coro)
-            for coro in (stop.wait(), self._reader(), self._ticker(), self._worker(), self._requester())
+            for coro in (stop.wait(), self._reader(), self._ticker(), self._requester(), self._sender())
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -344,7 +553,16 @@ class _Session:
         for task in done:
             exc = task.exception()
             if exc is not None and not isinstance(exc, ConnectionClosed):
-                logger.error("%s: session failed", self.agent.name, exc_info=exc)
+                logger.error("%s: session failed", agent.name, exc_info=exc)
+
+    async def shutdown(self) -> None:
+        """Clean stop: give back every held lease, then close with 1000."""
+        try:
+            for lease in list(self.agent.held.values()):
+                await self._release(lease, "shutdown")
+            await self.ws.close(1000, "agent stopping")
+        except ConnectionClosed:
+            pass
 
     async def send(self, msg: protocol.Message | str) -> None:
         """Send a message (or its already encoded text)."""
@@ -367,32 +585,44 @@ class _Session:
             await self._handle(msg)
 
     async def _handle(self, msg: protocol.Message) -> None:
-        name = self.agent.name
+        agent, name = self.agent, self.agent.name
         match msg:
             case protocol.Welcome():
-                self.agent.vehicle_id = msg.vehicle_id
+                agent.vehicle_id = msg.vehicle_id
                 self.heartbeat_s = max(1, msg.heartbeat_s)
+                self.max_inflight = msg.max_inflight
                 self.welcomed.set()
-                logger.info("%s: connected as vehicle %s", name, msg.vehicle_id)
-                if self.agent.on_connect is not None:
-                    self.agent.on_connect(msg)
+                logger.info("%s: connected as vehicle %s (up to %d leases)", name, msg.vehicle_id, self.capacity)
+                if agent.on_connect is not None:
+                    agent.on_connect(msg)
             case protocol.UnitAssign():
+                # One request may be answered by a batch of assignments, sent back to back: the request is
+                # answered, and the next one waits a moment for the rest of the batch.
                 self.request_sent_at = None
+                self.retry_at = max(self.retry_at, self.loop.time() + BATCH_SETTLE_S)
                 await self._accept(msg)
             case protocol.NoWork():
                 self.request_sent_at = None
                 self.retry_at = self.loop.time() + msg.retry_after_s * random.uniform(1.0, 1.2)
                 logger.debug("%s: no work (%s), asking again in %.1f s", name, msg.reason, msg.retry_after_s)
             case protocol.UnitWithdraw():
-                if self.held.pop((msg.unit_id, msg.epoch), None) is not None:
-                    self.agent.stats.withdrawn += 1
+                lease = agent.held.get((msg.unit_id, msg.epoch))
+                if lease is not None and lease.stalled:
+                    logger.info("%s: fault stall: ignoring the withdrawal of unit %s", name, msg.unit_id)
+                elif lease is not None:
+                    del agent.held[lease.key]
+                    agent.stats.withdrawn += 1
                     logger.info("%s: unit %s withdrawn (%s)", name, msg.unit_id, msg.reason)
             case protocol.ResultAck():
                 if msg.accepted:
-                    self.agent.stats.results_accepted += 1
+                    agent.stats.results_accepted += 1
                 else:
-                    self.agent.stats.results_rejected += 1
+                    agent.stats.results_rejected += 1
                     logger.warning("%s: result for unit %s rejected: %s", name, msg.unit_id, msg.reason)
+            case protocol.Ack():
+                agent.stats.acks += 1
+                for seq in [seq for seq in self.unacked if seq <= msg.seq]:
+                    del self.unacked[seq]
             case protocol.Error():
                 logger.warning("%s: gateway error %s: %s", name, msg.code, msg.message)
                 if self.request_sent_at is not None:
@@ -401,23 +631,27 @@ class _Session:
         self.wake.set()
 
     async def _accept(self, msg: protocol.UnitAssign) -> None:
-        lease = _Lease(msg.unit_id, msg.epoch, msg.runtime, msg.precision, list(msg.texts))
+        agent = self.agent
+        lease = _Lease(msg.unit_id, msg.epoch, msg.runtime, msg.precision, list(msg.texts), msg.lease_ttl_s)
         spec = MODELS.get(msg.runtime)
-        if msg.runtime not in self.agent.runtimes or spec is None or msg.precision not in spec.precisions:
+        if lease.key in agent.held:
+            logger.debug("%s: unit %s epoch %s is already held", agent.name, lease.unit_id, lease.epoch)
+        elif msg.runtime not in agent.runtimes or spec is None or msg.precision not in spec.precisions:
             await self._release(lease, "unsupported")
         elif self.driving:
             await self._release(lease, "driving")
-        elif len(self.held) >= self.agent.max_units:
+        elif len(agent.held) >= self.capacity:
             await self._release(lease, "over_capacity")
         else:
-            self.held[lease.key] = lease
-            self.queue.put_nowait(lease)
-            logger.debug("%s: leased unit %s epoch %s (%d texts)", self.agent.name, lease.unit_id, lease.epoch, len(lease.texts))
+            agent._hold(lease)
+            logger.debug("%s: leased unit %s epoch %s (%d texts)", agent.name, lease.unit_id, lease.epoch, len(lease.texts))
 
     async def _release(self, lease: _Lease, reason: str) -> None:
-        self.held.pop(lease.key, None)
-        self.agent.stats.released += 1
-        logger.info("%s: releasing unit %s (%s)", self.agent.name, lease.unit_id, reason)
+        agent = self.agent
+        if agent._holds(lease):
+            del agent.held[lease.key]
+        agent.stats.released += 1
+        logger.info("%s: releasing unit %s (%s)", agent.name, lease.unit_id, reason)
         await self.send(protocol.Release(unit_id=lease.unit_id, epoch=lease.epoch, reason=reason))
 
     # --- periodic: telemetry, heartbeats, sensor changes --------------------------------------------
@@ -434,6 +668,9 @@ class _Session:
         )
 
     async def _ticker(self) -> None:
+        """Telemetry (numbered, and watched for acknowledgements), heartbeats, and the reaction to driving.
+        Returns after closing a connection whose gateway stopped acknowledging telemetry."""
+        agent = self.agent
         last: protocol.Telemetry | None = None
         last_sent = last_heartbeat = self.loop.time()
         while True:
@@ -444,36 +681,47 @@ class _Session:
             )
             if reading.driving != self.driving:
                 self.driving = reading.driving
-                logger.info("%s: %s", self.agent.name, "driving" if self.driving else "parked")
-                if self.driving:
-                    for lease in list(self.held.values()):
-                        await self._release(lease, "driving")
+                logger.info("%s: %s", agent.name, "driving" if self.driving else "parked")
                 self.wake.set()
-            if changed or now - last_sent >= self.agent.telemetry_interval_s:
-                await self.send(reading)
+            if self.driving and agent.held:  # also leases carried into this session while driving
+                for lease in list(agent.held.values()):
+                    await self._release(lease, "driving")
+            if changed or now - last_sent >= agent.telemetry_interval_s:
+                agent._telemetry_seq += 1
+                await self.send(dataclasses.replace(reading, seq=agent._telemetry_seq))
+                self.unacked[agent._telemetry_seq] = now
                 last, last_sent = reading, now
+            if self.unacked and now - next(iter(self.unacked.values())) >= self.ack_timeout_s:
+                agent.stats.ack_timeouts += 1
+                logger.warning(
+                    "%s: telemetry %d not acknowledged within %.0f s; the gateway seems hung, reconnecting",
+                    agent.name, next(iter(self.unacked)), self.ack_timeout_s,
+                )
+                await self.ws.close(1011, "telemetry not acknowledged")
+                return
             if not self.welcomed.is_set():
                 last_heartbeat = now
-            elif now - last_heartbeat >= self.heartbeat_s:
-                await self.send(protocol.Heartbeat(leases=[list(key) for key in self.held]))
+            elif now - last_heartbeat >= self.heartbeat_s and not any(lease.stalled for lease in agent.held.values()):
+                await self.send(protocol.Heartbeat(leases=[list(key) for key in agent.held]))
                 last_heartbeat = now
             await asyncio.sleep(SENSOR_POLL_S)
 
     # --- work -----------------------------------------------------------------------------------------
 
     async def _requester(self) -> None:
-        """Asks for work whenever the car holds fewer than ``max_units`` and may work."""
+        """Asks for work whenever the car holds fewer leases than its capacity and may work."""
+        agent = self.agent
         await self.welcomed.wait()
         while True:
             self.wake.clear()
             now = self.loop.time()
             if self.request_sent_at is not None and now - self.request_sent_at >= REQUEST_TIMEOUT_S:
-                logger.warning("%s: work request unanswered, asking again", self.agent.name)
+                logger.warning("%s: work request unanswered, asking again", agent.name)
                 self.request_sent_at = None
             if (
                 self.request_sent_at is None
                 and not self.driving
-                and len(self.held) < self.agent.max_units
+                and len(agent.held) < self.capacity
                 and now >= self.retry_at
             ):
                 self.request_sent_at = now
@@ -489,39 +737,52 @@ class _Session:
             except TimeoutError:
                 pass
 
-    async def _worker(self) -> None:
-        """Computes held units one at a time, in lease order."""
+    async def _sender(self) -> None:
+        """Once welcomed, sends the results the worker finished (including those of an earlier connection) and
+        the releases it decided on, in lease order. Returns after dropping the connection on purpose."""
         agent = self.agent
+        await self.welcomed.wait()
         while True:
-            lease = await self.queue.get()
-            if self.held.get(lease.key) is not lease:
-                continue  # withdrawn or released while queued
-            # Busy time, submission to result: on a car the unit has the computer to itself; in the simulator,
-            # cars sharing the CPU each stand for a slower computer working all that time.
-            started = self.loop.time()
+            agent._outbox.clear()
+            now = self.loop.time()
+            next_at: float | None = None
+            for lease in list(agent.held.values()):
+                if not agent._holds(lease):
+                    continue
+                if lease.release_reason is not None:
+                    await self._release(lease, lease.release_reason)
+                elif lease.result is None:
+                    continue
+                elif lease.send_at > now:
+                    next_at = lease.send_at if next_at is None else min(next_at, lease.send_at)
+                elif not await self._send_result(lease):
+                    return
             try:
-                vectors = await self.loop.run_in_executor(agent.executor, _embed, lease.runtime, lease.precision, lease.texts)
-            except Exception:
-                logger.exception("%s: computing unit %s failed", agent.name, lease.unit_id)
-                if self.held.get(lease.key) is lease:
-                    await self._release(lease, "compute_failed")
-                continue
-            agent.sensors.on_work(self.loop.time() - started, agent.watts)
-            if self.held.get(lease.key) is not lease:
-                logger.debug("%s: discarding result of unit %s (no longer held)", agent.name, lease.unit_id)
-                continue
-            text = _encode(
-                protocol.Result(unit_id=lease.unit_id, epoch=lease.epoch, embeddings_b64=encode_embeddings(vectors))
-            )
-            if len(text) > protocol.MAX_MESSAGE_BYTES:
-                logger.error("%s: result of unit %s exceeds the message limit", agent.name, lease.unit_id)
-                await self._release(lease, "result_too_large")
-                continue
-            del self.held[lease.key]
-            await self.send(text)
-            agent.stats.units_done += 1
-            agent.stats.texts_done += len(lease.texts)
-            self.wake.set()
+                await asyncio.wait_for(agent._outbox.wait(), None if next_at is None else next_at - now)
+            except TimeoutError:
+                pass
+
+    async def _send_result(self, lease: _Lease) -> bool:
+        """Send a finished result; False if the drop_socket fault aborted the connection instead."""
+        agent = self.agent
+        if "drop_socket" in lease.faults:
+            lease.faults.discard("drop_socket")  # once: the next session sends the result
+            agent._injected("drop_socket", lease)
+            self.ws.transport.abort()  # no close frame, no release: as if the network vanished
+            return False
+        await self.send(lease.result)
+        if "duplicate" in lease.faults:
+            lease.faults.discard("duplicate")
+            agent._injected("duplicate", lease)
+            await self.send(lease.result)
+        if agent._holds(lease):
+            del agent.held[lease.key]
+        if lease.stalled:
+            logger.info("%s: sent the stalled result of unit %s late", agent.name, lease.unit_id)
+        agent.stats.units_done += 1
+        agent.stats.texts_done += len(lease.texts)
+        self.wake.set()
+        return True
 
 
 def _encode(msg: protocol.Message) -> str:
@@ -531,3 +792,12 @@ def _encode(msg: protocol.Message) -> str:
 def _embed(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
     """Runs in the executor."""
     return get_runner(runtime, precision).embed(texts)
+
+
+def _corrupt(vectors: np.ndarray) -> np.ndarray:
+    """The corrupt fault: the first vector at twice unit length, or one vector too many if there is none."""
+    bad = np.array(vectors, dtype=np.float32)
+    if len(bad):
+        bad[0] *= 2
+        return bad
+    return np.ones((1, bad.shape[1] if bad.ndim == 2 else 1), dtype=np.float32)

@@ -1,18 +1,23 @@
 """The fleet simulator's core: simulated cars living a compressed daily routine, each running a real
-:class:`~fleet.agent.client.CarAgent` against the gateway, all in one process. No Django here; the
-command that creates the vehicles and their tokens lives on the Django side.
+:class:`~fleet.agent.client.CarAgent` against the gateway, many per process. No Django here; the
+command that creates the vehicles and their tokens (and splits the fleet over processes) lives on the
+Django side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import math
 import random
+import signal
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 
-from fleet.agent.client import AuthRefused, CarAgent, Replaced, measure_mops
+from fleet.agent.client import AuthRefused, CarAgent, Faults, Replaced, measure_mops
 from fleet.agent.models import MODELS
 
 logger = logging.getLogger("fleet.agent.sim")
@@ -24,6 +29,7 @@ STEP_S = 60.0
 STATUS_INTERVAL_S = 10.0
 
 HOME, TO_WORK, WORK, TO_HOME = "home", "to_work", "work", "to_home"
+STARLINK, LINE = "starlink", "fibre_cable"
 
 
 class SimulatedSensors:
@@ -48,6 +54,17 @@ class SimulatedSensors:
     * Inference work drains the battery at the computer's draw: ``hardware_watts`` is the car's computer under
       load (its hardware generation's figure), which run_fleet gives the agent as its ``watts``; the agent
       reports real compute seconds to :meth:`on_work`, scaled here to simulated time.
+    * WiFi comes and goes: outage episodes (the router restarts, the line drops, the car sits at the edge of
+      the garage's coverage) start on average once every ``wifi_outage_every_h`` simulated hours (4, start to
+      start, a Poisson process; an assumption) and last ``wifi_outage_minutes`` (1 to 15 simulated minutes,
+      uniform; an assumption). ``on_wifi`` is false during one; it matters only while parked on WiFi.
+      ``wifi_outage_every_h=None`` turns outages off.
+    * Uplink, ``uplink_kbps``, reported in the agent's hello: a share ``starlink_share`` of the homes (0.1, an
+      assumption) is on a Starlink-like satellite link uploading 5-20 Mbps (uniform; DESIGN: Starlink
+      25-220 Mbps down, 5-20 up); the others are on a fibre or cable line uploading 20 Mbps (a common cable
+      plan's upload) to 1 Gbps (symmetric fibre), log-uniform (an assumption), capped at about 720 Mbps, the
+      real-world ceiling of the car's 802.11ac home WiFi (DESIGN). The workplace WiFi is taken to be no
+      slower, so a car reports its home figure everywhere. ``link`` says which kind it drew.
 
     The car starts at a random time of its day (``start_s``), so that at any moment most of a fleet is parked.
     ``clock`` gives real seconds (tests pass a fake one).
@@ -69,6 +86,9 @@ class SimulatedSensors:
         charge_limit_pct: float = 90.0,
         plug_probability: float = 0.6,
         work_wifi_share: float = 0.3,
+        wifi_outage_every_h: float | None = 4.0,
+        wifi_outage_minutes: tuple[float, float] = (1.0, 15.0),
+        starlink_share: float = 0.1,
     ):
         self.hardware_watts = hardware_watts
         self.battery_kwh = battery_kwh
@@ -90,6 +110,16 @@ class SimulatedSensors:
         self.battery_pct = rng.uniform(40.0, 90.0)
         self._plugged = self._phase == HOME and self._decide_plug()
         self.work_kwh = 0.0  # energy used by inference
+        self.link = STARLINK if rng.random() < starlink_share else LINE
+        if self.link == STARLINK:
+            self.uplink_kbps = round(rng.uniform(5_000, 20_000))
+        else:
+            self.uplink_kbps = min(720_000, round(math.exp(rng.uniform(math.log(20_000), math.log(1_000_000)))))
+        # WiFi outages: their own random stream (seeded from the car's), so they do not shift the routine's.
+        self._outage_rng = random.Random(self._plan_seed + 1)
+        self._outage_every_s = wifi_outage_every_h * 3600 if wifi_outage_every_h else None
+        self._outage_s = (wifi_outage_minutes[0] * 60, wifi_outage_minutes[1] * 60)
+        self._outage = self._next_outage(self._start_s) if self._outage_every_s else None
 
     @property
     def sim_s(self) -> float:
@@ -118,7 +148,17 @@ class SimulatedSensors:
     @property
     def on_wifi(self) -> bool:
         phase = self.phase
-        return phase == HOME or (phase == WORK and self._work_wifi)
+        return (phase == HOME or (phase == WORK and self._work_wifi)) and not self.wifi_outage
+
+    @property
+    def wifi_outage(self) -> bool:
+        """Whether a WiFi outage episode is going on now (wherever the car is)."""
+        self._advance()
+        if self._outage is None:
+            return False
+        while self._t >= self._outage[1]:
+            self._outage = self._next_outage(self._outage[1])
+        return self._outage[0] <= self._t
 
     def on_work(self, seconds: float, watts: float) -> None:
         """``seconds`` of real compute at ``watts``, i.e. ``seconds * time_scale`` simulated."""
@@ -142,6 +182,14 @@ class SimulatedSensors:
         if tod < arrive_work:
             return TO_WORK
         return WORK if tod < leave_work else TO_HOME
+
+    def _next_outage(self, after: float) -> tuple[float, float]:
+        """The next WiFi outage after simulated time ``after``: (start, end). Gaps are exponential with the mean
+        that makes the mean start-to-start interval ``wifi_outage_every_h``."""
+        shortest, longest = self._outage_s
+        mean_gap = max(1.0, self._outage_every_s - (shortest + longest) / 2)
+        start = after + self._outage_rng.expovariate(1 / mean_gap)
+        return start, start + self._outage_rng.uniform(shortest, longest)
 
     def _decide_plug(self) -> bool:
         return self.battery_pct < 50.0 or self._rng.random() < self.plug_probability
@@ -177,13 +225,18 @@ async def run_fleet(
     time_scale: float = 60.0,
     seed: int = 0,
     executor_threads: int = 2,
+    faults: Faults | None = None,
+    telemetry_interval_s: float = 5.0,
 ) -> list[CarAgent]:
-    """Run one agent per car (``{"token", "name", "hardware_watts"}``) until ``stop`` is set.
+    """Run one agent per car (``{"token", "name", "hardware_watts"}``, optionally ``"seed"``) until ``stop``
+    is set.
 
     The cars share this process's model runners (fleet.agent.models caches one per model and precision), one
     executor of ``executor_threads`` threads, and one throughput measurement divided by the number of cars,
-    since they share the CPU: that per-car share is what each reports in its hello. Returns the agents
-    (their ``stats`` and ``sensors`` for reports); a car whose token is refused stops alone.
+    since they share the CPU: that per-car share is what each reports in its hello. A car's own ``seed``
+    (else the next draw from ``seed``) fixes its routine and its fault draws, so a car behaves the same
+    whichever process runs it. ``faults`` apply to every car, each with its own seed derived from the car's.
+    Returns the agents (their ``stats`` and ``sensors`` for reports); a car whose token is refused stops alone.
     """
     if not cars:
         return []
@@ -196,7 +249,12 @@ async def run_fleet(
         logger.info("fleet: measured %s Mops/s, %s per car for %d cars", measured, per_car, len(cars))
         agents = []
         for car in cars:
-            sensors = SimulatedSensors(random.Random(rng.getrandbits(64)), car["hardware_watts"], time_scale=time_scale)
+            car_seed = car["seed"] if "seed" in car else rng.getrandbits(64)
+            sensors = SimulatedSensors(random.Random(car_seed), car["hardware_watts"], time_scale=time_scale)
+            car_faults = None
+            if faults is not None and faults.enabled:
+                fault_seed = random.Random(f"faults/{faults.seed}/{car_seed}").getrandbits(64)
+                car_faults = dataclasses.replace(faults, seed=fault_seed)
             agents.append(
                 CarAgent(
                     server_url,
@@ -204,8 +262,10 @@ async def run_fleet(
                     sensors=sensors,
                     executor=executor,
                     name=car["name"],
+                    telemetry_interval_s=telemetry_interval_s,
                     throughput_mops=per_car,
                     watts=sensors.hardware_watts,
+                    faults=car_faults,
                 )
             )
         reporter = asyncio.create_task(_report(agents, stop))
@@ -228,11 +288,43 @@ async def _report(agents: list[CarAgent], stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), STATUS_INTERVAL_S)
         except TimeoutError:
             sensors = [agent.sensors for agent in agents]
+            faults: dict[str, int] = {}
+            for agent in agents:
+                for kind, count in agent.stats.faults_injected.items():
+                    faults[kind] = faults.get(kind, 0) + count
             logger.info(
-                "fleet: %d cars, %d driving, %d on wifi, %d plugged in, %d units done",
+                "fleet: %d cars, %d driving, %d on wifi, %d plugged in, %d units done, %d reconnects%s",
                 len(agents),
                 sum(s.driving for s in sensors),
                 sum(s.on_wifi for s in sensors),
                 sum(s.plugged_in for s in sensors),
                 sum(agent.stats.units_done for agent in agents),
+                sum(agent.stats.reconnects for agent in agents),
+                f", faults injected {faults}" if faults else "",
             )
+
+
+def run_fleet_process(
+    server_url: str, cars: list[dict], *, parent: Connection, label: str, log_level: str = "INFO", **options
+) -> None:
+    """Entry point of one simulator child process (started with multiprocessing's ``spawn``): run ``cars``
+    with :func:`run_fleet` (``options`` are its keyword arguments) until SIGINT or SIGTERM, or until the
+    parent goes away. ``parent`` is the reading end of a pipe whose writing end only the parent holds: it
+    becomes readable (end of file) when the parent exits, however it exits."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [{label}]: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def parent_gone() -> None:
+            loop.remove_reader(parent.fileno())
+            logger.warning("fleet: the parent process is gone; stopping")
+            stop.set()
+
+        loop.add_reader(parent.fileno(), parent_gone)
+        await run_fleet(server_url, cars, stop=stop, **options)
+
+    asyncio.run(main())

@@ -1,4 +1,7 @@
 import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
 import random
 import signal
 
@@ -6,17 +9,26 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from fleet import services
-from fleet.agent.client import pair, wait_until_up
-from fleet.agent.sim import run_fleet
+from fleet.agent.client import Faults, pair, wait_until_up
+from fleet.agent.sim import run_fleet, run_fleet_process
 from fleet.models import HardwareGeneration, Vehicle
 from marketplace.models import User
 
 SIM_OWNER = "fleet-sim@demo.local"
+#: How long stopped child processes get to release their leases and close before they are killed.
+CHILD_STOP_TIMEOUT_S = 20.0
+
+
+def faults_option(value: str) -> Faults:
+    try:
+        return Faults.parse(value)
+    except ValueError as exc:
+        raise CommandError(f"--faults: {exc}") from None
 
 
 class Command(BaseCommand):
-    help = ("Run N simulated cars in this process, connected to the gateway over real websockets. Cars are "
-            "registered (once) under a simulation owner and pair like real agents.")
+    help = ("Run N simulated cars connected to the gateway over real websockets, in this process or split over "
+            "several. Cars are registered (once) under a simulation owner and pair like real agents.")
 
     def add_arguments(self, parser):
         parser.add_argument("--cars", type=int, default=20)
@@ -24,21 +36,95 @@ class Command(BaseCommand):
         parser.add_argument("--time-scale", type=float, default=60.0, help="Simulated seconds per real second.")
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--owner", default=SIM_OWNER)
+        parser.add_argument("--faults", default="",
+                            help="Inject faults, per lease: e.g. drop_socket=0.05,stall=0.02,duplicate=0.05,"
+                                 "corrupt=0.02,late=0.02 (also stall_s, late_s, seed). Off by default.")
+        parser.add_argument("--processes", type=int, default=1,
+                            help="Split the cars over this many child processes (default 1: this process).")
 
-    def handle(self, cars, server, time_scale, seed, owner, **options):
+    def handle(self, cars, server, time_scale, seed, owner, faults, processes, **options):
+        faults = faults_option(faults)
+        if cars < 1:
+            raise CommandError("--cars must be 1 or more")
+        if processes < 1:
+            raise CommandError("--processes must be 1 or more")
+        processes = min(processes, cars)
         if not wait_until_up(server, timeout=120):
             raise CommandError(f"{server} did not answer /healthz")
-        fleet = [{**car, "token": pair(server, car.pop("code"))["token"]} for car in self._provision(cars, seed, owner)]
-        self.stdout.write(f"simulate_fleet: {len(fleet)} cars paired with {server}")
+        # Each car gets its seed here, so that it behaves the same whichever process runs it.
+        car_seeds = random.Random(seed)
+        fleet = [{**car, "token": pair(server, car.pop("code"))["token"], "seed": car_seeds.getrandbits(64)}
+                 for car in self._provision(cars, seed, owner)]
+        self.stdout.write(f"simulate_fleet: {len(fleet)} cars paired with {server}"
+                          + (f", faults {faults}" if faults.enabled else ""))
+        run_options = {"time_scale": time_scale, "seed": seed, "faults": faults if faults.enabled else None}
+        if processes == 1:
+            self._run_here(server, fleet, run_options)
+        else:
+            self._run_children(server, fleet, processes, run_options)
 
+    def _run_here(self, server: str, fleet: list[dict], run_options: dict) -> None:
         async def main():
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await run_fleet(server, fleet, stop=stop, time_scale=time_scale, seed=seed)
+            await run_fleet(server, fleet, stop=stop, **run_options)
 
         asyncio.run(main())
+
+    def _run_children(self, server: str, fleet: list[dict], processes: int, run_options: dict) -> None:
+        """Run the fleet in ``processes`` children (cars dealt round robin), each with its own executor and models.
+
+        The children are spawned (not forked: they need nothing of Django) and get their cars' tokens as
+        arguments through multiprocessing's pipe, never on a command line. They die with this process: each
+        watches a pipe only this process holds open (end of file when it exits, even when killed), and
+        SIGINT/SIGTERM here stop them cleanly (they release their leases), then kill them after
+        CHILD_STOP_TIMEOUT_S.
+        """
+        context = multiprocessing.get_context("spawn")
+        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        children, lifelines = [], []
+        for i in range(processes):
+            label = f"{i + 1}/{processes}"
+            reader, writer = context.Pipe(duplex=False)
+            child = context.Process(
+                target=run_fleet_process,
+                args=(server, fleet[i::processes]),
+                kwargs={"parent": reader, "label": label, "log_level": log_level, **run_options},
+                name=f"simulate_fleet {label}",
+                daemon=True,
+            )
+            child.start()
+            reader.close()
+            children.append(child)
+            lifelines.append(writer)
+        self.stdout.write(f"simulate_fleet: {len(fleet)} cars in {processes} processes "
+                          f"({', '.join(str(c.pid) for c in children)})")
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt
+        try:
+            running = {child.sentinel: child for child in children}
+            while running:
+                for sentinel in multiprocessing.connection.wait(list(running)):
+                    child = running.pop(sentinel)
+                    if child.exitcode:
+                        self.stderr.write(f"simulate_fleet: {child.name} exited with status {child.exitcode}")
+        except KeyboardInterrupt:
+            for child in children:
+                if child.is_alive():
+                    child.terminate()  # SIGTERM: the child stops its cars cleanly
+            for child in children:
+                child.join(CHILD_STOP_TIMEOUT_S)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            for writer in lifelines:
+                writer.close()
+        failed = [child.name for child in children if child.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+        if failed:
+            raise CommandError(f"{len(failed)} of {processes} simulator processes failed: {', '.join(failed)}")
 
     @transaction.atomic
     def _provision(self, count: int, seed: int, owner_email: str) -> list[dict]:

@@ -163,7 +163,13 @@ class WorkUnit(models.Model):
     class Meta:
         ordering = ["job_id", "seq"]
         constraints = [models.UniqueConstraint(fields=["job", "seq"], name="unit_seq_unique")]
-        indexes = [models.Index(fields=["job", "state"]), models.Index(fields=["state", "lease_expires_at"])]
+        indexes = [
+            models.Index(fields=["job", "state"]),
+            models.Index(fields=["state", "lease_expires_at"]),
+            # The dispatcher's pick: a job's queued units in sequence order, read straight off this index.
+            models.Index(fields=["job", "seq"], condition=models.Q(state="queued"), name="unit_queued_in_order"),
+            models.Index(fields=["leased_to", "state"], name="unit_held_by_car"),
+        ]
 
     def __str__(self):
         return f"Unit {self.job_id}/{self.seq}"

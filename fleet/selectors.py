@@ -42,6 +42,13 @@ def vehicle_usage(*, vehicle: Vehicle, tz: str, now: datetime) -> eligibility.Us
                              data_today_mb=(data or 0) / 10**6)
 
 
+def vehicle_usage_if_limited(*, vehicle: Vehicle, rules: eligibility.Policy, now: datetime) -> eligibility.Usage:
+    """The car's usage when a budget of its owner's depends on it; zero usage (no query) otherwise."""
+    if rules.daily_energy_kwh is None and rules.monthly_energy_kwh is None and rules.daily_data_mb is None:
+        return eligibility.Usage()
+    return vehicle_usage(vehicle=vehicle, tz=rules.timezone, now=now)
+
+
 def vehicle_live_state(*, vehicle: Vehicle) -> eligibility.LiveState:
     return eligibility.LiveState(connected=vehicle.connected, last_seen_at=vehicle.last_seen_at,
                                  battery_pct=vehicle.battery_pct, driving=vehicle.driving, plugged_in=vehicle.plugged_in,
@@ -60,7 +67,7 @@ def vehicle_outlook(*, vehicle: Vehicle, now: datetime) -> tuple[eligibility.Dec
     still work (fleet.eligibility.work_time_left; None: unbounded)."""
     rules = policy_rules(policy=vehicle.policy, vehicle=vehicle)
     state = vehicle_live_state(vehicle=vehicle)
-    usage = vehicle_usage(vehicle=vehicle, tz=vehicle.policy.timezone, now=now)
+    usage = vehicle_usage_if_limited(vehicle=vehicle, rules=rules, now=now)
     decision = vehicle_decide(rules=rules, state=state, usage=usage, now=now, battery_hold=vehicle.battery_hold)
     return decision, eligibility.work_time_left(policy=rules, state=state, usage=usage, now=now)
 
@@ -87,7 +94,7 @@ class GatewayView:
 def vehicle_gateway_view(*, vehicle: Vehicle, now: datetime, reason: str | None = None) -> GatewayView:
     """The gateway's view of a vehicle row (with ``policy`` and ``hardware`` loaded)."""
     rules = policy_rules(policy=vehicle.policy, vehicle=vehicle)
-    usage = vehicle_usage(vehicle=vehicle, tz=vehicle.policy.timezone, now=now)
+    usage = vehicle_usage_if_limited(vehicle=vehicle, rules=rules, now=now)
     if reason is None:
         reason = vehicle_decide(rules=rules, state=vehicle_live_state(vehicle=vehicle), usage=usage, now=now,
                                 battery_hold=vehicle.battery_hold).reason

@@ -326,8 +326,8 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
     (fleet.dispatch: its speed, uplink and remaining working time, within its in-flight limit; at most
     ``max_units``). Returns (units, "") or ([], why not).
 
-    Safe under any number of concurrent gateway processes: the car's row is locked, units are claimed with
-    SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation is drawn down under its row lock. Units
+    Safe under any number of concurrent gateway processes: the car's row is locked (which also serialises the
+    use of its allocations), and units are claimed with SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL). Units
     are leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
     """
     now = timezone.now()
@@ -352,9 +352,7 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             count = dispatch.batch_size(limit=limit, held=held, unit_s=unit_s, time_left_s=time_left)
             if count == 0:
                 return [], "leaving_soon"
-            allocation = Allocation.objects.select_for_update(of=("self",)).get(pk=allocation.pk)
-            if allocation.remaining_mops <= 0:
-                continue
+            # The allocation is this car's own: the car's row lock above serialises its use.
             count = min(count, max_units or count, -(-allocation.remaining_mops // unit_mops))
             units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now)
             if not units:

@@ -102,14 +102,14 @@ def vehicle_gateway_view(*, vehicle: Vehicle, now: datetime, reason: str | None 
                        policy_updated_at=vehicle.policy.updated_at, max_inflight=vehicle_inflight_limit(vehicle=vehicle))
 
 
-def vehicle_inflight_limit(*, vehicle: Vehicle, unit_mops: int = dispatch.REFERENCE_UNIT_MOPS,
-                           values: int = dispatch.REFERENCE_UNIT_VALUES, precision: str | None = None) -> int:
-    """The car's in-flight lease limit (fleet.dispatch) for units of ``unit_mops`` at ``precision`` (its
-    fastest precision if None), within the operator's MAX_INFLIGHT_PER_CAR."""
-    rates = [vehicle_mops_per_s(vehicle=vehicle, precision=p)
-             for p in ([precision] if precision else [t.precision for t in vehicle.hardware.throughputs.all()])]
-    unit_s = dispatch.unit_seconds(unit_mops=unit_mops, values=values, mops_per_s=max(rates, default=1),
-                                   uplink_kbps=vehicle.uplink_kbps)
+def vehicle_inflight_limit(*, vehicle: Vehicle) -> int:
+    """The car's in-flight lease limit (fleet.dispatch) for the reference unit at its fastest precision (of
+    those it measured, if it reported any), within
+    the operator's MAX_INFLIGHT_PER_CAR. Announced in the welcome and enforced by the dispatcher."""
+    precisions = list(vehicle.throughput_mops) or [t.precision for t in vehicle.hardware.throughputs.all()]
+    rates = [vehicle_mops_per_s(vehicle=vehicle, precision=p) for p in precisions]
+    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
+                                   mops_per_s=max(rates, default=1), uplink_kbps=vehicle.uplink_kbps)
     return dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
 
 

@@ -22,7 +22,7 @@ from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
 from fleet import dispatch
 from fleet.selectors import (GatewayView, vehicle_consents, vehicle_gateway_view, vehicle_ineligibility,
-                             vehicle_mops_per_s, vehicle_outlook)
+                             vehicle_inflight_limit, vehicle_mops_per_s, vehicle_outlook)
 from marketplace.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 
@@ -323,8 +323,9 @@ def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Alloca
 
 def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
     """Lease the car a batch of units of the best-paying job it won capacity for, sized to the car
-    (fleet.dispatch: its speed, uplink and remaining working time, within its in-flight limit; at most
-    ``max_units``). Returns (units, "") or ([], why not).
+    (fleet.dispatch: within the in-flight limit its welcome announced, and no more than it can finish, at its
+    speed and over its uplink, in its remaining working time; at most ``max_units``). Returns (units, "") or
+    ([], why not).
 
     Safe under any number of concurrent gateway processes: the car's row is locked (which also serialises the
     use of its allocations), and units are claimed with SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL). Units
@@ -338,6 +339,9 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
         if decision.reason:
             return [], decision.reason
         held = WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED).count()
+        limit = vehicle_inflight_limit(vehicle=vehicle)  # the limit its welcome announced
+        if held >= limit:
+            return [], "lease_limit"
         for allocation in _current_allocations(vehicle=vehicle):
             job = allocation.job
             if not vehicle_consents(vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
@@ -346,9 +350,6 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             values = job.ai_model.dims * settings.DOCS_PER_UNIT
             unit_s = dispatch.unit_seconds(unit_mops=unit_mops, values=values, uplink_kbps=vehicle.uplink_kbps,
                                            mops_per_s=vehicle_mops_per_s(vehicle=vehicle, precision=job.precision))
-            limit = dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
-            if held >= limit:
-                return [], "lease_limit"
             count = dispatch.batch_size(limit=limit, held=held, unit_s=unit_s, time_left_s=time_left)
             if count == 0:
                 return [], "leaving_soon"

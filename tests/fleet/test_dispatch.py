@@ -71,8 +71,8 @@ def test_the_dispatcher_stops_at_the_cars_inflight_limit(make_job):
     Allocation.objects.filter(vehicle=car).update(remaining_mops=10**9)  # plenty sold
     units, _ = fleet.units_lease(vehicle_id=car.pk)
     limit = len(units)
-    unit_s = dispatch.unit_seconds(unit_mops=job.mops_total // job.units_total, values=8 * 384, mops_per_s=5_000,
-                                   uplink_kbps=None)
+    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
+                                   mops_per_s=5_000, uplink_kbps=None)  # what the car's welcome announced
     assert limit == dispatch.inflight_limit(unit_s=unit_s, max_inflight=32) < 8
     assert fleet.units_lease(vehicle_id=car.pk) == ([], "lease_limit")
     assert [u.seq for u in units] == sorted(u.seq for u in units) == list(range(limit))  # in input order

@@ -346,3 +346,112 @@ def test_an_idle_connection_outlives_the_channel_layers_blocking_read(paired):
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_messages_about_another_cars_leases_change_nothing(paired, make_job):
+    """Unauthorised: a car cannot complete, release or keep a lease that is not its own."""
+    from fleet.models import HardwareGeneration
+
+    vehicle, token = paired
+    job = make_job(docs=8)
+    other, code = services.vehicle_create(owner=OwnerFactory(), name="Other car",
+                                          hardware=HardwareGeneration.objects.get(code="HW4"))
+    _, other_token = services.vehicle_pair(code=code)
+
+    async def scenario():
+        owner_comm = await online(token)
+        assign = await lease_one(owner_comm)
+        ref = [assign["unit_id"], assign["epoch"]]
+        thief = await online(other_token)
+        vectors = get_runner(assign["runtime"], assign["precision"]).embed(assign["texts"])
+        await send(thief, "result", unit_id=ref[0], epoch=ref[1], embeddings_b64=encode_embeddings(vectors))
+        assert (await receive_type(thief, "result.ack"))["reason"] == "stale_lease"
+        await send(thief, "release", unit_id=ref[0], epoch=ref[1], reason="mine now")
+        await send(thief, "heartbeat", leases=[ref])  # claims to hold it: told to drop it
+        withdraw = await receive_type(thief, "unit.withdraw")
+        assert [withdraw["unit_id"], withdraw["epoch"], withdraw["reason"]] == [*ref, "not_current"]
+        await thief.disconnect()
+        # A reconnecting car that lists a lease that is not its own at hello is told to drop it, too.
+        again = communicator(other_token)
+        await again.connect()
+        await send(again, "hello", agent_version="t", runtimes=["all-minilm-l6-v2"], throughput_mops={}, leases=[ref])
+        assert (await receive(again))["type"] == "welcome"
+        assert (await receive_type(again, "unit.withdraw"))["unit_id"] == ref[0]
+        await again.disconnect()
+        await owner_comm.disconnect()
+
+    async_to_sync(scenario)()
+    unit = WorkUnit.objects.get(job=job)
+    assert (unit.state, unit.leased_to_id) == ("leased", vehicle.pk)  # still the first car's, untouched
+    assert MeterRecord.objects.count() == 0
+
+
+def test_a_reconnecting_car_resumes_its_leases_and_its_result_is_accepted(paired, make_job):
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        await comm.disconnect()  # the socket drops while the car computes
+        vectors = get_runner(assign["runtime"], assign["precision"]).embed(assign["texts"])
+        back = communicator(token)
+        await back.connect()
+        await send(back, "hello", agent_version="t", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 200_000},
+                   leases=[[assign["unit_id"], assign["epoch"]]])
+        assert (await receive(back))["type"] == "welcome"
+        await send(back, "telemetry", **HEALTHY)
+        await send(back, "result", unit_id=assign["unit_id"], epoch=assign["epoch"],
+                   embeddings_b64=encode_embeddings(vectors))
+        assert (await receive_type(back, "result.ack"))["accepted"] is True
+        await back.disconnect()
+
+    async_to_sync(scenario)()
+    assert WorkUnit.objects.get(job=job).state == "done"
+    assert list(Lease.objects.filter(unit__job=job).values_list("outcome", flat=True)) == ["completed"]
+
+
+def test_a_car_that_reconnects_without_its_leases_gives_them_back_at_once(paired, make_job):
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        await lease_one(comm)
+        await comm.disconnect()
+        assert await sync_to_async(WorkUnit.objects.filter(state="leased").count)() == 1  # kept for a resume
+        restarted = await online(token)  # an agent that lost its memory says hello without leases
+        await restarted.disconnect()
+
+    async_to_sync(scenario)()
+    assert WorkUnit.objects.get(job=job).state == "queued"
+    assert Lease.objects.get(unit__job=job).reason == "not_held"
+
+
+@pytest.mark.parametrize("message, code", [
+    ({"v": 1, "type": "telemetry", "battery_pct": 150, "driving": False, "plugged_in": True, "on_wifi": True}, "bad_field"),
+    ({"v": 1, "type": "telemetry", "battery_pct": 50, "driving": "no", "plugged_in": True, "on_wifi": True}, "bad_field"),
+    ({"v": 1, "type": "result", "unit_id": 1, "epoch": 1, "embeddings_b64": ["A" * 20_000]}, "bad_field"),
+    ({"v": 1, "type": "result", "unit_id": 1, "epoch": 1, "embeddings_b64": ["AAAA"] * 65}, "bad_field"),
+    ({"v": 1, "type": "result", "unit_id": 1, "epoch": 1, "embeddings_b64": ["AAAA"] * 40 + ["A" * 2000] * 40}, "too_large"),
+    ({"v": 1, "type": "heartbeat", "leases": [[1, 2, 3]]}, "bad_field"),
+    ({"v": 1, "type": "heartbeat", "leases": [[i, 1] for i in range(33)]}, "bad_field"),
+    ({"v": 1, "type": "release", "unit_id": -1, "epoch": 1, "reason": "x"}, "bad_field"),
+    ({"v": 1, "type": "release", "unit_id": 1, "epoch": 1}, "missing_field"),
+    ({"v": 1, "type": "welcome", "vehicle_id": 1, "heartbeat_s": 1, "lease_ttl_s": 1, "max_inflight": 1}, "unknown_type"),
+    ({"v": 1}, "unknown_type"),
+    ([1, 2, 3], "bad_message"),
+])
+def test_each_malformed_or_oversize_message_gets_its_error_code(paired, message, code):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        await comm.send_to(text_data=json.dumps(message))
+        error = await receive_type(comm, "error")
+        assert error["code"] == code, error
+        await send(comm, "work.request")  # the socket is still usable
+        assert (await receive_type(comm, "no_work"))["type"] == "no_work"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

@@ -29,9 +29,10 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--cars", type=int, default=20, help="Simulated cars (0 for none).")
+        parser.add_argument("--sim-processes", type=int, default=1, help="Processes the simulated cars share.")
         parser.add_argument("--no-seed", action="store_true", help="No demo accounts, no demo buyer.")
 
-    def handle(self, host, port, cars, no_seed, **options):
+    def handle(self, host, port, cars, sim_processes, no_seed, **options):
         if settings.REDIS_URL:
             self.stderr.write("REDIS_URL is set: run_embedded is the embedded profile; see docs/deploy.md for services.")
         call_command("migrate", interactive=False, verbosity=0)
@@ -45,7 +46,7 @@ class Command(BaseCommand):
         fleet: list[subprocess.Popen] = []
         if cars:  # from the main thread: the child's parent-death signal follows the thread that started it
             fleet.append(subprocess.Popen([sys.executable, "manage.py", "simulate_fleet", "--cars", str(cars),
-                                           "--server", base], cwd=settings.BASE_DIR, env=os.environ.copy(),
+                                           "--processes", str(sim_processes), "--server", base], cwd=settings.BASE_DIR, env=os.environ.copy(),
                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None))
 
         def announce():

@@ -455,3 +455,26 @@ def test_each_malformed_or_oversize_message_gets_its_error_code(paired, message,
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_lost_control_message_is_repaired_by_the_next_heartbeat(paired, make_job):
+    """The channel layer may drop a withdrawal (full, or the connection moved); the database is the truth
+    and the car's next heartbeat brings it the withdrawal."""
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        assign = await lease_one(comm)
+        layer = channel_layers["default"]
+        for channel in list(layer.groups.get(services.vehicle_group(vehicle.pk), {})):
+            await layer.group_discard(services.vehicle_group(vehicle.pk), channel)  # every push is lost now
+        await sync_to_async(services.policy_update)(vehicle=vehicle, paused=True)
+        assert await comm.receive_nothing(timeout=1)  # the push never arrived
+        await send(comm, "heartbeat", leases=[[assign["unit_id"], assign["epoch"]]])
+        withdraw = await receive_type(comm, "unit.withdraw", timeout=5)
+        assert (withdraw["unit_id"], withdraw["reason"]) == (assign["unit_id"], "not_current")
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert job.units.get().state == "queued"

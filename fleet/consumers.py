@@ -67,7 +67,9 @@ class LiveBatch:
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.task is None or self.task.done() or self.loop is not loop:
+        if self.loop is not loop:  # a new event loop (a test's): what was pending belonged to the old one
+            self.states, self.held_by, self.waiters, self.task = {}, {}, {}, None
+        if self.task is None or self.task.done():
             self.loop, self.task = loop, loop.create_task(self._run())
 
     def state(self, vehicle_id: int, fields: dict) -> None:
@@ -214,7 +216,11 @@ class VehicleConsumer(DeviceConsumer):
         self._spawn(self._heartbeat_answer(live_batch.heartbeat(self.vehicle_id, list(msg.leases))))
 
     async def _heartbeat_answer(self, future: asyncio.Future):
-        await self._withdraw(await future, reason="not_current")
+        try:
+            stale = await future
+        except Exception:  # logged by the batch; the car's next heartbeat tries again
+            return
+        await self._withdraw(stale, reason="not_current")
 
     async def _refresh_view(self):
         data, self.unmetered_bytes = self.unmetered_bytes, 0

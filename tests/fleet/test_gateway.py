@@ -478,3 +478,25 @@ def test_a_lost_control_message_is_repaired_by_the_next_heartbeat(paired, make_j
 
     async_to_sync(scenario)()
     assert job.units.get().state == "queued"
+
+
+def test_telemetry_is_acknowledged_and_written_in_the_processs_batch(paired):
+    import asyncio
+
+    from fleet.models import Vehicle
+
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        await send(comm, "telemetry", **{**HEALTHY, "battery_pct": 71.5, "temp_c": 22.0}, seq=7)
+        assert (await receive_type(comm, "ack"))["seq"] == 7
+        for _ in range(40):  # written by the batch within GATEWAY_FLUSH_S (1 s), not by the message itself
+            row = await sync_to_async(Vehicle.objects.values("battery_pct", "temp_c").get)(pk=vehicle.pk)
+            if row == {"battery_pct": 71.5, "temp_c": 22.0}:
+                break
+            await asyncio.sleep(0.1)
+        assert row == {"battery_pct": 71.5, "temp_c": 22.0}
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

@@ -8,6 +8,7 @@ import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.consumer import get_handler_name
 from django.conf import settings
 from django.utils import timezone
 
@@ -31,6 +32,15 @@ class DeviceConsumer(AsyncWebsocketConsumer):
     (HTTP 403) before accepting when it is missing, wrong or revoked."""
 
     vehicle_id: int | None = None
+
+    async def dispatch(self, message):
+        """channels' dispatch without its hop to the database thread before every message
+        (``aclose_old_connections``), which cost more than the rest of a telemetry message: every database
+        call here goes through database_sync_to_async, which closes stale connections itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self):
         vehicle = await database_sync_to_async(services.device_authenticate)(token=_bearer_token(self.scope))
@@ -223,6 +233,8 @@ class VehicleConsumer(DeviceConsumer):
         await self._withdraw(stale, reason="not_current")
 
     async def _refresh_view(self):
+        # Renew the group membership too: channel layers drop memberships older than a day (group_expiry).
+        await self.channel_layer.group_add(services.vehicle_group(self.vehicle_id), self.channel_name)
         data, self.unmetered_bytes = self.unmetered_bytes, 0
         self._set_view(await database_sync_to_async(services.vehicle_data_flush)(vehicle_id=self.vehicle_id,
                                                                                  data_bytes=data))

@@ -236,9 +236,11 @@ def vehicles_live_record(*, states: dict[int, dict], held_by: dict[int, list[tup
     and reconcile leases. Returns, per heartbeat, the leases the car must drop."""
     now = timezone.now()
     with transaction.atomic():
-        if states:
-            Vehicle.objects.bulk_update([Vehicle(pk=pk, **fields) for pk, fields in states.items()], LIVE_FIELDS,
-                                        batch_size=500)
+        if states:  # one prepared statement, many rows (bulk_update's CASE expressions cost far more to build)
+            table, columns = Vehicle._meta.db_table, ", ".join(f"{name} = %s" for name in LIVE_FIELDS)
+            with connection.cursor() as cursor:
+                cursor.executemany(f"UPDATE {table} SET {columns} WHERE id = %s",
+                                   [[*(fields[name] for name in LIVE_FIELDS), pk] for pk, fields in sorted(states.items())])
         if not held_by:
             return {}
         Vehicle.objects.filter(pk__in=[pk for pk in held_by if pk not in states]).update(last_seen_at=now)

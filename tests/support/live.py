@@ -96,6 +96,7 @@ def live_product(log_dir: Path, **env):
             # Services profile: two gateway processes behind one address, a Celery worker and Celery beat.
             server = procs.start("gateway", [python, "-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1",
                                              "--port", str(port), "--workers", "2", "--ws", "websockets-sansio",
+                                             "--ws-per-message-deflate", "false", "--ws-max-size", "131072",
                                              "--log-level", "warning"])
             procs.start("worker", [python, "-m", "celery", "-A", "marketplace", "worker", "--concurrency", "2",
                                    "--loglevel", "warning", "--without-gossip", "--without-mingle"])

@@ -55,7 +55,8 @@ class Command(BaseCommand):
 
         threading.Thread(target=announce, daemon=True).start()
         config = uvicorn.Config("marketplace.asgi:application", host=host, port=port, log_level="warning",
-                                ws="websockets-sansio", ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="off")
+                                ws="websockets-sansio", ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="off",
+                                ws_per_message_deflate=False)  # small JSON frames: compression costs more than it saves
         try:
             uvicorn.Server(config).run()  # returns on Ctrl-C / SIGTERM
         finally:

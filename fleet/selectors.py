@@ -3,10 +3,10 @@ from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db.models import Prefetch, Q, QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 
 from fleet import dispatch, eligibility
-from fleet.models import HardwareThroughput, OwnerPolicy, Vehicle, VehicleDailyUsage
+from fleet.models import OwnerPolicy, Vehicle, VehicleDailyUsage
 
 
 def _hhmm(value: str) -> time:
@@ -143,24 +143,22 @@ def vehicle_status(*, vehicle: Vehicle, now: datetime, working: bool) -> tuple[s
     return ("working", "Computing for buyers") if working else ("idle", "Parked, waiting for work")
 
 
-def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, int]]:
+def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, int, float | None]]:
     """Connected, eligible cars whose hardware runs ``precision``, with the mega-ops per second each can
-    deliver: its measured figure, capped by the hardware's nominal peak."""
+    deliver (its measured figure, capped by the hardware's nominal peak) and the seconds it can still work
+    (fleet.eligibility.work_time_left; None: unbounded), so that no car sells time it will not be parked for."""
     candidates = (
         Vehicle.objects.filter(connected=True, removed_at=None, hardware__throughputs__precision=precision)
         .select_related("policy", "hardware")
-        .prefetch_related("policy__blocked_organisations", Prefetch("hardware__throughputs", queryset=HardwareThroughput.objects.filter(precision=precision),
-                                   to_attr="nominal"))
+        .prefetch_related("policy__blocked_organisations", "hardware__throughputs")
         .order_by("pk")
     )
     offering = []
     for vehicle in candidates:
-        if vehicle_ineligibility(vehicle=vehicle, now=now):
+        decision, time_left = vehicle_outlook(vehicle=vehicle, now=now)
+        if decision.reason or not int(vehicle.throughput_mops.get(precision, 0)):
             continue
-        measured = int(vehicle.throughput_mops.get(precision, 0))
-        nominal = vehicle.hardware.nominal[0].gops_per_s * 1000
-        if measured > 0:
-            offering.append((vehicle, min(measured, nominal)))
+        offering.append((vehicle, vehicle_mops_per_s(vehicle=vehicle, precision=precision), time_left))
     return offering
 
 

@@ -207,9 +207,10 @@ def _round_clear(*, market: str, now: datetime, seconds_left: dict[int, float]) 
     bids = [clearing.Bid(id=job.pk, price=job.max_price_micros, quantity=job.queued_mops) for job in jobs]
     rates, vehicles = {}, {}
     offers = []
-    for vehicle, rate in vehicles_offering(precision=market, now=now):
+    for vehicle, rate, time_left in vehicles_offering(precision=market, now=now):
         rates[vehicle.pk], vehicles[vehicle.pk] = rate, vehicle
-        quantity = int(rate * seconds_left.setdefault(vehicle.pk, interval))
+        parked = interval if time_left is None else min(interval, time_left)  # a car sells only time it will be parked
+        quantity = int(rate * seconds_left.setdefault(vehicle.pk, parked))
         offers.append(clearing.Offer(id=vehicle.pk, price=vehicle.policy.reserve_price_micros, quantity=quantity))
     job_of = {job.pk: job for job in jobs}
 

@@ -89,3 +89,17 @@ def test_a_car_about_to_leave_gets_no_work_it_could_not_finish(make_job):
     Allocation.objects.filter(vehicle=car).update(remaining_mops=10**9)
     assert fleet.units_lease(vehicle_id=car.pk) == ([], "leaving_soon")
     assert Vehicle.objects.get(pk=car.pk).ineligible_reason == ""
+
+
+@pytest.mark.django_db
+def test_a_car_sells_only_the_time_it_will_still_be_parked(make_job, settings):
+    settings.AUCTION_INTERVAL_S = 60
+    make_job(docs=400)
+    staying = VehicleFactory(throughput_mops={"int8": 5_000})
+    leaving = VehicleFactory(throughput_mops={"int8": 5_000})
+    soon = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+    fleet.policy_update(vehicle=leaving, one_off_departures=[{"at": soon, "charge_pct": 10}])
+    (auction_round,) = market.auction_tick()
+    offers = {o["id"]: o["quantity"] for o in auction_round.journal["offers"]}
+    assert offers[staying.pk] == 5_000 * 60
+    assert 5_000 * 15 < offers[leaving.pk] <= 5_000 * 20

@@ -192,6 +192,8 @@ def keeps_departure_charge(policy: Policy, state: LiveState, now: datetime) -> b
 
 def _departures(policy: Policy, now: datetime):
     """Every departure after ``now`` within the horizon, as (instant, charge needed)."""
+    if not policy.departures and not policy.one_off_departures:
+        return
     tz = ZoneInfo(policy.timezone)
     yield from ((d.at, d.charge_pct) for d in policy.one_off_departures if d.at > now)
     today = now.astimezone(tz).date()

@@ -3,7 +3,7 @@ product server, the fleet simulator with N cars, one job of D documents through 
 documents (embeddings) and units per second from submission to completion, and the dispatch overhead
 against embedding the same documents directly in one process. Ends with one JSON line.
 
-Run alone: python -m tests.bench.e2e [--cars 20] [--docs 2000]"""
+Run alone: python -m tests.bench.e2e [--cars 1000] [--docs 8000]"""
 
 import argparse
 import json
@@ -112,7 +112,7 @@ def main(cars: int, docs: int, timeout: float = 600) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cars", type=int, default=20)
-    parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--cars", type=int, default=1000)
+    parser.add_argument("--docs", type=int, default=8000)
     args = parser.parse_args()
     print(json.dumps(main(args.cars, args.docs)))

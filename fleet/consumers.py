@@ -155,12 +155,16 @@ live_batch = LiveBatch()
 
 
 class VehicleConsumer(DeviceConsumer):
-    """One car's session. Every message is checked against fleet.protocol; telemetry is decided in memory
-    against a cached view of the car (fleet.selectors.GatewayView) and written at once only when it changes
-    a decision, else in the process's batch; heartbeats are batched; leasing and results go to the database."""
+    """One car's session. Every message is checked against fleet.protocol. Telemetry is decided in memory
+    against a cached view of the car (fleet.selectors.GatewayView) and acknowledged at once; it is written
+    through the car's database queue only when it changes a decision, else in the process's batch, with the
+    heartbeats. Leasing, results and releases go through the car's database queue, in order."""
 
     hello_received = False
+    closed = False
     view: GatewayView | None = None
+    decided: tuple[str | None, bool] = (None, False)  # the decision last acted on (reason, battery hold)
+    DB_BOUND = frozenset({"work.request", "result", "release"})
     view_at = 0.0
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
@@ -172,8 +176,30 @@ class VehicleConsumer(DeviceConsumer):
     async def on_authenticated(self):
         self.limiter, self.strikes = protocol.RateLimiter(), 0
         self.tasks: set[asyncio.Task] = set()
+        self.db_queue: asyncio.Queue = asyncio.Queue()
+        self._spawn(self._db_worker())
+
+    async def _db_worker(self):
+        """This car's database-bound work (leasing, results, releases, decisions that changed), one at a time
+        in arrival order; meanwhile the socket keeps being read and telemetry acknowledged, so a busy database
+        slows the car's work down but never makes its connection look dead."""
+        while True:
+            handler, argument = await self.db_queue.get()
+            try:
+                await handler(argument)
+            except protocol.ProtocolError as exc:
+                await self.send_message(protocol.Error(code=exc.code, message=exc.message))
+            except Exception:  # noqa: BLE001 -- one failed message must not end the car's session
+                if self.closed:
+                    return
+                log.exception("gateway: vehicle %s: %s failed", self.vehicle_id, getattr(handler, "__name__", handler))
+
+    def _later(self, handler, argument=None) -> None:
+        """Queue database-bound work behind what this car already asked for."""
+        self.db_queue.put_nowait((handler, argument))
 
     async def disconnect(self, code):
+        self.closed = True
         for task in getattr(self, "tasks", ()):
             task.cancel()
         if self.vehicle_id is not None:
@@ -191,6 +217,7 @@ class VehicleConsumer(DeviceConsumer):
 
     def _set_view(self, view: GatewayView) -> None:
         self.view, self.view_at = view, time.monotonic()
+        self.decided = (view.reason, view.battery_hold)
 
     async def receive(self, text_data=None, bytes_data=None):
         self.unmetered_bytes += len(text_data or bytes_data or "")
@@ -209,7 +236,10 @@ class VehicleConsumer(DeviceConsumer):
             if not self.hello_received and not isinstance(message, protocol.Hello):
                 raise protocol.ProtocolError("hello_first", "send hello before anything else")
             handler = getattr(self, "on_" + message.TYPE.replace(".", "_"))
-            await handler(message)
+            if message.TYPE in self.DB_BOUND:
+                self._later(handler, message)
+            else:
+                await handler(message)
         except protocol.ProtocolError as exc:
             await self.send_message(protocol.Error(code=exc.code, message=exc.message))
 
@@ -231,34 +261,37 @@ class VehicleConsumer(DeviceConsumer):
         now = timezone.now()
         fields = {"battery_pct": msg.battery_pct, "driving": msg.driving, "plugged_in": msg.plugged_in,
                   "on_wifi": msg.on_wifi, "charging_kw": msg.charging_kw, "temp_c": msg.temp_c}
-        view = self.view
         decision = selectors.vehicle_decide(
-            rules=view.rules, usage=view.usage, now=now, battery_hold=view.battery_hold,
+            rules=self.view.rules, usage=self.view.usage, now=now, battery_hold=self.decided[1],
             state=eligibility.LiveState(connected=True, last_seen_at=now, **fields))
-        if decision.reason != view.reason or decision.battery_hold != view.battery_hold:
+        if (decision.reason, decision.battery_hold) != self.decided:  # written and acted on now
+            self.decided = (decision.reason, decision.battery_hold)
             live_batch.forget(self.vehicle_id)
-            withdrawn, view = await database_sync_to_async(services.vehicle_telemetry_record)(
-                vehicle_id=self.vehicle_id, **fields)
-            self._set_view(view)
-            await self._withdraw(withdrawn, reason=view.reason or "")
+            self._later(self._telemetry_write, fields)
         else:
             live_batch.state(self.vehicle_id, {**fields, "last_seen_at": now})
         if msg.seq is not None:
             await self.send_message(protocol.Ack(seq=msg.seq))
 
+    async def _telemetry_write(self, fields: dict):
+        withdrawn, view = await database_sync_to_async(services.vehicle_telemetry_record)(
+            vehicle_id=self.vehicle_id, **fields)
+        self._set_view(view)
+        await self._withdraw(withdrawn, reason=view.reason or "")
+
     async def on_heartbeat(self, msg: protocol.Heartbeat):
         if self.view.rules.daily_data_mb is not None or time.monotonic() - self.view_at > settings.GATEWAY_VIEW_REFRESH_S:
-            await self._refresh_view()  # a car with a data budget is metered at every heartbeat
+            self._later(self._refresh_view)  # a car with a data budget is metered at every heartbeat
         self._spawn(self._heartbeat_answer(live_batch.heartbeat(self.vehicle_id, list(msg.leases))))
 
     async def _heartbeat_answer(self, future: asyncio.Future):
         try:
             stale = await future
-        except Exception:  # logged by the batch; the car's next heartbeat tries again
+            await self._withdraw(stale, reason="not_current")
+        except Exception:  # noqa: BLE001 -- the batch logged it, or the car left; its next heartbeat tries again
             return
-        await self._withdraw(stale, reason="not_current")
 
-    async def _refresh_view(self):
+    async def _refresh_view(self, _=None):
         # Renew the group membership too: channel layers drop memberships older than a day (group_expiry).
         await self.channel_layer.group_add(services.vehicle_group(self.vehicle_id), self.channel_name)
         data, self.unmetered_bytes = self.unmetered_bytes, 0
@@ -297,7 +330,7 @@ class VehicleConsumer(DeviceConsumer):
     async def vehicle_policy(self, event):
         """The owner changed the car's limits (the service already withdrew what they forbid)."""
         if self.hello_received:
-            await self._refresh_view()
+            self._later(self._refresh_view)
 
     async def vehicle_revoked(self, event):
         await self.close(code=protocol.CLOSE_TOKEN_REVOKED)

@@ -135,7 +135,10 @@ class LiveBatch:
         if not states and not held_by:
             return
         try:
-            stale = await database_sync_to_async(services.vehicles_live_record)(states=states, held_by=held_by)
+            # Off the process's shared database thread, which every car's own work queues on: the batch
+            # (and with it every car's last_seen_at) must not wait behind it.
+            stale = await database_sync_to_async(services.vehicles_live_record, thread_sensitive=False)(
+                states=states, held_by=held_by)
         except Exception as exc:  # the next heartbeat tries again; telemetry is only a reading
             log.exception("gateway: flushing %d states and %d heartbeats failed", len(states), len(held_by))
             stale, error = {}, exc
@@ -269,13 +272,14 @@ class VehicleConsumer(DeviceConsumer):
             live_batch.forget(self.vehicle_id)
             self._later(self._telemetry_write, fields)
         else:
-            live_batch.state(self.vehicle_id, {**fields, "last_seen_at": now})
+            live_batch.state(self.vehicle_id, {**fields, "last_seen_at": now, "connected": True,
+                                               "channel_name": self.channel_name})
         if msg.seq is not None:
             await self.send_message(protocol.Ack(seq=msg.seq))
 
     async def _telemetry_write(self, fields: dict):
         withdrawn, view = await database_sync_to_async(services.vehicle_telemetry_record)(
-            vehicle_id=self.vehicle_id, **fields)
+            vehicle_id=self.vehicle_id, channel_name=self.channel_name, **fields)
         self._set_view(view)
         await self._withdraw(withdrawn, reason=view.reason or "")
 

@@ -207,11 +207,14 @@ def vehicle_disconnected(*, vehicle_id: int, channel_name: str) -> None:
     Vehicle.objects.filter(pk=vehicle_id, channel_name=channel_name).update(connected=False, channel_name="")
 
 
-LIVE_FIELDS = ("battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c", "last_seen_at")
+# What a car's telemetry writes. A car that talks to a gateway is connected there (this also undoes the
+# sweep's "offline" when the car was only slow to be written).
+LIVE_FIELDS = ("battery_pct", "driving", "plugged_in", "on_wifi", "charging_kw", "temp_c", "last_seen_at",
+               "connected", "channel_name")
 
 
-def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bool, plugged_in: bool,
-                             on_wifi: bool, charging_kw: float = 0.0,
+def vehicle_telemetry_record(*, vehicle_id: int, channel_name: str, battery_pct: float, driving: bool,
+                             plugged_in: bool, on_wifi: bool, charging_kw: float = 0.0,
                              temp_c: float | None = None) -> tuple[list[tuple[int, int]], GatewayView]:
     """Store the car's state at once and decide; if it may no longer work, withdraw its leases. Returns the
     withdrawn leases and the gateway's fresh view. (Telemetry that changes no decision is written in batches:
@@ -222,7 +225,7 @@ def vehicle_telemetry_record(*, vehicle_id: int, battery_pct: float, driving: bo
                    .prefetch_related("hardware__throughputs").get(pk=vehicle_id))
         vehicle.battery_pct, vehicle.driving, vehicle.plugged_in, vehicle.on_wifi = battery_pct, driving, plugged_in, on_wifi
         vehicle.charging_kw, vehicle.temp_c = charging_kw, temp_c
-        vehicle.last_seen_at = now
+        vehicle.last_seen_at, vehicle.connected, vehicle.channel_name = now, True, channel_name
         decision, _ = vehicle_outlook(vehicle=vehicle, now=now)
         vehicle.ineligible_reason, vehicle.battery_hold = decision.reason or "", decision.battery_hold
         vehicle.save(update_fields=[*LIVE_FIELDS, "ineligible_reason", "battery_hold"])

@@ -59,7 +59,8 @@ def _direct_docs_per_s(texts: list[str]) -> float:
 
 def main(cars: int, docs: int, timeout: float = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp}/bench.sqlite3", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp}/bench.sqlite3", "PYTHONUNBUFFERED": "1",
+               "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": "bench-e2e-not-a-secret-" + "x" * 32}
         env.pop("REDIS_URL", None)
         run = lambda *args, **kw: subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,  # noqa: E731
                                                   check=True, capture_output=True, text=True, **kw)

@@ -95,6 +95,7 @@ class LiveBatch:
     def __init__(self):
         self.states: dict[int, dict] = {}
         self.held_by: dict[int, list] = {}
+        self.lost_by: dict[int, list] = {}
         self.waiters: dict[int, list[asyncio.Future]] = {}
         self.task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -102,7 +103,7 @@ class LiveBatch:
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # a new event loop (a test's): what was pending belonged to the old one
-            self.states, self.held_by, self.waiters, self.task = {}, {}, {}, None
+            self.states, self.held_by, self.lost_by, self.waiters, self.task = {}, {}, {}, {}, None
         if self.task is None or self.task.done():
             self.loop, self.task = loop, loop.create_task(self._run())
 
@@ -114,10 +115,12 @@ class LiveBatch:
         """Drop a car's pending state (it was just written directly, and is newer)."""
         self.states.pop(vehicle_id, None)
 
-    def heartbeat(self, vehicle_id: int, held: list) -> asyncio.Future:
-        """Queue a heartbeat; the future gives the leases the car must drop."""
+    def heartbeat(self, vehicle_id: int, held: list, lost: list) -> asyncio.Future:
+        """Queue a heartbeat (with the leases sent to the car that it does not know); the future gives the
+        leases the car must drop."""
         self._start()
         self.held_by[vehicle_id] = held
+        self.lost_by.setdefault(vehicle_id, []).extend(lost)
         future = self.loop.create_future()
         self.waiters.setdefault(vehicle_id, []).append(future)
         return future
@@ -130,15 +133,15 @@ class LiveBatch:
             collector.tick(time.monotonic())
 
     async def flush(self) -> None:
-        states, held_by, waiters = self.states, self.held_by, self.waiters
-        self.states, self.held_by, self.waiters = {}, {}, {}
+        states, held_by, lost_by, waiters = self.states, self.held_by, self.lost_by, self.waiters
+        self.states, self.held_by, self.lost_by, self.waiters = {}, {}, {}, {}
         if not states and not held_by:
             return
         try:
             # Off the process's shared database thread, which every car's own work queues on: the batch
             # (and with it every car's last_seen_at) must not wait behind it.
             stale = await database_sync_to_async(services.vehicles_live_record, thread_sensitive=False)(
-                states=states, held_by=held_by)
+                states=states, held_by=held_by, lost_by=lost_by)
         except Exception as exc:  # the next heartbeat tries again; telemetry is only a reading
             log.exception("gateway: flushing %d states and %d heartbeats failed", len(states), len(held_by))
             stale, error = {}, exc
@@ -168,6 +171,7 @@ class VehicleConsumer(DeviceConsumer):
     view: GatewayView | None = None
     decided: tuple[str | None, bool] = (None, False)  # the decision last acted on (reason, battery hold)
     DB_BOUND = frozenset({"work.request", "result", "release"})
+    UNCONFIRMED_S = 5.0
     view_at = 0.0
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
@@ -179,6 +183,7 @@ class VehicleConsumer(DeviceConsumer):
     async def on_authenticated(self):
         self.limiter, self.strikes = protocol.RateLimiter(), 0
         self.tasks: set[asyncio.Task] = set()
+        self.unconfirmed: dict[tuple[int, int], float] = {}  # leases sent, not yet listed in a heartbeat
         self.db_queue: asyncio.Queue = asyncio.Queue()
         self._spawn(self._db_worker())
 
@@ -284,9 +289,15 @@ class VehicleConsumer(DeviceConsumer):
         await self._withdraw(withdrawn, reason=view.reason or "")
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):
+        # Assignments the car confirms are its own now; one it still does not list UNCONFIRMED_S after it was
+        # sent was lost on the way (a heartbeat sent just before an assignment arrived may miss it).
+        held, now = {tuple(ref) for ref in msg.leases}, time.monotonic()
+        lost = [ref for ref, sent in self.unconfirmed.items() if ref not in held and now - sent > self.UNCONFIRMED_S]
+        for ref in [*held, *lost]:
+            self.unconfirmed.pop(ref, None)
         if self.view.rules.daily_data_mb is not None or time.monotonic() - self.view_at > settings.GATEWAY_VIEW_REFRESH_S:
             self._later(self._refresh_view)  # a car with a data budget is metered at every heartbeat
-        self._spawn(self._heartbeat_answer(live_batch.heartbeat(self.vehicle_id, list(msg.leases))))
+        self._spawn(self._heartbeat_answer(live_batch.heartbeat(self.vehicle_id, list(msg.leases), lost)))
 
     async def _heartbeat_answer(self, future: asyncio.Future):
         try:
@@ -308,6 +319,7 @@ class VehicleConsumer(DeviceConsumer):
             await self.send_message(protocol.NoWork(reason=reason, retry_after_s=settings.AUCTION_INTERVAL_S))
             return
         for unit in units:
+            self.unconfirmed[(unit.pk, unit.lease_epoch)] = time.monotonic()
             await self.send_message(protocol.UnitAssign(
                 unit_id=unit.pk, epoch=unit.lease_epoch, runtime=unit.job.ai_model.runtime, precision=unit.job.precision,
                 texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S))

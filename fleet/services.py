@@ -29,8 +29,6 @@ from marketplace.models import Allocation, AuctionRound, Job
 log = logging.getLogger(__name__)
 
 PAIRING_TTL = timedelta(minutes=15)
-# A lease that the car has not confirmed in a heartbeat this long after it was granted is taken back.
-UNCONFIRMED_LEASE_GRACE = timedelta(seconds=15)
 
 
 def vehicle_group(vehicle_id: int) -> str:
@@ -192,7 +190,7 @@ def vehicle_connected(*, vehicle_id: int, channel_name: str, agent_version: str,
         Vehicle.objects.filter(pk=vehicle_id).update(
             connected=True, channel_name=channel_name, last_seen_at=now, agent_version=agent_version,
             runtimes=runtimes, throughput_mops=throughput_mops, uplink_kbps=uplink_kbps)
-        stale = leases_reconcile(held_by={vehicle_id: held}, grace=timedelta(0), now=now)[vehicle_id]
+        stale = leases_reconcile(held_by={vehicle_id: held}, lost_by=None, now=now)[vehicle_id]
     return stale, vehicle_view_get(vehicle_id=vehicle_id)
 
 
@@ -233,10 +231,12 @@ def vehicle_telemetry_record(*, vehicle_id: int, channel_name: str, battery_pct:
     return withdrawn, vehicle_gateway_view(vehicle=vehicle, now=now, reason=decision.reason)
 
 
-def vehicles_live_record(*, states: dict[int, dict], held_by: dict[int, list[tuple[int, int]]]) -> dict[int, list]:
+def vehicles_live_record(*, states: dict[int, dict], held_by: dict[int, list[tuple[int, int]]],
+                         lost_by: dict[int, list[tuple[int, int]]]) -> dict[int, list]:
     """One gateway process's batch: live state that changed no decision (``states``: vehicle id -> the
-    LIVE_FIELDS), and heartbeats (``held_by``: vehicle id -> the leases the car says it holds), which extend
-    and reconcile leases. Returns, per heartbeat, the leases the car must drop."""
+    LIVE_FIELDS), and heartbeats (``held_by``: vehicle id -> the leases the car says it holds; ``lost_by``:
+    leases sent to it that it does not know), which extend and reconcile leases (leases_reconcile). Returns,
+    per heartbeat, the leases the car must drop."""
     now = timezone.now()
     with transaction.atomic():
         if states:  # one prepared statement, many rows (bulk_update's CASE expressions cost far more to build)
@@ -247,7 +247,7 @@ def vehicles_live_record(*, states: dict[int, dict], held_by: dict[int, list[tup
         if not held_by:
             return {}
         Vehicle.objects.filter(pk__in=[pk for pk in held_by if pk not in states]).update(last_seen_at=now)
-        return leases_reconcile(held_by=held_by, grace=UNCONFIRMED_LEASE_GRACE, now=now)
+        return leases_reconcile(held_by=held_by, lost_by=lost_by, now=now)
 
 
 def vehicle_data_flush(*, vehicle_id: int, data_bytes: int) -> GatewayView:
@@ -374,25 +374,26 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
         return [], "no_work"
 
 
-def leases_reconcile(*, held_by: dict[int, list[tuple[int, int]]], grace: timedelta,
+def leases_reconcile(*, held_by: dict[int, list[tuple[int, int]]], lost_by: dict[int, list[tuple[int, int]]] | None,
                      now: datetime) -> dict[int, list[tuple[int, int]]]:
     """Heartbeats (or a hello) of several cars: extend their leases and reconcile them with what each says it
-    holds. Returns per car the leases it holds that are no longer current (it must drop them). Leases a car
-    does not know about, granted more than ``grace`` ago (the assignment was lost, or the car restarted), are
-    requeued."""
+    holds. Returns per car the leases it holds that are no longer current (it must drop them). The leases in
+    ``lost_by`` (the gateway sent them, and a later heartbeat did not list them: the assignment was lost) are
+    requeued; ``lost_by=None`` requeues every current lease a car does not list (a hello: nothing can be on
+    its way to a new connection yet)."""
     with transaction.atomic():
         active = WorkUnit.objects.filter(leased_to_id__in=list(held_by), state=WorkUnit.State.LEASED)
-        current: dict[int, dict[tuple[int, int], datetime]] = {pk: {} for pk in held_by}
-        for pk, epoch, leased_at, vehicle_id in active.values_list("pk", "lease_epoch", "leased_at", "leased_to_id"):
-            current[vehicle_id][(pk, epoch)] = leased_at
+        current: dict[int, set[tuple[int, int]]] = {pk: set() for pk in held_by}
+        for pk, epoch, vehicle_id in active.values_list("pk", "lease_epoch", "leased_to_id"):
+            current[vehicle_id].add((pk, epoch))
         stale = {}
         for vehicle_id, held in held_by.items():
             held_set = {tuple(ref) for ref in held}
-            lost = [ref for ref, leased_at in current[vehicle_id].items()
-                    if ref not in held_set and now - leased_at >= grace]
+            unlisted = current[vehicle_id] - held_set
+            lost = unlisted if lost_by is None else unlisted & {tuple(ref) for ref in lost_by.get(vehicle_id, ())}
             if lost:
-                leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=lost)
-            stale[vehicle_id] = sorted(ref for ref in held_set if ref not in current[vehicle_id])
+                leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=sorted(lost))
+            stale[vehicle_id] = sorted(held_set - current[vehicle_id])
         active.update(lease_expires_at=now + timedelta(seconds=settings.LEASE_TTL_S))
     return stale
 

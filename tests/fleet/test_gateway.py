@@ -500,3 +500,30 @@ def test_telemetry_is_acknowledged_and_written_in_the_processs_batch(paired):
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_an_assignment_the_car_never_got_is_requeued_after_its_heartbeats_miss_it(paired, make_job, monkeypatch):
+    import asyncio
+
+    from fleet.consumers import VehicleConsumer
+
+    monkeypatch.setattr(VehicleConsumer, "UNCONFIRMED_S", 0.5)
+    vehicle, token = paired
+    job = make_job(docs=8)
+
+    async def scenario():
+        comm = await online(token)
+        await lease_one(comm)  # pretend it was lost on the way: the car's heartbeats do not list it
+        await send(comm, "heartbeat", leases=[])  # too soon to tell: it may still be on its way
+        await asyncio.sleep(1.5)
+        assert await sync_to_async(WorkUnit.objects.filter(state="leased").count)() == 1
+        await send(comm, "heartbeat", leases=[])
+        for _ in range(30):
+            if await sync_to_async(WorkUnit.objects.filter(state="queued").count)() == 1:
+                break
+            await asyncio.sleep(0.1)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert WorkUnit.objects.get(job=job).state == "queued"
+    assert Lease.objects.get(unit__job=job).reason == "not_held"

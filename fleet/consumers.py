@@ -171,7 +171,7 @@ class VehicleConsumer(DeviceConsumer):
     view: GatewayView | None = None
     decided: tuple[str | None, bool] = (None, False)  # the decision last acted on (reason, battery hold)
     DB_BOUND = frozenset({"work.request", "result", "release"})
-    UNCONFIRMED_S = 5.0
+    UNCONFIRMED_TTLS = 1.0
     view_at = 0.0
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
@@ -289,10 +289,12 @@ class VehicleConsumer(DeviceConsumer):
         await self._withdraw(withdrawn, reason=view.reason or "")
 
     async def on_heartbeat(self, msg: protocol.Heartbeat):
-        # Assignments the car confirms are its own now; one it still does not list UNCONFIRMED_S after it was
-        # sent was lost on the way (a heartbeat sent just before an assignment arrived may miss it).
+        # Assignments the car confirms are its own now; one it still does not list a lease lifetime after it was
+        # sent is taken back, as if it had expired (a busy or slow car may list an assignment seconds late;
+        # on a live connection nothing is lost on the way, and a broken one is reconciled at the next hello).
         held, now = {tuple(ref) for ref in msg.leases}, time.monotonic()
-        lost = [ref for ref, sent in self.unconfirmed.items() if ref not in held and now - sent > self.UNCONFIRMED_S]
+        lost = [ref for ref, sent in self.unconfirmed.items()
+                if ref not in held and now - sent > settings.LEASE_TTL_S * self.UNCONFIRMED_TTLS]
         for ref in [*held, *lost]:
             self.unconfirmed.pop(ref, None)
         if self.view.rules.daily_data_mb is not None or time.monotonic() - self.view_at > settings.GATEWAY_VIEW_REFRESH_S:

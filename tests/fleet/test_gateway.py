@@ -507,7 +507,7 @@ def test_an_assignment_the_car_never_got_is_requeued_after_its_heartbeats_miss_i
 
     from fleet.consumers import VehicleConsumer
 
-    monkeypatch.setattr(VehicleConsumer, "UNCONFIRMED_S", 0.5)
+    monkeypatch.setattr(VehicleConsumer, "UNCONFIRMED_TTLS", 0.5 / 30)  # half a second of the 30 s lease
     vehicle, token = paired
     job = make_job(docs=8)
 

@@ -17,6 +17,7 @@ from fleet import eligibility, protocol, selectors, services
 from fleet.selectors import GatewayView
 
 log = logging.getLogger(__name__)
+SINGLE_WRITER = settings.DATABASES["default"]["ENGINE"].endswith("sqlite3")
 
 
 def _bearer_token(scope) -> str:
@@ -138,9 +139,10 @@ class LiveBatch:
         if not states and not held_by:
             return
         try:
-            # Off the process's shared database thread, which every car's own work queues on: the batch
-            # (and with it every car's last_seen_at) must not wait behind it.
-            stale = await database_sync_to_async(services.vehicles_live_record, thread_sensitive=False)(
+            # On PostgreSQL, off the process's shared database thread, which every car's own work queues on,
+            # so that the batch (every car's last_seen_at) does not wait behind it. SQLite has one writer: a
+            # second writing thread only fought the first for the lock and starved car work for 30 s at a time.
+            stale = await database_sync_to_async(services.vehicles_live_record, thread_sensitive=SINGLE_WRITER)(
                 states=states, held_by=held_by, lost_by=lost_by)
         except Exception as exc:  # the next heartbeat tries again; telemetry is only a reading
             log.exception("gateway: flushing %d states and %d heartbeats failed", len(states), len(held_by))

@@ -68,6 +68,19 @@ class Replaced(Exception):
     """The gateway closed this session because another agent connected with the same token: final."""
 
 
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set (True) or ``timeout`` seconds pass (False; None waits for ever).
+
+    Not ``asyncio.wait_for``: on Python 3.11 it loses a cancellation that arrives as the awaited event is
+    set, so a session's task cancelled at that moment ran on for ever and its car never stopped."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def pair(server_url: str, code: str, timeout: float = 10) -> dict:
     """Exchange a one-time pairing code for ``{"vehicle_id": int, "token": str}``."""
     request = urllib.request.Request(
@@ -421,10 +434,7 @@ class CarAgent:
             delay = random.uniform(0, min(self.max_backoff_s, BACKOFF_BASE_S * 2**failures))
             failures += 1
             logger.info("%s: reconnecting in %.1f s (holding %d leases)", self.name, delay, len(self.held))
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+            await wait_event(stop, delay)
 
     def _check_final_close(self, ws: ClientConnection) -> None:
         if ws.close_code == protocol.CLOSE_TOKEN_REVOKED:
@@ -732,10 +742,7 @@ class _Session:
                 timeout = self.retry_at - now
             else:
                 timeout = None  # waiting for capacity or for driving to end
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_event(self.wake, timeout)
 
     async def _sender(self) -> None:
         """Once welcomed, sends the results the worker finished (including those of an earlier connection) and
@@ -757,10 +764,7 @@ class _Session:
                     next_at = lease.send_at if next_at is None else min(next_at, lease.send_at)
                 elif not await self._send_result(lease):
                     return
-            try:
-                await asyncio.wait_for(agent._outbox.wait(), None if next_at is None else next_at - now)
-            except TimeoutError:
-                pass
+            await wait_event(agent._outbox, None if next_at is None else next_at - now)
 
     async def _send_result(self, lease: _Lease) -> bool:
         """Send a finished result; False if the drop_socket fault aborted the connection instead."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from fleet.agent.client import AuthRefused, CarAgent, Faults, Replaced, measure_mops
+from fleet.agent.client import AuthRefused, CarAgent, Faults, Replaced, measure_mops, wait_event
 from fleet.agent.models import MODELS
 
 logger = logging.getLogger("fleet.agent.sim")
@@ -227,6 +227,7 @@ async def run_fleet(
     executor_threads: int = 2,
     faults: Faults | None = None,
     telemetry_interval_s: float = 5.0,
+    agents: list[CarAgent] | None = None,
 ) -> list[CarAgent]:
     """Run one agent per car (``{"token", "name", "hardware_watts"}``, optionally ``"seed"``) until ``stop``
     is set.
@@ -237,6 +238,8 @@ async def run_fleet(
     (else the next draw from ``seed``) fixes its routine and its fault draws, so a car behaves the same
     whichever process runs it. ``faults`` apply to every car, each with its own seed derived from the car's.
     Returns the agents (their ``stats`` and ``sensors`` for reports); a car whose token is refused stops alone.
+    A caller's ``agents`` list is filled as soon as the agents exist, so their stats can be read even when
+    the run is cut short.
     """
     if not cars:
         return []
@@ -247,7 +250,7 @@ async def run_fleet(
         measured = await loop.run_in_executor(executor, measure_mops, list(MODELS))
         per_car = {precision: max(1, mops // len(cars)) for precision, mops in measured.items()}
         logger.info("fleet: measured %s Mops/s, %s per car for %d cars", measured, per_car, len(cars))
-        agents = []
+        agents = agents if agents is not None else []
         for car in cars:
             car_seed = car["seed"] if "seed" in car else rng.getrandbits(64)
             sensors = SimulatedSensors(random.Random(car_seed), car["hardware_watts"], time_scale=time_scale)
@@ -284,9 +287,7 @@ async def run_fleet(
 async def _report(agents: list[CarAgent], stop: asyncio.Event) -> None:
     """Log a one-line summary of the fleet every STATUS_INTERVAL_S."""
     while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), STATUS_INTERVAL_S)
-        except TimeoutError:
+        if not await wait_event(stop, STATUS_INTERVAL_S):
             sensors = [agent.sensors for agent in agents]
             faults: dict[str, int] = {}
             for agent in agents:

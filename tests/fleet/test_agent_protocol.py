@@ -25,6 +25,7 @@ from fleet.agent.client import (
     StaticSensors,
     decode_embedding,
     encode_embeddings,
+    wait_event,
     websocket_url,
 )
 from fleet.agent.models import get_runner
@@ -781,3 +782,35 @@ def test_simulated_uplinks_are_in_the_documented_ranges():
     assert 0.05 <= len(satellite) / len(cars) <= 0.15  # starlink_share 0.1
     assert max(line) == 720_000 and min(line) < 50_000  # the whole range is used
     assert all(isinstance(kbps, int) for kbps in satellite + line)
+
+
+def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_is_set():
+    """The agent's loops wait with wait_event; a cancellation that lands as the event is set must end them
+    (asyncio.wait_for on Python 3.11 lost it, and a stopping car's session never ended)."""
+
+    async def waiter(event: asyncio.Event) -> None:
+        while True:
+            event.clear()
+            await wait_event(event, 10)
+
+    async def main() -> str:
+        event = asyncio.Event()
+        task = asyncio.create_task(waiter(event))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        event.set()
+        await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=1)
+        return "cancelled" if task in done and task.cancelled() else "still running"
+
+    assert asyncio.run(main()) == "cancelled"
+
+
+def test_wait_event_says_whether_the_event_came():
+    async def main() -> tuple[bool, bool]:
+        event = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.01, event.set)
+        return await wait_event(event, 1), await wait_event(asyncio.Event(), 0.01)
+
+    assert asyncio.run(main()) == (True, False)

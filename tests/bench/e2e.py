@@ -1,29 +1,28 @@
-"""Benchmark: the whole loop on the embedded profile with real processes. A fresh SQLite database, the
-product server, the fleet simulator with N cars, one job of D documents through the REST API; measures
-documents (embeddings) and units per second from submission to completion, and the dispatch overhead
-against embedding the same documents directly in one process. Ends with one JSON line.
+"""Benchmark: the whole loop with real processes. A fresh database, the product's processes, the fleet
+simulator with N cars, one job of D documents through the REST API; measures documents (embeddings) and
+units per second from submission to completion, and the dispatch overhead against embedding the same
+documents directly in one process. Ends with one JSON line.
 
-Run alone: python -m tests.bench.e2e [--cars 1000] [--docs 8000]"""
+Profiles: ``services`` (the default: a throwaway PostgreSQL database, Redis, two uvicorn gateway workers, a
+Celery worker and beat, the simulator in two processes; the deployment this size is for) and ``embedded``
+(SQLite and `run_embedded`; the demo profile, meant for a few dozen cars).
+
+Run alone: python -m tests.bench.e2e [--cars 1000] [--docs 8000] [--profile services|embedded]"""
 
 import argparse
+import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.support import ROOT, free_port, throwaway_postgres
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REDIS_BENCH_URL = "redis://127.0.0.1:6379/13"
 
 
 def _get(url, key):
@@ -57,11 +56,45 @@ def _direct_docs_per_s(texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
-def main(cars: int, docs: int, timeout: float = 600) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp}/bench.sqlite3", "PYTHONUNBUFFERED": "1",
+@contextlib.contextmanager
+def _database(profile: str, tmp: str):
+    if profile == "embedded":
+        yield f"sqlite:///{tmp}/bench.sqlite3"
+    else:
+        with throwaway_postgres("bench_e2e") as url:
+            yield url
+
+
+def _product(profile: str, env: dict, port: int, cars: int, tmp: str, logs) -> list[subprocess.Popen]:
+    """Start the product and a simulated fleet of ``cars`` cars on ``profile``; return the processes."""
+    start = lambda *args: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=logs,  # noqa: E731
+                                           stderr=subprocess.STDOUT)
+    sim_processes = str(2 if cars > 100 else 1)
+    if profile == "embedded":
+        return [start("manage.py", "run_embedded", "--no-seed", "--cars", str(cars), "--sim-processes", sim_processes,
+                      "--port", str(port))]
+    base = f"http://127.0.0.1:{port}"
+    return [start("-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+                  "--workers", "2", "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
+                  "--ws-max-size", "131072", "--log-level", "warning"),
+            start("-m", "celery", "-A", "marketplace", "worker", "--concurrency", "2", "--loglevel", "warning",
+                  "--without-gossip", "--without-mingle"),
+            start("-m", "celery", "-A", "marketplace", "beat", "--loglevel", "warning", "--schedule",
+                  f"{tmp}/celerybeat-schedule"),
+            start("manage.py", "simulate_fleet", "--cars", str(cars), "--processes", sim_processes, "--server", base)]
+
+
+def main(cars: int, docs: int, profile: str = "services", timeout: float = 600) -> dict:
+    with tempfile.TemporaryDirectory() as tmp, _database(profile, tmp) as database_url:
+        env = {**os.environ, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
                "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": "bench-e2e-not-a-secret-" + "x" * 32}
-        env.pop("REDIS_URL", None)
+        if profile == "services":
+            import redis
+
+            redis.Redis.from_url(REDIS_BENCH_URL).flushdb()
+            env["REDIS_URL"] = REDIS_BENCH_URL
+        else:
+            env.pop("REDIS_URL", None)
         run = lambda *args, **kw: subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,  # noqa: E731
                                                   check=True, capture_output=True, text=True, **kw)
         run("migrate", "-v0")
@@ -75,12 +108,11 @@ def main(cars: int, docs: int, timeout: float = 600) -> dict:
 
         rows = documents(docs)
         body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         (ROOT / "test-output").mkdir(exist_ok=True)
         logs = open(ROOT / "test-output" / "bench-e2e-product.log", "wb")  # kept for a look after a failure
-        procs = [subprocess.Popen([sys.executable, "manage.py", "run_embedded", "--no-seed", "--cars", str(cars),
-                                   "--sim-processes", str(2 if cars > 100 else 1), "--port", str(port)], cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)]
+        procs = _product(profile, env, port, cars, tmp, logs)
         try:
             deadline = time.monotonic() + 600
             while True:
@@ -89,9 +121,10 @@ def main(cars: int, docs: int, timeout: float = 600) -> dict:
                         break
                 except OSError:
                     pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("fleet did not connect")
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise TimeoutError("the fleet did not connect; see test-output/bench-e2e-product.log")
                 time.sleep(0.5)
+            connected_after = time.monotonic() - deadline + 600
             time.sleep(2)  # a first auction round with every car offering
             started = time.monotonic()
             job = _post_job(base, key, body)
@@ -100,20 +133,27 @@ def main(cars: int, docs: int, timeout: float = 600) -> dict:
                     raise TimeoutError(f"job not done: {state}")
                 time.sleep(0.25)
             elapsed = time.monotonic() - started
+            connected_at_end = _get(f"{base}/healthz", key)["vehicles_connected"]
         finally:
-            for proc in procs:
+            for proc in reversed(procs):  # the fleet first, so that its cars release their leases to a live server
                 proc.terminate()
-                proc.wait(30)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     direct = _direct_docs_per_s([r["text"] for r in rows])
     fleet_rate = docs / elapsed
-    return {"bench": "e2e", "cars": cars, "docs": docs, "units": state["units_total"], "seconds": round(elapsed, 2),
-            "embeddings_per_s": round(fleet_rate, 1), "units_per_s": round(state["units_total"] / elapsed, 2),
-            "direct_embeddings_per_s": round(direct, 1), "dispatch_overhead": round(1 - fleet_rate / direct, 3)}
+    return {"bench": "e2e", "profile": profile, "cars": cars, "docs": docs, "units": state["units_total"],
+            "connect_s": round(connected_after, 1), "cars_connected_at_end": connected_at_end,
+            "seconds": round(elapsed, 2), "embeddings_per_s": round(fleet_rate, 1),
+            "units_per_s": round(state["units_total"] / elapsed, 2), "direct_embeddings_per_s": round(direct, 1),
+            "dispatch_overhead": round(1 - fleet_rate / direct, 3)}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--cars", type=int, default=1000)
     parser.add_argument("--docs", type=int, default=8000)
+    parser.add_argument("--profile", choices=["services", "embedded"], default="services")
     args = parser.parse_args()
-    print(json.dumps(main(args.cars, args.docs)))
+    print(json.dumps(main(args.cars, args.docs, args.profile)))

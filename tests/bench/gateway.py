@@ -44,7 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.support import ROOT, free_port
+
 DEFAULT_PG = "postgres://postgres@127.0.0.1:5432/postgres"
 REDIS_BENCH_URL = "redis://127.0.0.1:6379/14"
 
@@ -75,12 +76,6 @@ def _pct(values: list[float], p: float) -> float | None:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _new_loop():
@@ -562,7 +557,7 @@ class Gateway:
     def __init__(self, env: dict, log_dir: str, name: str, use_redis: bool, deflate: bool):
         if use_redis:
             _redis_clean()
-        self.port = _free_port()
+        self.port = free_port()
         self.log = open(Path(log_dir) / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1",
@@ -649,7 +644,7 @@ def main(args) -> dict:
 
         # 1. Ceiling: the bare websockets server.
         if not args.skip_bare:
-            port = _free_port()
+            port = free_port()
             log = open(Path(tmp) / "bare.log", "wb")
             bare = subprocess.Popen([sys.executable, "-m", "tests.bench.gateway", "--serve-bare", str(port),
                                      *(["--deflate"] if args.deflate else [])],

@@ -18,10 +18,8 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
+from tests.bench.support import ROOT, throwaway_postgres
 
-ROOT = Path(__file__).resolve().parents[2]
-ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 UNITS = 200_000
 CARS = 4_000
 
@@ -141,13 +139,7 @@ def _run(target, args_per_leaser: list[tuple], seconds: float) -> dict:
 
 
 def main(seconds: float, leaser_counts: list[int]) -> dict:
-    import psycopg
-
-    name = f"bench_leasing_{os.getpid()}"
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with throwaway_postgres("bench_leasing") as url:
         env = {**os.environ, "DATABASE_URL": url}
         env.pop("REDIS_URL", None)
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
@@ -172,12 +164,6 @@ def main(seconds: float, leaser_counts: list[int]) -> dict:
             _reset(job_id)
             bare_batched[str(n)] = _run(_bare, [(url, job_id, cars[i], batch) for i in range(n)], seconds)
             doubles += bare[str(n)]["double_leases"] + bare_batched[str(n)]["double_leases"]
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     at4 = "4" if "4" in ours else str(max(leaser_counts))
     return {
         "bench": "leasing", "profile": "postgresql", "seconds_per_run": seconds,

@@ -515,20 +515,26 @@ def _node(op_type: str, inputs: list[str], output: str, **attributes: int | list
 
 
 # Shared constants of the rewritten graph.
-_ZERO, _LEVELS, _TINY = "fleet:zero", "fleet:255", "fleet:tiny"
+_ZERO, _LEVELS, _TINY = "fleet:zero", "fleet:levels", "fleet:tiny"
+#: Activations are quantised to 7 bits (0..127), not 8. On x86 without VNNI, onnxruntime's uint8 x int8 kernel
+#: multiplies with vpmaddubsw, which adds pairs of products in int16 and saturates: 255 x 127 x 2 overflows,
+#: and on such a CPU (an AVX2-only AMD EPYC) the int8 embeddings fell to a cosine of 0.95 against FP32. With
+#: 127 x 128 x 2 = 32,512 no pair can overflow, on any CPU, for half a bit of precision.
+ACTIVATION_LEVELS = 127
 _CONSTANTS = (
     _initializer(_ZERO, np.array(0.0, dtype=np.float32))
-    + _initializer(_LEVELS, np.array(255.0, dtype=np.float32))
+    + _initializer(_LEVELS, np.array(float(ACTIVATION_LEVELS), dtype=np.float32))
     + _initializer(_TINY, np.array(np.finfo(np.float32).tiny, dtype=np.float32))
 )
 
 
 def _quantize_rows(x: str) -> bytes:
-    """Nodes quantising float ``x`` to uint8 with one scale and zero point per row (token).
+    """Nodes quantising float ``x`` to uint8 (7 bits used, see ACTIVATION_LEVELS) with one scale and zero
+    point per row (token).
 
-    The arithmetic of DynamicQuantizeLinear, applied to each row over the last axis:
-    ``scale = (max(x, 0) - min(x, 0)) / 255``, ``zero_point = round(-min(x, 0) / scale)``,
-    ``q = clip(round(x / scale) + zero_point, 0, 255)``. Outputs ``{x}:uint8``,
+    The arithmetic of DynamicQuantizeLinear, applied to each row over the last axis, with L = ACTIVATION_LEVELS:
+    ``scale = (max(x, 0) - min(x, 0)) / L``, ``zero_point = round(-min(x, 0) / scale)``,
+    ``q = clip(round(x / scale) + zero_point, 0, L)``. Outputs ``{x}:uint8``,
     ``{x}:scale`` (float) and ``{x}:zero_point`` (int32), both ``[..., 1]``.
     """
     p = f"{x}:"

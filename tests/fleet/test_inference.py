@@ -404,15 +404,22 @@ def test_integer_matmul_rewrite_is_exact_integer_arithmetic() -> None:
     # The same per-row quantisation in float32, then exact integer products.
     low = np.minimum(x.min(axis=-1, keepdims=True), np.float32(0))
     high = np.maximum(x.max(axis=-1, keepdims=True), np.float32(0))
-    row_scale = np.maximum((high - low) / np.float32(255), np.finfo(np.float32).tiny)
+    levels = np.float32(models.ACTIVATION_LEVELS)
+    row_scale = np.maximum((high - low) / levels, np.finfo(np.float32).tiny)
     zero_point = np.round(-low / row_scale)
-    quantized = np.clip(np.round(x / row_scale) + zero_point, 0, 255)
+    quantized = np.clip(np.round(x / row_scale) + zero_point, 0, levels)
     products = (quantized.astype(np.int64) - zero_point.astype(np.int64)) @ weight.astype(np.int64)
     np.testing.assert_allclose(y, products * scale.astype(np.float64) * row_scale, rtol=1e-6, atol=1e-12)
     np.testing.assert_array_equal(y[1, 2], 0.0)
     # And it approximates the float product it replaces, to the quantisation error.
     exact = x @ (weight.astype(np.float32) * scale)
     assert np.abs(y - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_activations_stay_below_the_int16_pair_overflow_of_non_vnni_kernels() -> None:
+    """On x86 without VNNI the uint8 x int8 kernel adds pairs of products in int16: with 7-bit activations no
+    pair can overflow, whatever the weights (int8 includes -128)."""
+    assert 2 * models.ACTIVATION_LEVELS * 128 <= np.iinfo(np.int16).max
 
 
 def test_integer_matmul_rewrite_leaves_per_row_scaled_weights_alone() -> None:

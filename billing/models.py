@@ -31,9 +31,13 @@ class AppendOnlyModel(models.Model):
 class LedgerAccount(models.Model):
     class Kind(models.TextChoices):
         BUYER = "buyer", "Buyer (organisation)"
+        BUYER_RESERVED = "buyer_reserved", "Buyer reservations (jobs' budgets)"
         OWNER = "owner", "Car owner"
         PLATFORM_FEE = "platform_fee", "Platform fee revenue"
         ROUNDING = "rounding", "Rounding"
+        STRIPE_CLEARING = "stripe_clearing", "Stripe clearing (money held at Stripe)"
+        STRIPE_FEES = "stripe_fees", "Stripe fees"
+        DISPUTE_LOSSES = "dispute_losses", "Dispute losses"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     organisation = models.ForeignKey("marketplace.Organisation", null=True, blank=True, on_delete=models.PROTECT)
@@ -61,8 +65,19 @@ class LedgerAccount(models.Model):
 class LedgerTransaction(AppendOnlyModel):
     class Kind(models.TextChoices):
         USAGE = "usage", "Metered usage"
+        TOP_UP = "top_up", "Balance top-up"
+        RESERVATION = "reservation", "Job budget reserved"
+        RELEASE = "release", "Job budget released"
+        REFUND = "refund", "Top-up refund"
+        REFUND_REVERSAL = "refund_reversal", "Refund undone (Stripe refused it)"
+        DISPUTE = "dispute", "Card dispute"
+        PAYOUT = "payout", "Owner payout"
+        PAYOUT_REVERSAL = "payout_reversal", "Owner payout reversed"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
+    reference = models.CharField(
+        max_length=100, unique=True, null=True, blank=True,
+        help_text="What this transaction books, e.g. 'top_up:12'; unique, so nothing is booked twice.")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     description = models.CharField(max_length=200)
     job = models.ForeignKey("marketplace.Job", null=True, blank=True, on_delete=models.PROTECT)
@@ -100,3 +115,241 @@ class MeterRecord(AppendOnlyModel):
     energy_mwh = models.PositiveBigIntegerField(help_text="Energy drawn from the car's battery, milliwatt-hours.")
     transaction = models.OneToOneField(LedgerTransaction, on_delete=models.PROTECT, related_name="meter")
     created_at = models.DateTimeField(auto_now_add=True)
+
+
+class PlatformFee(AppendOnlyModel):
+    """The platform's fee as operators set it, with its history: the row with the latest ``effective_from``
+    not in the future applies. Without any row, ``settings.PLATFORM_FEE_BPS`` (default 1500 = 15 %)."""
+
+    fee_bps = models.PositiveIntegerField(help_text="Basis points of each unit's charge: 1500 = 15.00 %.")
+    effective_from = models.DateTimeField(db_index=True)
+    note = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(fee_bps__lte=10_000), name="fee_at_most_100_percent")]
+
+    def __str__(self):
+        return f"{self.fee_bps / 100:.2f} % from {self.effective_from:%Y-%m-%d %H:%M}"
+
+
+class AutoTopUp(models.Model):
+    """A buyer's standing order: when the balance falls under the threshold, top up by the amount with the
+    saved card (off session)."""
+
+    organisation = models.OneToOneField("marketplace.Organisation", on_delete=models.PROTECT,
+                                        related_name="auto_top_up")
+    card = models.ForeignKey("billing.SavedCard", on_delete=models.PROTECT)
+    threshold_minor = models.PositiveBigIntegerField()
+    amount_minor = models.PositiveBigIntegerField()
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+
+class Reservation(models.Model):
+    """A job's budget cap, moved from the buyer's balance to the reserved account when the job is funded.
+    Completed units draw from it (in :func:`billing.services.usage_record`); release returns the rest."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        RELEASED = "released", "Released"
+
+    job = models.OneToOneField("marketplace.Job", on_delete=models.PROTECT, related_name="reservation")
+    organisation = models.ForeignKey("marketplace.Organisation", on_delete=models.PROTECT, related_name="reservations")
+    currency = models.CharField(max_length=3)
+    amount_minor = models.PositiveBigIntegerField(help_text="Reserved, minor units.")
+    drawn_minor = models.PositiveBigIntegerField(default=0, help_text="Drawn by completed units, minor units.")
+    released_minor = models.PositiveBigIntegerField(default=0, help_text="Returned to the balance, minor units.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    @property
+    def remaining_minor(self) -> int:
+        return self.amount_minor - self.drawn_minor - self.released_minor
+
+
+# --- Stripe --------------------------------------------------------------------------------------------
+
+
+class StripeRequest(models.Model):
+    """One request to Stripe that moves money (or creates what later moves it), stored with its
+    deterministic idempotency key *before* the call, and its outcome after. A key that succeeded is never
+    sent again: :mod:`billing.stripe_api` answers from this row."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Sent, outcome unknown"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Refused by Stripe"
+
+    key = models.CharField(max_length=200, unique=True)
+    purpose = models.CharField(max_length=40)
+    params = models.JSONField(default=dict)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    stripe_id = models.CharField(max_length=100, blank=True)
+    response = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"{self.key} ({self.status})"
+
+
+class StripeCustomer(models.Model):
+    organisation = models.OneToOneField("marketplace.Organisation", on_delete=models.PROTECT,
+                                        related_name="stripe_customer")
+    stripe_id = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class SavedCard(models.Model):
+    organisation = models.ForeignKey("marketplace.Organisation", on_delete=models.PROTECT, related_name="saved_cards")
+    stripe_payment_method_id = models.CharField(max_length=100, unique=True)
+    setup_intent_id = models.CharField(max_length=100, blank=True)
+    brand = models.CharField(max_length=20, blank=True)
+    last4 = models.CharField(max_length=4, blank=True)
+    exp_month = models.PositiveSmallIntegerField(null=True)
+    exp_year = models.PositiveSmallIntegerField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class TopUp(models.Model):
+    """A buyer's card payment into their balance (a Stripe PaymentIntent)."""
+
+    class Status(models.TextChoices):
+        CREATED = "created", "Created"
+        REQUIRES_ACTION = "requires_action", "Needs the buyer's authentication"
+        SUCCEEDED = "succeeded", "Paid"
+        FAILED = "failed", "Failed"
+
+    organisation = models.ForeignKey("marketplace.Organisation", on_delete=models.PROTECT, related_name="top_ups")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    amount_minor = models.PositiveBigIntegerField()
+    currency = models.CharField(max_length=3)
+    payment_method_id = models.CharField(max_length=100)
+    payment_intent_id = models.CharField(max_length=100, unique=True, null=True, blank=True)
+    charge_id = models.CharField(max_length=100, blank=True, db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.CREATED)
+    failure_message = models.CharField(max_length=200, blank=True)
+    fee_minor = models.PositiveBigIntegerField(default=0, help_text="Stripe's fee, minor units.")
+    refunded_minor = models.PositiveBigIntegerField(default=0)
+    disputed_minor = models.PositiveBigIntegerField(default=0)
+    claimed_until = models.DateTimeField(
+        null=True, blank=True, help_text="A worker is talking to Stripe about this row until then; others wait.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    @property
+    def refundable_minor(self) -> int:
+        if self.status != self.Status.SUCCEEDED:
+            return 0
+        return self.amount_minor - self.refunded_minor - self.disputed_minor
+
+
+class Refund(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SUCCEEDED = "succeeded", "Refunded"
+        FAILED = "failed", "Failed"
+
+    top_up = models.ForeignKey(TopUp, on_delete=models.PROTECT, related_name="refunds")
+    amount_minor = models.PositiveBigIntegerField()
+    reason = models.CharField(max_length=200, blank=True)
+    stripe_refund_id = models.CharField(max_length=100, unique=True, null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    claimed_until = models.DateTimeField(
+        null=True, blank=True, help_text="A worker is talking to Stripe about this row until then; others wait.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class Dispute(models.Model):
+    stripe_dispute_id = models.CharField(max_length=100, unique=True)
+    top_up = models.ForeignKey(TopUp, on_delete=models.PROTECT, related_name="disputes")
+    amount_minor = models.PositiveBigIntegerField()
+    from_balance_minor = models.PositiveBigIntegerField(help_text="Taken back from the buyer's balance.")
+    loss_minor = models.PositiveBigIntegerField(help_text="What the balance could not cover: a platform loss.")
+    reason = models.CharField(max_length=60, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class ConnectedAccount(models.Model):
+    """An owner's Stripe Connect Express account."""
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="connected_account")
+    stripe_account_id = models.CharField(max_length=100, unique=True)
+    details_submitted = models.BooleanField(default=False)
+    payouts_enabled = models.BooleanField(default=False)
+    transfers_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    @property
+    def can_receive_transfers(self) -> bool:
+        return self.transfers_active and self.details_submitted
+
+
+class SettlementRun(models.Model):
+    """One periodic settlement: every payable owner paid by one Transfer, all in one transfer_group."""
+
+    key = models.CharField(max_length=20, unique=True, help_text="The ISO week, e.g. 2026-W48.")
+    currency = models.CharField(max_length=3)
+    transfer_group = models.CharField(max_length=60, unique=True)
+    holdback_days = models.PositiveIntegerField()
+    min_payout_minor = models.PositiveBigIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return self.transfer_group
+
+
+class Payout(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Sending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed (booked back)"
+
+    run = models.ForeignKey(SettlementRun, on_delete=models.PROTECT, related_name="payouts")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="payouts")
+    account = models.ForeignKey(ConnectedAccount, on_delete=models.PROTECT, related_name="payouts")
+    amount_minor = models.PositiveBigIntegerField()
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    transfer_id = models.CharField(max_length=100, unique=True, null=True, blank=True)
+    reversed_minor = models.PositiveBigIntegerField(default=0)
+    failure_message = models.CharField(max_length=200, blank=True)
+    claimed_until = models.DateTimeField(
+        null=True, blank=True, help_text="A worker is talking to Stripe about this row until then; others wait.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "owner"], name="one_payout_per_owner_per_run")]
+
+
+class PayoutReversal(models.Model):
+    payout = models.ForeignKey(Payout, on_delete=models.PROTECT, related_name="reversals")
+    amount_minor = models.PositiveBigIntegerField()
+    reason = models.CharField(max_length=200, blank=True)
+    stripe_reversal_id = models.CharField(max_length=100, unique=True, null=True, blank=True)
+    claimed_until = models.DateTimeField(
+        null=True, blank=True, help_text="A worker is talking to Stripe about this row until then; others wait.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class WebhookEvent(models.Model):
+    """A Stripe event we received. The unique event id, written in the same transaction as the event's
+    work, is what makes every event act at most once."""
+
+    class Status(models.TextChoices):
+        PROCESSED = "processed", "Processed"
+        IGNORED = "ignored", "Ignored"
+
+    event_id = models.CharField(max_length=100, unique=True)
+    type = models.CharField(max_length=60)
+    payload = models.JSONField()
+    status = models.CharField(max_length=10, choices=Status.choices)
+    outcome = models.CharField(max_length=300, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)

@@ -49,10 +49,21 @@ def femto_to_minor_with_carry(*, femto: int, carry: int, currency: str) -> tuple
     return minor, new_carry
 
 
+def mops_for_tokens(*, tokens: int, ops_per_token: int) -> int:
+    """The work of ``tokens`` tokens of a model, in mega-ops, rounded up: how a work unit is sized."""
+    return -(-tokens * ops_per_token // OPS_PER_MOP)
+
+
 def price_per_million_tokens_micros(*, price_micros: int, ops_per_token: int) -> int:
     """What a price per compute unit means to a buyer of a model: micro-units per million tokens (rounded
     down)."""
     return price_micros * ops_per_token * 10**6 // OPS_PER_COMPUTE_UNIT
+
+
+def price_micros_for_per_million_tokens(*, per_million_tokens_micros: int, ops_per_token: int) -> int:
+    """The inverse of :func:`price_per_million_tokens_micros`: a price per compute unit from a price per
+    million tokens of a model, rounded down, so that a bid never exceeds what the buyer typed."""
+    return per_million_tokens_micros * OPS_PER_COMPUTE_UNIT // (ops_per_token * 10**6)
 
 
 def format_femto_as_minor(femto: int, currency: str) -> str:

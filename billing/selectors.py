@@ -1,6 +1,8 @@
+from django.conf import settings
 from django.db.models import Sum
+from django.utils import timezone
 
-from billing.models import LedgerAccount, LedgerEntry, MeterRecord
+from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee
 
 
 def account_balance_minor(*, account: LedgerAccount) -> int:
@@ -17,9 +19,12 @@ def unbalanced_transaction_ids() -> list[int]:
 
 
 def job_spend_minor(*, job) -> int:
-    """What the buyer has been debited for a job so far, in minor units."""
-    total = LedgerEntry.objects.filter(transaction__job=job, account__kind=LedgerAccount.Kind.BUYER).aggregate(
-        total=Sum("amount_minor"))["total"]
+    """What the buyer has been debited for a job's completed units so far, in minor units (from its balance
+    or from the job's reservation; reserving and releasing are not spending)."""
+    total = LedgerEntry.objects.filter(
+        transaction__job=job, transaction__kind=LedgerTransaction.Kind.USAGE,
+        account__kind__in=[LedgerAccount.Kind.BUYER, LedgerAccount.Kind.BUYER_RESERVED],
+    ).aggregate(total=Sum("amount_minor"))["total"]
     return -(total or 0)
 
 
@@ -38,3 +43,10 @@ def owner_earnings_femto(*, owner, currency: str) -> int:
 def vehicle_earnings_femto(*, vehicle) -> int:
     """The owner's exact share of everything one car computed, in femto-units."""
     return MeterRecord.objects.filter(vehicle=vehicle).aggregate(total=Sum("owner_femto"))["total"] or 0
+
+
+def platform_fee_bps(*, at=None) -> int:
+    """The platform fee in force at ``at`` (now by default): the latest operator setting, else the
+    ``PLATFORM_FEE_BPS`` setting."""
+    fee = PlatformFee.objects.filter(effective_from__lte=at or timezone.now()).order_by("-effective_from", "-pk").first()
+    return fee.fee_bps if fee else settings.PLATFORM_FEE_BPS

@@ -14,6 +14,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
+from billing.localpeer import LocalStripePeer
+
 ROOT = Path(settings.BASE_DIR)
 
 
@@ -89,10 +91,17 @@ class Processes:
 def live_product(log_dir: Path, **env):
     """Start the product on the active profile (with extra environment ``env``) and yield (base_url, processes)."""
     port = free_port()
-    procs = Processes(log_dir, env)
+    # The product's Stripe is a local peer on a port of this test's own (the embedded runner starts it; in
+    # the services profile this function does), so tests never share one.
+    stripe_port = free_port()
+    procs = Processes(log_dir, {"STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}", **env})
     python = sys.executable
+    stripe_peer = None
     try:
         if settings.REDIS_URL:
+            stripe_peer = LocalStripePeer(port=stripe_port, log_path=log_dir / "localstripe.log").start()
+            stripe_peer.register_webhook(url=f"http://127.0.0.1:{port}/billing/stripe/webhook/",
+                                         secret=settings.STRIPE_WEBHOOK_SECRET)
             # Services profile: two gateway processes behind one address, a Celery worker and Celery beat.
             server = procs.start("gateway", [python, "-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1",
                                              "--port", str(port), "--workers", "2", "--ws", "websockets-sansio",
@@ -113,3 +122,5 @@ def live_product(log_dir: Path, **env):
         raise
     finally:
         procs.stop()
+        if stripe_peer:
+            stripe_peer.stop()

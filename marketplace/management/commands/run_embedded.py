@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from billing.localpeer import LocalStripePeer
 from fleet.agent.client import wait_until_up
 from fleet.protocol import MAX_MESSAGE_BYTES
 from marketplace.scheduler import InProcessScheduler
@@ -39,6 +40,9 @@ class Command(BaseCommand):
         if not no_seed:
             call_command("seed_demo")
         base = f"http://{host}:{port}"
+        # Stripe, offline: the local peer answers the API and signs its webhooks to this server.
+        stripe_peer = LocalStripePeer.for_embedded_profile(webhook_url=f"{base}/billing/stripe/webhook/",
+                                                           log_path=settings.VAR_DIR / "localstripe.log")
         schedule = dict(settings.CELERY_BEAT_SCHEDULE)
         if not no_seed:
             schedule["demo-buyer"] = {"task": "marketplace.tasks.demo_job_top_up", "schedule": timedelta(seconds=20)}
@@ -68,4 +72,6 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     process.kill()
             scheduler.stop()
+            if stripe_peer:
+                stripe_peer.stop()
             self.stdout.write("Stopped.")

@@ -1,5 +1,6 @@
 """Auction rounds against the database: who offers, what is allocated, replay, dispatch order, expiry."""
 
+from dataclasses import asdict
 from datetime import timedelta
 
 import pytest
@@ -9,11 +10,18 @@ from django.utils import timezone
 from fleet import services as fleet
 from fleet.models import HardwareGeneration, WorkUnit
 from marketplace import services
-from marketplace.clearing import Fill
 from marketplace.models import Allocation, AuctionRound, Job
 from tests.factories import VehicleFactory
 
 pytestmark = pytest.mark.django_db
+
+
+def assert_replays(auction_round: AuctionRound) -> None:
+    """Clearing the tick's journals again gives this round's price and fills exactly."""
+    replay = services.round_replay(auction_round=auction_round)
+    bids = {b["id"] for b in auction_round.journal["bids"]}
+    assert replay.prices[auction_round.market] == auction_round.clearing_price_micros
+    assert [asdict(f) for f in replay.fills if f.bid_id in bids] == auction_round.journal["fills"]
 
 
 def test_a_round_allocates_eligible_cars_capacity_to_bids_and_replays_exactly(make_job):
@@ -36,9 +44,7 @@ def test_a_round_allocates_eligible_cars_capacity_to_bids_and_replays_exactly(ma
     # Each car sells at most what it can compute in the interval.
     for vehicle_id, allocation in allocations.items():
         assert allocation.mops <= 50_000 * settings.AUCTION_INTERVAL_S
-    replay = services.round_replay(auction_round=auction_round)
-    assert replay.price == auction_round.clearing_price_micros
-    assert list(replay.fills) == [Fill(**f) for f in auction_round.journal["fills"]]
+    assert_replays(auction_round)
 
 
 def test_a_car_in_two_markets_sells_each_second_of_the_interval_once(make_job):
@@ -49,8 +55,33 @@ def test_a_car_in_two_markets_sells_each_second_of_the_interval_once(make_job):
     rounds = services.auction_tick()
 
     assert [r.market for r in rounds] == ["int8", "fp32"]  # highest bid first
+    assert {r.cleared_at for r in rounds} == {rounds[0].cleared_at}  # one joint clearing
     seconds = sum(a.mops / car.throughput_mops[a.round.market] for a in Allocation.objects.filter(vehicle=car))
     assert seconds <= settings.AUCTION_INTERVAL_S + 1e-6
+    for auction_round in rounds:
+        assert_replays(auction_round)
+
+
+def test_a_car_in_two_markets_sells_its_time_where_surplus_is_highest_not_to_the_highest_bid(make_job):
+    # Given a car that does 20,000 Mops/s in INT8 and 10,000 in FP32 at a reserve of 0.1 $, and a job in each
+    # market wanting more than the car can do: FP32 bids more per compute unit (0.4 $ against 0.3 $), but a
+    # second in INT8 is worth 20,000 x (0.3 - 0.1) against 10,000 x (0.4 - 0.1) in FP32.
+    int8 = make_job(docs=400, precision="int8", price=300_000)
+    make_job(docs=400, precision="fp32", price=400_000)
+    car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 10_000}, policy__reserve_price_micros=100_000)
+
+    rounds = {r.market: r for r in services.auction_tick()}
+
+    # Then the whole interval goes to INT8 (clearing the highest bid's market first would have sold it FP32),
+    (allocation,) = Allocation.objects.filter(vehicle=car)
+    assert (allocation.job_id, allocation.mops) == (int8.pk, 20_000 * settings.AUCTION_INTERVAL_S)
+    # at INT8's bid (the demand left unmet sets it), while FP32 does not trade.
+    assert rounds["int8"].clearing_price_micros == allocation.price_micros == 300_000
+    assert rounds["fp32"].clearing_price_micros is None and rounds["fp32"].sold_mops == 0
+    assert rounds["fp32"].journal["offers"] == [
+        {"id": car.pk, "price": 100_000, "quantity": 10_000 * settings.AUCTION_INTERVAL_S}]
+    for auction_round in rounds.values():
+        assert_replays(auction_round)
 
 
 def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
@@ -102,8 +133,7 @@ def test_owners_consent_is_respected_by_the_auction_and_the_dispatcher(make_job,
 
     assert {a.vehicle_id for a in Allocation.objects.filter(round=auction_round)} == {willing.pk}
     assert sorted(auction_round.journal["refused"]) == sorted([[job.pk, picky.pk], [job.pk, no_embeddings.pk]])
-    assert services.round_replay(auction_round=auction_round).fills == tuple(
-        Fill(**f) for f in auction_round.journal["fills"])
+    assert_replays(auction_round)
     assert fleet.units_lease(vehicle_id=picky.pk) == ([], "no_work")
     # Consent withdrawn after the round: the dispatcher checks again before leasing.
     willing.policy.blocked_organisations.add(buyer.organisation)

@@ -17,6 +17,7 @@ from fleet import services
 from fleet.eligibility import next_departure
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
+from marketplace.idempotency import idempotent
 from marketplace.models import WORKLOAD_CATEGORIES, Organisation
 
 
@@ -176,6 +177,7 @@ class VehicleListApi(OwnerApi):
 
     @extend_schema(request=VehicleSerializer, responses={201: VehicleSerializer},
                    examples=[OpenApiExample("add a car", request_only=True, value={"name": "Blue Model Y", "hardware": "HW4"})])
+    @idempotent
     def post(self, request):
         data = VehicleSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -233,6 +235,7 @@ class VehiclePauseApi(OwnerApi):
     pause = True
 
     @extend_schema(request=None, responses=VehicleSerializer)
+    @idempotent
     def post(self, request, pk):
         services.policy_update(vehicle=self.vehicle(request, pk), paused=self.pause)
         return Response(VehicleSerializer(self.vehicle(request, pk)).data)
@@ -244,6 +247,7 @@ class PauseAllApi(OwnerApi):
     pause = True
 
     @extend_schema(request=None, responses={200: {"type": "object", "properties": {"vehicles": {"type": "integer"}}}})
+    @idempotent
     def post(self, request):
         return Response({"vehicles": services.vehicles_pause_all(owner=request.user, paused=self.pause)})
 
@@ -270,6 +274,7 @@ class TokenRevokeApi(OwnerApi):
     """Revoke the car's device token: its connection is closed and its work requeued."""
 
     @extend_schema(request=None, responses={204: None})
+    @idempotent
     def post(self, request, pk):
         services.vehicle_token_revoke(vehicle=self.vehicle(request, pk))
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -23,8 +23,10 @@ from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, Vehicl
 from fleet import dispatch
 from fleet.selectors import (GatewayView, vehicle_consents, vehicle_gateway_view, vehicle_ineligibility,
                              vehicle_inflight_limit, vehicle_mops_per_s, vehicle_outlook)
+from marketplace import webhooks
 from marketplace.errors import ValidationFailed
-from marketplace.models import Allocation, AuctionRound, Job
+from marketplace.history import job_history_add
+from marketplace.models import Allocation, AuctionRound, Job, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +368,9 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             Allocation.objects.filter(pk=allocation.pk).update(remaining_mops=F("remaining_mops") - sum(u.mops for u in units))
             Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
                                             price_micros=u.price_micros, started_at=now) for u in units)
-            if job.state == Job.State.QUEUED:
-                Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(state=Job.State.RUNNING, started_at=now)
+            if job.state == Job.State.QUEUED and Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(
+                    state=Job.State.RUNNING, started_at=now):
+                job_history_add(job=job, kind=JobEvent.Kind.STARTED, detail=f"first units leased to car {vehicle_id}")
             for unit in units:
                 unit.job = job
             return units, ""
@@ -477,5 +480,7 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
         if job.units_done == job.units_total:
             job.state, job.finished_at = Job.State.COMPLETED, now
             fields += ["state", "finished_at"]
+            job_history_add(job=job, kind=JobEvent.Kind.COMPLETED, detail=f"{job.units_total} units done")
         job.save(update_fields=fields)
+        webhooks.job_event_record(job=job)  # job.progress or job.completed, committed with the change (an outbox)
     return True, ""

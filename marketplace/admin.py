@@ -1,7 +1,8 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
-from marketplace.models import AIModel, Allocation, ApiKey, AuctionRound, Job, Organisation, User
+from marketplace.models import (AIModel, Allocation, ApiKey, AuctionRound, IdempotencyKey, Job, Organisation, User,
+                                WebhookDelivery, WebhookEndpoint, WebhookEvent)
 
 
 @admin.register(User)
@@ -82,3 +83,55 @@ class AllocationAdmin(admin.ModelAdmin):
     list_filter = ["round__market"]
     search_fields = ["job__id", "vehicle__name"]
     raw_id_fields = ["round", "job", "vehicle"]
+
+
+class RecordAdmin(admin.ModelAdmin):
+    """Records the product writes (API keys' replies, webhooks): operators read them, nobody adds one here."""
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(IdempotencyKey)
+class IdempotencyKeyAdmin(RecordAdmin):
+    list_display = ["key", "scope", "path", "response_status", "created_at", "completed_at"]
+    list_filter = ["response_status"]
+    search_fields = ["key", "scope"]
+    readonly_fields = [f.name for f in IdempotencyKey._meta.fields]
+
+
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = ["event", "state", "attempts", "last_status_code", "last_error", "next_attempt_at", "delivered_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(RecordAdmin):
+    """The signing secret stays out of the admin: it is the buyer's."""
+
+    list_display = ["id", "organisation", "url", "events", "created_at", "disabled_at"]
+    list_filter = [("disabled_at", admin.EmptyFieldListFilter)]
+    search_fields = ["url", "organisation__name"]
+    fields = ["organisation", "url", "events", "description", "created_by", "created_at", "disabled_at"]
+    readonly_fields = fields
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(RecordAdmin):
+    list_display = ["public_id", "type", "organisation", "job", "created_at"]
+    list_filter = ["type"]
+    search_fields = ["public_id", "organisation__name", "job__id"]
+    readonly_fields = [f.name for f in WebhookEvent._meta.fields]
+    inlines = [WebhookDeliveryInline]
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(RecordAdmin):
+    list_display = ["id", "event", "endpoint", "state", "attempts", "last_status_code", "next_attempt_at", "delivered_at"]
+    list_filter = ["state"]
+    search_fields = ["event__public_id", "endpoint__url"]
+    readonly_fields = [f.name for f in WebhookDelivery._meta.fields]

@@ -1,17 +1,27 @@
+"""The buyer REST API (``/api/v1/``): catalogue, jobs, bids, rounds, webhooks. Every buyer endpoint is scoped
+to the organisation the request acts for: another organisation's object is a 404. The guide: docs/api.md."""
+
+import json
 from itertools import islice
+from typing import Iterator
 
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiExample, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import generics, permissions, serializers, status
-from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.money import price_per_million_tokens_micros
-from marketplace import selectors, services
-from marketplace.models import AIModel, Job
+from marketplace import selectors, services, webhooks
+from marketplace.idempotency import SCHEMA_PARAMETER as IDEMPOTENCY_KEY, idempotent
+from marketplace.models import PRECISION_CHOICES, AIModel, AuctionRound, Job, WebhookDelivery, WebhookEndpoint
+
+# A sanity bound on bids ($1,000,000 per 10^15 operations), far above any market: it catches a bid typed in
+# the wrong unit and keeps every charge computed from a bid within 64-bit database integers.
+MAX_PRICE_MICROS = 10**12
 
 
 async def _stream(lines, chunk: int = 256):
@@ -22,6 +32,10 @@ async def _stream(lines, chunk: int = 256):
         yield part
 
 
+class Pagination(LimitOffsetPagination):
+    max_limit = 500
+
+
 class IsBuyer(permissions.BasePermission):
     message = "This endpoint is for buyer organisations (use an API key or sign in as a buyer)."
 
@@ -29,45 +43,74 @@ class IsBuyer(permissions.BasePermission):
         return selectors.organisation_of(request) is not None
 
 
+class BuyerApi(APIView):
+    permission_classes = [permissions.IsAuthenticated, IsBuyer]
+
+    @property
+    def organisation(self):
+        return selectors.organisation_of(self.request)
+
+    def job(self, pk) -> Job:
+        return get_object_or_404(selectors.jobs_for(organisation=self.organisation), pk=pk)
+
+
+# --- schema helpers ------------------------------------------------------------------------------------
+
+class ErrorBodySerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="Stable, for programs: invalid, invalid_inputs, not_found, throttled, ...")
+    message = serializers.CharField(help_text="For people; may change.")
+    fields = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False,
+                                   help_text="code invalid: the problems per field.")
+    lines = serializers.ListField(child=serializers.DictField(), required=False,
+                                  help_text='code invalid_inputs: [{"line": 2, "message": "..."}], at most 50.')
+    retry_after_s = serializers.IntegerField(required=False, help_text="When to try again (also in Retry-After).")
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = ErrorBodySerializer()
+
+
+_ERROR_MEANINGS = {
+    400: "The request is not valid (code invalid with fields, or invalid_inputs with lines).",
+    401: "No API key, or an invalid or revoked one.",
+    403: "The credentials are not a buyer organisation's.",
+    404: "No such object in your organisation.",
+    409: "A conflict: the job is closed, or a request with this Idempotency-Key is still running.",
+    413: "A JSON body over 2.5 MB.",
+    422: "This Idempotency-Key was used for another request.",
+    429: "Too many requests for this API key: wait Retry-After seconds.",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {code: OpenApiResponse(ErrorSerializer, description=_ERROR_MEANINGS[code]) for code in statuses}
+
+
+_POST_ERRORS = (400, 401, 403, 409, 422, 429)
+
+# --- catalogue -----------------------------------------------------------------------------------------
+
+
 class AIModelSerializer(serializers.ModelSerializer):
     price_per_million_tokens_micros = serializers.SerializerMethodField(
         help_text="Last clearing price per precision, in micro-units per million tokens (null: no trade yet).")
+    default = serializers.SerializerMethodField(help_text="The catalogue's default model for its task.")
 
     class Meta:
         model = AIModel
         fields = ["slug", "name", "description", "task", "precisions", "dims", "max_tokens", "ops_per_token",
-                  "price_per_million_tokens_micros"]
+                  "price_per_million_tokens_micros", "default"]
 
-    def get_price_per_million_tokens_micros(self, obj) -> dict:
+    def get_price_per_million_tokens_micros(self, obj) -> dict[str, int | None]:
         return selectors.model_prices(ai_model=obj)
 
-
-class JobSerializer(serializers.ModelSerializer):
-    model = serializers.CharField(source="ai_model.slug")
-    progress_pct = serializers.IntegerField(read_only=True)
-    max_price_per_million_tokens_micros = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Job
-        fields = ["id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
-                  "currency", "deadline", "docs_total", "tokens_total", "mops_total", "units_total", "units_done",
-                  "progress_pct", "created_at", "started_at", "finished_at"]
-
-    def get_max_price_per_million_tokens_micros(self, obj) -> int:
-        return price_per_million_tokens_micros(price_micros=obj.max_price_micros, ops_per_token=obj.ai_model.ops_per_token)
-
-
-class JobCreateSerializer(serializers.Serializer):
-    model = serializers.CharField(help_text="Model slug from GET /api/v1/models/.")
-    precision = serializers.CharField(help_text="int8 or fp32 (what the model supports).")
-    max_price_micros = serializers.IntegerField(
-        help_text="Sealed bid: the most you pay per compute unit (10^15 operations), in micro-units of the currency.")
-    deadline = serializers.DateTimeField(help_text="ISO 8601; the job expires after it.")
-    inputs = serializers.FileField(help_text='JSON Lines: one {"text": ..., "id": optional} object per line.')
+    def get_default(self, obj) -> bool:
+        default = selectors.default_model(task=obj.task)
+        return default is not None and default.pk == obj.pk
 
 
 class ModelListApi(generics.ListAPIView):
-    """The model catalogue, with the last clearing price per precision."""
+    """The model catalogue, with the last clearing price per precision (public)."""
 
     serializer_class = AIModelSerializer
     permission_classes = [permissions.AllowAny]
@@ -75,58 +118,330 @@ class ModelListApi(generics.ListAPIView):
     pagination_class = None
 
 
-class JobListCreateApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, IsBuyer]
-    parser_classes = [MultiPartParser, FormParser]
+# --- jobs ----------------------------------------------------------------------------------------------
 
-    @extend_schema(responses=JobSerializer(many=True))
+def _acting_user(request):
+    """Who a job's history names for a change: the signed-in member, or the API key's creator."""
+    user = request.user
+    return user if user is not None and user.is_authenticated else None
+
+
+class JobSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="ai_model.slug")
+    progress_pct = serializers.IntegerField(read_only=True)
+    max_price_per_million_tokens_micros = serializers.SerializerMethodField(
+        help_text="The bid in the buyer's terms: micro-units per million tokens of the job's model.")
+
+    class Meta:
+        model = Job
+        fields = ["id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
+                  "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total", "units_total", "units_done",
+                  "progress_pct", "created_at", "started_at", "finished_at"]
+
+    def get_max_price_per_million_tokens_micros(self, obj) -> int:
+        return price_per_million_tokens_micros(price_micros=obj.max_price_micros,
+                                               ops_per_token=obj.ai_model.ops_per_token)
+
+
+class DocumentSerializer(serializers.Serializer):
+    """One input row (schema only: rows are checked by the service, which reports bad ones by number)."""
+
+    text = serializers.CharField(help_text="The document; at most 64 KiB as a JSON line.")
+    id = serializers.CharField(required=False,
+                               help_text="Optional (string or integer, up to 256 characters), echoed in the results.")
+
+
+@extend_schema_field(DocumentSerializer(many=True))
+class DocumentsField(serializers.ListField):
+    child = serializers.JSONField()
+
+
+class JobParametersSerializer(serializers.Serializer):
+    model = serializers.CharField(help_text="Model slug from GET /api/v1/models/.")
+    precision = serializers.CharField(help_text="A precision the model runs at (see its precisions), e.g. int8.")
+    max_price_micros = serializers.IntegerField(
+        max_value=MAX_PRICE_MICROS,
+        help_text="Sealed bid: the most you pay per compute unit (10^15 operations), in micro-units of the currency.")
+    deadline = serializers.DateTimeField(help_text="ISO 8601; the job expires after it.")
+    budget_cap_minor = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1,
+        help_text="Optional: the most the job may spend, in minor units (cents). The auction bids only for the work "
+                  "the rest of the budget can pay at the bid, so the job stops short of the cap.")
+
+
+class JobCreateSerializer(JobParametersSerializer):
+    inputs = serializers.FileField(
+        help_text='JSON Lines: one {"text": ..., "id": optional} object per line. Streamed: any size.')
+
+
+class JobCreateJsonSerializer(JobParametersSerializer):
+    inputs = DocumentsField(help_text="The documents, for small jobs (the whole body is at most 2.5 MB). "
+                                      "In errors, line n is the n-th document.")
+
+
+class JobFilterSerializer(serializers.Serializer):
+    state = serializers.CharField(
+        required=False, source="states",
+        help_text="One or more states, comma-separated: queued, running, completed, cancelled, expired.")
+    model = serializers.SlugField(required=False, help_text="A model slug.")
+    created_after = serializers.DateTimeField(required=False, help_text="ISO 8601, inclusive.")
+    created_before = serializers.DateTimeField(required=False, help_text="ISO 8601, inclusive.")
+
+    def validate_state(self, value: str) -> list[str]:
+        states = [s.strip() for s in value.split(",") if s.strip()]
+        if unknown := sorted(set(states) - set(Job.State.values)):
+            raise serializers.ValidationError(
+                f"Unknown state(s) {', '.join(unknown)}; known: {', '.join(Job.State.values)}.")
+        return states
+
+
+class BidSerializer(serializers.Serializer):
+    max_price_micros = serializers.IntegerField(
+        min_value=1, max_value=MAX_PRICE_MICROS,
+        help_text="The new maximum price per compute unit (10^15 operations), in micro-units.")
+
+
+class BudgetSerializer(serializers.Serializer):
+    budget_cap_minor = serializers.IntegerField(
+        min_value=1, allow_null=True,
+        help_text="The new budget cap in minor units (cents), or null for none.")
+
+
+_JOB_EXAMPLE = {"model": "all-minilm-l6-v2", "precision": "int8", "max_price_micros": 2000000,
+                "deadline": "2030-01-01T12:00:00Z"}
+
+
+def _jsonl(rows: list) -> Iterator[bytes]:
+    """The documents of a JSON body as the JSON Lines the service reads (row n is line n)."""
+    return (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows)
+
+
+class JobListCreateApi(BuyerApi, generics.GenericAPIView):
+    """Your organisation's jobs; create one (its inputs uploaded with it)."""
+
+    pagination_class = Pagination
+    serializer_class = JobSerializer
+
+    @extend_schema(parameters=[JobFilterSerializer],
+                   responses={200: JobSerializer(many=True), **_errors(400, 401, 403, 429)})
     def get(self, request):
-        jobs = selectors.jobs_for(organisation=selectors.organisation_of(request))[:200]
-        return Response(JobSerializer(jobs, many=True).data)
+        filters = JobFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        page = self.paginate_queryset(selectors.jobs_for(organisation=self.organisation, **filters.validated_data))
+        return self.get_paginated_response(JobSerializer(page, many=True).data)
+
+    def read_job(self, request) -> services.JobDraft:
+        """The first phase of a submission: check it and read its inputs (slow for a large file; writes nothing)."""
+        as_json = not request.content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+        data = (JobCreateJsonSerializer if as_json else JobCreateSerializer)(data=request.data)
+        data.is_valid(raise_exception=True)
+        inputs = data.validated_data["inputs"]
+        return services.job_prepare(
+            model_slug=data.validated_data["model"], precision=data.validated_data["precision"],
+            max_price_micros=data.validated_data["max_price_micros"], deadline=data.validated_data["deadline"],
+            budget_cap_minor=data.validated_data.get("budget_cap_minor"), inputs=_jsonl(inputs) if as_json else inputs)
 
     @extend_schema(
-        request={"multipart/form-data": JobCreateSerializer},
-        responses={201: JobSerializer},
-        examples=[OpenApiExample("embed documents", request_only=True, value={
-            "model": "all-minilm-l6-v2", "precision": "int8", "max_price_micros": 2000000,
-            "deadline": "2026-12-01T12:00:00Z", "inputs": "(file) docs.jsonl"})],
+        request={"multipart/form-data": JobCreateSerializer, "application/json": JobCreateJsonSerializer},
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: JobSerializer, **_errors(*_POST_ERRORS, 413)},
+        examples=[
+            OpenApiExample("a JSON Lines file", request_only=True, media_type="multipart/form-data",
+                           value={**_JOB_EXAMPLE, "inputs": "(file) docs.jsonl"}),
+            OpenApiExample("a few documents", request_only=True, media_type="application/json",
+                           value={**_JOB_EXAMPLE, "inputs": [{"id": "a", "text": "first document"},
+                                                             {"text": "second"}]}),
+        ],
     )
-    def post(self, request):
-        data = JobCreateSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        job = services.job_create(
-            organisation=selectors.organisation_of(request), user=request.user, model_slug=data.validated_data["model"],
-            precision=data.validated_data["precision"], max_price_micros=data.validated_data["max_price_micros"],
-            deadline=data.validated_data["deadline"], inputs=data.validated_data["inputs"],
-        )
+    @idempotent(prepare="read_job")
+    def post(self, request, prepared: services.JobDraft):
+        """Create a job: multipart/form-data with the inputs as a JSON Lines file (streamed: any size), or a
+        JSON body with the documents in `inputs` (up to 2.5 MB). Bad rows are reported by line, and then
+        nothing is created."""
+        job = services.job_create_from(organisation=self.organisation, user=request.user, draft=prepared)
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
-class JobDetailApi(generics.RetrieveAPIView):
-    permission_classes = [permissions.IsAuthenticated, IsBuyer]
-    serializer_class = JobSerializer
-
-    def get_queryset(self):
-        return selectors.jobs_for(organisation=selectors.organisation_of(self.request))
-
-
-class JobCancelApi(APIView):
-    permission_classes = [permissions.IsAuthenticated, IsBuyer]
-
-    @extend_schema(request=None, responses=JobSerializer)
-    def post(self, request, pk):
-        job = get_object_or_404(selectors.jobs_for(organisation=selectors.organisation_of(request)), pk=pk)
-        return Response(JobSerializer(services.job_cancel(job=job)).data)
-
-
-class JobResultsApi(APIView):
-    """Results as JSON Lines in input order: ``{"index", "id", "embedding"}`` per input (streamed)."""
-
-    permission_classes = [permissions.IsAuthenticated, IsBuyer]
-
-    @extend_schema(responses={(200, "application/x-ndjson"): str})
+class JobDetailApi(BuyerApi):
+    @extend_schema(responses={200: JobSerializer, **_errors(401, 403, 404, 429)})
     def get(self, request, pk):
-        job = get_object_or_404(selectors.jobs_for(organisation=selectors.organisation_of(request)), pk=pk)
-        response = StreamingHttpResponse(_stream(selectors.job_results_lines(job=job)), content_type="application/x-ndjson")
+        """A job's state and progress."""
+        return Response(JobSerializer(self.job(pk)).data)
+
+
+class JobCancelApi(BuyerApi):
+    @extend_schema(request=None, parameters=[IDEMPOTENCY_KEY],
+                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 404)})
+    @idempotent
+    def post(self, request, pk):
+        """Stop a job: queued units are cancelled, leases withdrawn, the unused budget released. Finished
+        units stay paid; cancelling a finished job changes nothing."""
+        return Response(JobSerializer(services.job_cancel(job=self.job(pk), by=_acting_user(request))).data)
+
+
+class JobBidApi(BuyerApi):
+    @extend_schema(request=BidSerializer, parameters=[IDEMPOTENCY_KEY],
+                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 404)},
+                   examples=[OpenApiExample("raise the bid", request_only=True, value={"max_price_micros": 3000000})])
+    @idempotent
+    def post(self, request, pk):
+        """Raise or lower the maximum price of an open (queued or running) job; the next auction round uses it.
+        Lowering it gives up capacity already won above the new price."""
+        data = BidSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = services.job_bid_update(job=self.job(pk), max_price_micros=data.validated_data["max_price_micros"],
+                                      by=_acting_user(request))
+        return Response(JobSerializer(job).data)
+
+
+class JobBudgetApi(BuyerApi):
+    @extend_schema(request=BudgetSerializer, parameters=[IDEMPOTENCY_KEY],
+                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 404)},
+                   examples=[OpenApiExample("raise the cap to $50", request_only=True, value={"budget_cap_minor": 5000})])
+    @idempotent
+    def post(self, request, pk):
+        """Set, change or remove (null) the budget cap of an open job; the next auction round bids within it."""
+        data = BudgetSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = services.job_budget_update(job=self.job(pk), budget_cap_minor=data.validated_data["budget_cap_minor"],
+                                         by=_acting_user(request))
+        return Response(JobSerializer(job).data)
+
+
+class JobResultsApi(BuyerApi):
+    @extend_schema(responses={(200, "application/x-ndjson"): OpenApiResponse(str, description=(
+        'One line per input, in input order: {"index": 0, "id": "doc-1", "embedding": [...]}; an input not yet '
+        'computed has "error": "not computed" instead.')), **_errors(401, 403, 404, 429)})
+    def get(self, request, pk):
+        """The results as JSON Lines in input order, streamed."""
+        job = self.job(pk)
+        response = StreamingHttpResponse(_stream(selectors.job_results_lines(job=job)),
+                                         content_type="application/x-ndjson")
         response["Content-Disposition"] = f'attachment; filename="job-{job.pk}-results.jsonl"'
         return response
+
+
+# --- rounds --------------------------------------------------------------------------------------------
+
+class RoundSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuctionRound
+        fields = ["id", "market", "cleared_at", "interval_s", "clearing_price_micros", "offered_mops",
+                  "demanded_mops", "sold_mops"]
+        extra_kwargs = {
+            "market": {"help_text": "The precision class."},
+            "clearing_price_micros": {
+                "help_text": "Micro-units per compute unit (10^15 operations); null when nothing traded."},
+            "offered_mops": {"help_text": "Capacity the cars offered, in mega-ops (10^6 operations)."},
+            "demanded_mops": {"help_text": "Work the open jobs bid for, in mega-ops."},
+            "sold_mops": {"help_text": "Capacity sold, in mega-ops."},
+        }
+
+
+class RoundFilterSerializer(serializers.Serializer):
+    market = serializers.ChoiceField(choices=PRECISION_CHOICES, required=False, help_text="A precision class.")
+    since = serializers.DateTimeField(required=False, help_text="Only rounds cleared after this instant (ISO 8601).")
+    traded = serializers.BooleanField(
+        required=False, allow_null=True, default=None,
+        help_text="true: only rounds with a price; false: only rounds where nothing traded.")
+
+
+class RoundListApi(generics.GenericAPIView):
+    """Price history: every cleared round, newest first. Aggregates only: no bid, buyer, job or car."""
+
+    permission_classes = [permissions.IsAuthenticated]
+    pagination_class = Pagination
+    serializer_class = RoundSerializer
+
+    @extend_schema(parameters=[RoundFilterSerializer],
+                   responses={200: RoundSerializer(many=True), **_errors(400, 401, 429)})
+    def get(self, request):
+        filters = RoundFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        page = self.paginate_queryset(selectors.rounds_public(**filters.validated_data))
+        return self.get_paginated_response(RoundSerializer(page, many=True).data)
+
+
+# --- webhooks ------------------------------------------------------------------------------------------
+
+class WebhookEndpointSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["id", "url", "events", "description", "created_at"]
+
+
+class WebhookEndpointCreatedSerializer(WebhookEndpointSerializer):
+    secret = serializers.CharField(help_text="Signs every delivery (see docs/api.md). Shown only now: keep it.")
+
+    class Meta(WebhookEndpointSerializer.Meta):
+        fields = [*WebhookEndpointSerializer.Meta.fields, "secret"]
+
+
+class WebhookEndpointCreateSerializer(serializers.Serializer):
+    url = serializers.URLField(max_length=2000, help_text="Where to POST events: https, on a public address.")
+    events = serializers.ListField(child=serializers.ChoiceField(choices=webhooks.EVENT_TYPES), required=False,
+                                   default=list, help_text="Event types to receive; empty or absent: all.")
+    description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    event_id = serializers.CharField(source="event.public_id")
+    event_type = serializers.CharField(source="event.type")
+
+    class Meta:
+        model = WebhookDelivery
+        fields = ["id", "event_id", "event_type", "state", "attempts", "last_status_code", "last_error",
+                  "last_attempt_at", "next_attempt_at", "delivered_at", "created_at"]
+
+
+class WebhookEndpointListCreateApi(BuyerApi, generics.GenericAPIView):
+    """Your organisation's webhook endpoints."""
+
+    pagination_class = Pagination
+    serializer_class = WebhookEndpointSerializer
+
+    @extend_schema(responses={200: WebhookEndpointSerializer(many=True), **_errors(401, 403, 429)})
+    def get(self, request):
+        page = self.paginate_queryset(selectors.webhook_endpoints_for(organisation=self.organisation))
+        return self.get_paginated_response(WebhookEndpointSerializer(page, many=True).data)
+
+    @extend_schema(request=WebhookEndpointCreateSerializer, parameters=[IDEMPOTENCY_KEY],
+                   responses={201: WebhookEndpointCreatedSerializer, **_errors(*_POST_ERRORS)},
+                   examples=[OpenApiExample("every event", request_only=True,
+                                            value={"url": "https://example.com/hooks/marketplace", "events": []})])
+    @idempotent
+    def post(self, request):
+        """Register an endpoint. The answer holds its signing secret, shown this once."""
+        data = WebhookEndpointCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        endpoint = webhooks.endpoint_create(organisation=self.organisation, created_by=request.user,
+                                            **data.validated_data)
+        return Response(WebhookEndpointCreatedSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookEndpointDetailApi(BuyerApi):
+    def endpoint(self, pk) -> WebhookEndpoint:
+        return get_object_or_404(selectors.webhook_endpoints_for(organisation=self.organisation), pk=pk)
+
+    @extend_schema(responses={200: WebhookEndpointSerializer, **_errors(401, 403, 404, 429)})
+    def get(self, request, pk):
+        return Response(WebhookEndpointSerializer(self.endpoint(pk)).data)
+
+    @extend_schema(responses={204: None, **_errors(401, 403, 404, 429)})
+    def delete(self, request, pk):
+        """Stop sending to the endpoint; deliveries still pending are given up."""
+        webhooks.endpoint_disable(endpoint=self.endpoint(pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookDeliveryListApi(BuyerApi, generics.GenericAPIView):
+    """An endpoint's delivery log, newest first: attempts, last status code or error, next retry."""
+
+    pagination_class = Pagination
+    serializer_class = WebhookDeliverySerializer
+
+    @extend_schema(responses={200: WebhookDeliverySerializer(many=True), **_errors(401, 403, 404, 429)})
+    def get(self, request, pk):
+        endpoint = get_object_or_404(selectors.webhook_endpoints_for(organisation=self.organisation), pk=pk)
+        page = self.paginate_queryset(selectors.webhook_deliveries_for(endpoint=endpoint))
+        return self.get_paginated_response(WebhookDeliverySerializer(page, many=True).data)

@@ -1,7 +1,12 @@
+from decimal import Decimal
+
 from django import forms
 from django.utils import timezone
 
-from marketplace.models import AIModel, PRECISION_CHOICES, User
+from billing.money import MICROS_PER_MAJOR, price_micros_for_per_million_tokens
+from marketplace.models import PRECISION_CHOICES, AIModel, User
+
+CHARS_PER_TOKEN = 4  # English text under a WordPiece or BPE tokenizer, for estimates only
 
 
 class SignupForm(forms.Form):
@@ -24,18 +29,97 @@ class SignupForm(forms.Form):
         user_role_set(user=user, role=self.cleaned_data["role"], organisation_name=self.cleaned_data.get("organisation"))
 
 
+class BudgetField(forms.DecimalField):
+    """An optional budget cap in dollars, cleaned to minor units (cents): ``None`` when left empty."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("label", "Budget cap")
+        kwargs.setdefault("help_text", "Optional, in dollars: the most the job may spend. It stops short of the cap.")
+        super().__init__(required=False, min_value=Decimal("0.01"), max_digits=14, decimal_places=2, **kwargs)
+
+    def clean(self, value):
+        dollars = super().clean(value)
+        return None if dollars is None else int(dollars * 100)
+
+
+def bid_micros(*, ai_model: AIModel, per_mtok: Decimal) -> int:
+    """A bid typed in dollars per million tokens of ``ai_model``, as µ$ per compute unit (rounded down)."""
+    return price_micros_for_per_million_tokens(per_million_tokens_micros=int(per_mtok * MICROS_PER_MAJOR),
+                                               ops_per_token=ai_model.ops_per_token)
+
+
 class JobForm(forms.Form):
+    """A new job as a buyer thinks of it: a model, a maximum price per million tokens of that model, a deadline
+    and the documents. The bid is stored per compute unit (what the auction clears), rounded down."""
+
     model = forms.ModelChoiceField(queryset=AIModel.objects.filter(active=True), to_field_name="slug", empty_label=None)
-    precision = forms.ChoiceField(choices=PRECISION_CHOICES)
-    max_price_micros = forms.IntegerField(label="Maximum price", initial=2_000_000,
-                                          help_text="µ$ per PetaOp (10^15 operations): your sealed bid.")
+    precision = forms.ChoiceField(choices=PRECISION_CHOICES,
+                                  help_text="Number format the cars compute in: INT8 is cheapest, FP32 the most exact.")
+    max_price_per_mtok = forms.DecimalField(
+        label="Maximum price per million tokens", min_value=Decimal("0.000001"), max_digits=12, decimal_places=6,
+        help_text="In dollars: your sealed bid. Every round's single clearing price is at most this, often less.")
     deadline = forms.DateTimeField(widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                    help_text="UTC. The job expires then; finished units stay paid.")
-    inputs = forms.FileField(help_text='JSON Lines: one {"text": "...", "id": "..."} object per line.')
+    budget_cap = BudgetField()
+    inputs = forms.FileField(help_text='JSON Lines: one {"text": "...", "id": "..."} object per line. Large files '
+                                       "are streamed; a bad line is reported by its number and nothing is created.")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["deadline"].initial = (timezone.now() + timezone.timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M")
+
+    def clean(self):
+        data = super().clean()
+        ai_model, precision, per_mtok = data.get("model"), data.get("precision"), data.get("max_price_per_mtok")
+        if ai_model and precision and precision not in ai_model.precisions:
+            self.add_error("precision", f"{ai_model.name} runs at {', '.join(p.upper() for p in ai_model.precisions)}.")
+        if ai_model and per_mtok is not None:
+            data["max_price_micros"] = bid_micros(ai_model=ai_model, per_mtok=per_mtok)
+            if data["max_price_micros"] <= 0:
+                self.add_error("max_price_per_mtok", "This price is below one micro-dollar per PetaOp: raise it.")
+        return data
+
+
+class JobTermsForm(forms.Form):
+    """Change an open job's bid (per million tokens of its model) and budget cap."""
+
+    max_price_per_mtok = forms.DecimalField(label="Maximum price per million tokens", min_value=Decimal("0.000001"),
+                                            max_digits=12, decimal_places=6, help_text="In dollars.")
+    budget_cap = BudgetField(help_text="In dollars; empty: no cap.")
+
+    def __init__(self, *args, ai_model: AIModel, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ai_model = ai_model
+
+    def clean(self):
+        data = super().clean()
+        if data.get("max_price_per_mtok") is not None:
+            data["max_price_micros"] = bid_micros(ai_model=self.ai_model, per_mtok=data["max_price_per_mtok"])
+            if data["max_price_micros"] <= 0:
+                self.add_error("max_price_per_mtok", "This price is below one micro-dollar per PetaOp: raise it.")
+        return data
+
+
+class EstimateForm(forms.Form):
+    """What the new-job page knows before the upload: the model, the bid and the file's size in documents and
+    characters (counted in the browser)."""
+
+    model = forms.ModelChoiceField(queryset=AIModel.objects.filter(active=True), to_field_name="slug")
+    precision = forms.ChoiceField(choices=PRECISION_CHOICES)
+    max_price_per_mtok = forms.DecimalField(min_value=Decimal("0.000001"), max_digits=12, decimal_places=6)
+    docs = forms.IntegerField(min_value=1)
+    chars = forms.IntegerField(min_value=0)
+    budget_cap = BudgetField()
+
+    def tokens(self) -> int:
+        """Estimated tokens: about four characters a token plus the two special tokens, each document capped at
+        the model's context (the tokenizer counts exactly once the file is uploaded)."""
+        data = self.cleaned_data
+        return min(data["chars"] // CHARS_PER_TOKEN + 2 * data["docs"], data["docs"] * data["model"].max_tokens)
+
+
+class MemberAddForm(forms.Form):
+    email = forms.EmailField(label="Email address", help_text="They get an email with a link to set their password.")
 
 
 class ApiKeyForm(forms.Form):

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.db import models
+from django.utils import timezone
 
 PRECISION_CHOICES = [("int8", "INT8"), ("fp16", "FP16"), ("fp32", "FP32")]
 # Workload categories: a model's task, and what an owner consents to. (code, name, in plain words)
@@ -144,6 +145,9 @@ class Job(models.Model):
     )
     currency = models.CharField(max_length=3, default="usd")
     deadline = models.DateTimeField()
+    budget_cap_minor = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The most the job may spend, in the currency's minor units (cents); "
+                                         "null: no cap beyond the bid. The auction bids only for work it can still pay.")
     docs_total = models.PositiveIntegerField(default=0)
     tokens_total = models.PositiveBigIntegerField(default=0)
     mops_total = models.PositiveBigIntegerField(default=0, help_text="Work in mega-ops (10^6 operations).")
@@ -163,6 +167,32 @@ class Job(models.Model):
     @property
     def progress_pct(self) -> int:
         return int(100 * self.units_done / self.units_total) if self.units_total else 0
+
+
+class JobEvent(models.Model):
+    """A job's history as its buyer sees it: state changes, bid and budget changes, in order."""
+
+    class Kind(models.TextChoices):
+        CREATED = "created", "Created"
+        STARTED = "started", "Started"
+        BID_CHANGED = "bid_changed", "Bid changed"
+        BUDGET_CHANGED = "budget_changed", "Budget changed"
+        BUDGET_REACHED = "budget_reached", "Budget reached"
+        COMPLETED = "completed", "Completed"
+        CANCELLED = "cancelled", "Cancelled"
+        EXPIRED = "expired", "Expired"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    at = models.DateTimeField(default=timezone.now)
+    detail = models.CharField(max_length=300, blank=True)
+    by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self):
+        return f"{self.job} {self.kind} at {self.at:%H:%M:%S}"
 
 
 class AuctionRound(models.Model):
@@ -198,3 +228,108 @@ class Allocation(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["round", "job", "vehicle"], name="allocation_once_per_round")]
+
+
+class IdempotencyKey(models.Model):
+    """A POST's ``Idempotency-Key`` and the first response to it, replayed to repeats of the same request for
+    ``settings.IDEMPOTENCY_TTL_S`` (24 hours). While the first request runs, ``response_status`` is null and
+    ``lock`` names that request: its work and its response commit in one transaction, so a key is either
+    completed with its work done, or not completed with none of it done (see marketplace.idempotency)."""
+
+    scope = models.CharField(max_length=32, help_text="Whose key it is: org:<id> (a buyer organisation) or user:<id>.")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the method, path and body.")
+    path = models.CharField(max_length=500)
+    lock = models.CharField(max_length=32, help_text="Token of the request that holds the key while it runs.")
+    locked_at = models.DateTimeField()
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "key"], name="idempotency_key_once_per_scope")]
+
+    def __str__(self):
+        return f"{self.scope} {self.key}"
+
+
+WEBHOOK_EVENT_TYPES = [
+    ("job.completed", "every unit of the job is done: the results are ready"),
+    ("job.failed", "the job ended without completing: it expired at its deadline, or was cancelled"),
+    ("job.progress", "more of the job is done (at most once a minute per job)"),
+]
+
+
+class WebhookEndpoint(models.Model):
+    """Where a buyer organisation receives signed events. The secret signs every delivery; the API shows it
+    once, when the endpoint is created."""
+
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    url = models.URLField(max_length=2000)
+    secret = models.CharField(max_length=64, help_text="Signing secret (whsec_...).")
+    events = models.JSONField(default=list, help_text="Event types delivered; empty: all of them.")
+    description = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    disabled_at = models.DateTimeField(null=True, blank=True, help_text="Deleted by the buyer: no more deliveries.")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.url
+
+    def receives(self, event_type: str) -> bool:
+        return not self.events or event_type in self.events
+
+
+class WebhookEvent(models.Model):
+    """One event for an organisation, with its body exactly as every attempt sends it. Recorded in the
+    transaction that changed the job, so an event exists if and only if its change committed."""
+
+    public_id = models.CharField(max_length=40, unique=True, help_text="evt_...: receivers de-duplicate by it.")
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="webhook_events")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_events")
+    type = models.CharField(max_length=32, choices=[(t, t) for t, _ in WEBHOOK_EVENT_TYPES])
+    body = models.TextField(help_text="The JSON body as delivered: {id, type, created, data}.")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["job", "type", "created_at"])]
+        constraints = [models.UniqueConstraint(fields=["job", "type"], name="webhook_job_ends_once",
+                                               condition=models.Q(type__in=["job.completed", "job.failed"]))]
+
+    def __str__(self):
+        return f"{self.public_id} {self.type}"
+
+
+class WebhookDelivery(models.Model):
+    """One event to one endpoint: the delivery log. Attempts are made by a periodic sweep (the database, not
+    a Celery countdown, says when the next one is due), with exponential backoff between them."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed (gave up)"
+
+    event = models.ForeignKey(WebhookEvent, on_delete=models.CASCADE, related_name="deliveries")
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="Null once delivered or given up.")
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Null: no HTTP answer.")
+    last_error = models.CharField(max_length=500, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["state", "next_attempt_at"])]
+        constraints = [models.UniqueConstraint(fields=["event", "endpoint"], name="webhook_delivery_once")]
+
+    def __str__(self):
+        return f"{self.event.public_id} to {self.endpoint.url}"

@@ -3,25 +3,32 @@
 import json
 import logging
 import math
+import tempfile
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Iterable
+from typing import BinaryIO, Iterable, Iterator
 
+from allauth.account.forms import default_token_generator
+from allauth.account.utils import user_pk_to_url_str
 from django.conf import settings
+from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import Max, Q, Sum
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from billing.money import mops_for_tokens
 from fleet import tokens
 from fleet.agent.models import count_tokens
 from fleet.models import Lease, WorkUnit
 from fleet.selectors import vehicle_consents, vehicles_offering
 from fleet.services import leases_withdraw
-from marketplace import clearing
-from marketplace.errors import ValidationFailed
-from marketplace.models import AIModel, Allocation, ApiKey, AuctionRound, Job, Organisation, User
+from marketplace import clearing, selectors, webhooks
+from marketplace.errors import AuctionError, Conflict, ValidationFailed
+from marketplace.history import job_history_add
+from marketplace.models import AIModel, Allocation, ApiKey, AuctionRound, Job, JobEvent, Organisation, User
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +106,61 @@ def _parse_line(raw: bytes, number: int) -> dict | str | None:
     return {"id": doc_id, "text": text}
 
 
-def _units_create(*, job: Job, seq: int, docs: list[dict]) -> int:
-    """Create one work unit from ``docs``; returns its mega-ops."""
-    counts = count_tokens(job.ai_model.runtime, [d["text"] for d in docs])
-    tokens_total = sum(counts)
-    mops = math.ceil(tokens_total * job.ai_model.ops_per_token / 10**6)
-    WorkUnit.objects.create(job=job, seq=seq, inputs=docs, tokens=tokens_total, mops=mops)
-    job.tokens_total += tokens_total
-    job.mops_total += mops
-    return mops
+def _lines(stream: BinaryIO, limit: int) -> Iterator[bytes]:
+    """The lines of a binary file, each read with a bounded ``readline``: memory stays flat whatever the size
+    of the file, or of one line. A line over ``limit`` bytes comes out cut at ``limit + 1`` (still too long for
+    :func:`_parse_line` to accept, so it is reported by its number) and the rest of it is skipped."""
+    while line := stream.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := stream.readline(limit + 1)) and not rest.endswith(b"\n"):
+                pass
+        yield line
 
 
-def job_create(*, organisation: Organisation, user: User | None, model_slug: str, precision: str,
-               max_price_micros: int, deadline: datetime, inputs: Iterable[bytes]) -> Job:
-    """Create a job from JSON Lines inputs, streamed: every line is checked, bad lines are reported by
-    number, and nothing is created unless the whole file is good."""
+@dataclass
+class JobDraft:
+    """A job checked and costed but not saved yet. Its units wait in a temporary file, one JSON line each
+    (``[tokens, mops, documents]``), so that memory stays flat whatever the size of the inputs."""
+
+    ai_model: AIModel
+    precision: str
+    max_price_micros: int
+    deadline: datetime
+    units: BinaryIO
+    budget_cap_minor: int | None = None
+    docs_total: int = 0
+    tokens_total: int = 0
+    mops_total: int = 0
+    units_total: int = 0
+
+
+# Documents costed per tokenizer call (one call per unit of 8 took 40 % longer), fewer when they are long.
+_COST_BATCH_DOCS = 512
+_COST_BATCH_BYTES = 1 << 20
+
+
+def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
+    """Cost ``docs`` (whole units but perhaps the last) and append them to the draft as units, in order."""
+    counts = count_tokens(draft.ai_model.runtime, [d["text"] for d in docs])
+    for start in range(0, len(docs), settings.DOCS_PER_UNIT):
+        unit_docs = docs[start:start + settings.DOCS_PER_UNIT]
+        tokens = sum(counts[start:start + settings.DOCS_PER_UNIT])
+        mops = mops_for_tokens(tokens=tokens, ops_per_token=draft.ai_model.ops_per_token)
+        draft.units.write(json.dumps([tokens, mops, unit_docs], separators=(",", ":")).encode() + b"\n")
+        draft.units_total += 1
+        draft.docs_total += len(unit_docs)
+        draft.tokens_total += tokens
+        draft.mops_total += mops
+
+
+def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadline: datetime,
+                inputs: BinaryIO | Iterable[bytes], budget_cap_minor: int | None = None) -> JobDraft:
+    """Check a job and read its JSON Lines inputs (a binary file, such as an upload, or an iterable of lines),
+    streamed: every line is checked, bad lines are reported by number (and then nothing is kept), good ones
+    are costed and split into units of ``DOCS_PER_UNIT`` in input order.
+
+    Writes nothing: the slow part of creating a job (reading and tokenizing) holds no transaction, which on
+    SQLite would hold the one write lock, and the cars' results with it."""
     errors: dict[str, list[str]] = {}
     ai_model = AIModel.objects.filter(slug=model_slug, active=True).first()
     if ai_model is None:
@@ -124,48 +171,86 @@ def job_create(*, organisation: Organisation, user: User | None, model_slug: str
         errors["max_price_micros"] = ["The maximum price must be a positive number of micro-units."]
     if deadline <= timezone.now():
         errors["deadline"] = ["The deadline must be in the future."]
+    if budget_cap_minor is not None and budget_cap_minor <= 0:
+        errors["budget_cap_minor"] = ["The budget cap must be a positive amount of minor units (cents), or absent."]
     if errors:
         raise ValidationFailed("The job is not valid.", extra={"fields": errors})
 
+    draft = JobDraft(ai_model=ai_model, precision=precision, max_price_micros=max_price_micros, deadline=deadline,
+                     units=tempfile.TemporaryFile(), budget_cap_minor=budget_cap_minor)
     bad_lines: list[dict] = []
     bad_count = 0
-    with transaction.atomic():
-        job = Job.objects.create(organisation=organisation, created_by=user, ai_model=ai_model, precision=precision,
-                                 max_price_micros=max_price_micros, deadline=deadline, currency=settings.CURRENCY)
-        batch: list[dict] = []
-        for number, raw in enumerate(inputs, start=1):
-            parsed = _parse_line(raw, number)
-            if isinstance(parsed, str):
-                bad_count += 1
-                if len(bad_lines) < settings.MAX_ERRORS_REPORTED:
-                    bad_lines.append({"line": number, "message": parsed})
-                continue
-            if parsed is None or bad_count:
-                continue  # after the first bad line, only validate
-            batch.append(parsed)
-            job.docs_total += 1
-            if len(batch) == settings.DOCS_PER_UNIT:
-                _units_create(job=job, seq=job.units_total, docs=batch)
-                job.units_total += 1
-                batch = []
-        if batch and not bad_count:
-            _units_create(job=job, seq=job.units_total, docs=batch)
-            job.units_total += 1
-        if bad_count:
-            transaction.set_rollback(True)
-        elif job.docs_total == 0:
-            transaction.set_rollback(True)
-            raise ValidationFailed("The inputs file holds no documents.", code="invalid_inputs",
-                                   extra={"lines": []})
-        else:
-            job.save(update_fields=["docs_total", "tokens_total", "mops_total", "units_total"])
+    pending: list[dict] = []
+    pending_bytes = 0
+    lines = _lines(inputs, settings.MAX_UPLOAD_LINE_BYTES) if hasattr(inputs, "readline") else inputs
+    for number, raw in enumerate(lines, start=1):
+        parsed = _parse_line(raw, number)
+        if isinstance(parsed, str):
+            bad_count += 1
+            if len(bad_lines) < settings.MAX_ERRORS_REPORTED:
+                bad_lines.append({"line": number, "message": parsed})
+            continue
+        if parsed is None or bad_count:
+            continue  # after the first bad line, only validate
+        pending.append(parsed)
+        pending_bytes += len(raw)
+        whole_units = len(pending) % settings.DOCS_PER_UNIT == 0
+        if whole_units and (len(pending) >= _COST_BATCH_DOCS or pending_bytes >= _COST_BATCH_BYTES):
+            _units_spool(draft, pending)
+            pending, pending_bytes = [], 0
+    if pending and not bad_count:
+        _units_spool(draft, pending)
+    if bad_count or draft.docs_total == 0:
+        draft.units.close()
     if bad_count:
         raise ValidationFailed(f"{bad_count} line(s) of the inputs file are not valid; nothing was created.",
                                code="invalid_inputs", extra={"lines": bad_lines, "bad_line_count": bad_count})
+    if draft.docs_total == 0:
+        raise ValidationFailed("The inputs file holds no documents.", code="invalid_inputs", extra={"lines": []})
+    draft.units.seek(0)
+    return draft
+
+
+def job_create_from(*, organisation: Organisation, user: User | None, draft: JobDraft) -> Job:
+    """Save a prepared job and its units, in one short transaction."""
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                organisation=organisation, created_by=user, ai_model=draft.ai_model, precision=draft.precision,
+                max_price_micros=draft.max_price_micros, deadline=draft.deadline, currency=settings.CURRENCY,
+                budget_cap_minor=draft.budget_cap_minor, docs_total=draft.docs_total, tokens_total=draft.tokens_total,
+                mops_total=draft.mops_total, units_total=draft.units_total)
+            budget = "" if draft.budget_cap_minor is None else f", budget cap {draft.budget_cap_minor} minor units"
+            job_history_add(job=job, kind=JobEvent.Kind.CREATED, by=user,
+                            detail=f"{draft.docs_total} documents in {draft.units_total} units, bid "
+                                   f"{draft.max_price_micros} µ$/PetaOp{budget}")
+            batch: list[WorkUnit] = []
+            for seq, line in enumerate(draft.units):
+                tokens, mops, docs = json.loads(line)
+                batch.append(WorkUnit(job=job, seq=seq, inputs=docs, tokens=tokens, mops=mops))
+                if len(batch) == 500:
+                    WorkUnit.objects.bulk_create(batch)
+                    batch = []
+            WorkUnit.objects.bulk_create(batch)
+    finally:
+        draft.units.close()
     return job
 
 
-def _job_close(*, job: Job, state: str, reason: str) -> None:
+def job_create(*, organisation: Organisation, user: User | None, model_slug: str, precision: str,
+               max_price_micros: int, deadline: datetime, inputs: BinaryIO | Iterable[bytes],
+               budget_cap_minor: int | None = None) -> Job:
+    """Create a job from JSON Lines inputs: :func:`job_prepare` (every line checked, bad lines reported by
+    number, nothing created unless the whole file is good), then :func:`job_create_from`."""
+    draft = job_prepare(model_slug=model_slug, precision=precision, max_price_micros=max_price_micros,
+                        deadline=deadline, inputs=inputs, budget_cap_minor=budget_cap_minor)
+    return job_create_from(organisation=organisation, user=user, draft=draft)
+
+
+_CLOSE_EVENTS = {Job.State.CANCELLED: JobEvent.Kind.CANCELLED, Job.State.EXPIRED: JobEvent.Kind.EXPIRED}
+
+
+def _job_close(*, job: Job, state: str, reason: str, by: User | None = None) -> None:
     now = timezone.now()
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
@@ -181,13 +266,70 @@ def _job_close(*, job: Job, state: str, reason: str) -> None:
         WorkUnit.objects.filter(job=job, state=WorkUnit.State.QUEUED).update(state=WorkUnit.State.CANCELLED)
         job.state, job.finished_at = state, now
         job.save(update_fields=["state", "finished_at"])
+        job_history_add(job=job, kind=_CLOSE_EVENTS[state], detail=reason.replace("_", " "), by=by)
+        webhooks.job_event_record(job=job)
 
 
-def job_cancel(*, job: Job) -> Job:
+def job_cancel(*, job: Job, by: User | None = None) -> Job:
     """Stop a job: its queued units are cancelled and its active leases withdrawn. Finished units stay paid."""
-    _job_close(job=job, state=Job.State.CANCELLED, reason="job_cancelled")
+    _job_close(job=job, state=Job.State.CANCELLED, reason="job_cancelled", by=by)
     job.refresh_from_db()
     return job
+
+
+def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -> Job:
+    """Raise or lower an open job's sealed bid; it takes part in the next auction round at the new price.
+
+    Lowering it also gives up the capacity the job won in rounds that cleared above the new bid, so that no
+    work is leased to it from now on at a price over its bid. Units already leased keep the price they were
+    leased at."""
+    if max_price_micros <= 0:
+        problem = "The maximum price must be a positive number of micro-units."
+        raise ValidationFailed("The bid is not valid.", extra={"fields": {"max_price_micros": [problem]}})
+    with transaction.atomic():
+        job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
+        if job.state not in Job.OPEN_STATES:
+            raise Conflict(f"The job is {job.state}: only a queued or running job's bid can change.",
+                           code="job_closed")
+        previous, job.max_price_micros = job.max_price_micros, max_price_micros
+        job.save(update_fields=["max_price_micros"])
+        job_history_add(job=job, kind=JobEvent.Kind.BID_CHANGED, by=by,
+                        detail=f"from {previous} to {max_price_micros} µ$/PetaOp")
+        if max_price_micros < previous:
+            (Allocation.objects.filter(job=job, price_micros__gt=max_price_micros, remaining_mops__gt=0)
+             .update(remaining_mops=0))
+    log.info("job %s: bid changed from %s to %s micros", job.pk, previous, max_price_micros)
+    return job
+
+
+def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None = None) -> Job:
+    """Set, raise, lower or remove (None) an open job's budget cap; the next auction round bids within it.
+    A cap below what the job has already spent and committed stops its bidding; nothing already leased is
+    taken back."""
+    if budget_cap_minor is not None and budget_cap_minor <= 0:
+        problem = "The budget cap must be a positive amount of minor units (cents), or null for none."
+        raise ValidationFailed("The budget is not valid.", extra={"fields": {"budget_cap_minor": [problem]}})
+    with transaction.atomic():
+        job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
+        if job.state not in Job.OPEN_STATES:
+            raise Conflict(f"The job is {job.state}: only a queued or running job's budget can change.",
+                           code="job_closed")
+        previous, job.budget_cap_minor = job.budget_cap_minor, budget_cap_minor
+        job.save(update_fields=["budget_cap_minor"])
+        job_history_add(job=job, kind=JobEvent.Kind.BUDGET_CHANGED, by=by,
+                        detail=f"from {'none' if previous is None else previous} to "
+                               f"{'none' if budget_cap_minor is None else budget_cap_minor} minor units")
+    return job
+
+
+def job_budget_reached(*, job_id: int) -> None:
+    """Note once in the job's history that its budget cap stopped its bidding (the auction calls it)."""
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job_id)
+        last = job.events.filter(kind__in=[JobEvent.Kind.BUDGET_REACHED, JobEvent.Kind.BUDGET_CHANGED]).last()
+        if last is None or last.kind != JobEvent.Kind.BUDGET_REACHED:
+            job_history_add(job=job, kind=JobEvent.Kind.BUDGET_REACHED,
+                            detail=f"the cap of {job.budget_cap_minor} minor units cannot pay another unit at the bid")
 
 
 def jobs_expire() -> int:
@@ -199,77 +341,116 @@ def jobs_expire() -> int:
 
 # --- auction -------------------------------------------------------------------------------------------
 
-def _round_clear(*, market: str, now: datetime, seconds_left: dict[int, float]) -> AuctionRound:
-    interval = settings.AUCTION_INTERVAL_S
-    jobs = (Job.objects.filter(state__in=Job.OPEN_STATES, precision=market).select_related("ai_model")
-            .annotate(queued_mops=Sum("units__mops", filter=Q(units__state=WorkUnit.State.QUEUED)))
-            .filter(queued_mops__gt=0).order_by("pk"))
-    bids = [clearing.Bid(id=job.pk, price=job.max_price_micros, quantity=job.queued_mops) for job in jobs]
-    rates, vehicles = {}, {}
-    offers = []
-    for vehicle, rate, time_left in vehicles_offering(precision=market, now=now):
-        rates[vehicle.pk], vehicles[vehicle.pk] = rate, vehicle
-        parked = interval if time_left is None else min(interval, time_left)  # a car sells only time it will be parked
-        quantity = int(rate * seconds_left.setdefault(vehicle.pk, parked))
-        offers.append(clearing.Offer(id=vehicle.pk, price=vehicle.policy.reserve_price_micros, quantity=quantity))
-    job_of = {job.pk: job for job in jobs}
-
-    def consent(job_id: int, vehicle_id: int) -> bool:
-        job = job_of[job_id]
-        return vehicle_consents(vehicle=vehicles[vehicle_id], job_category=job.ai_model.task,
-                                organisation_id=job.organisation_id)
-
-    refused = sorted([b.id, o.id] for b in bids for o in offers if not consent(b.id, o.id))
-    outcome = clearing.clear(bids, offers, _allowed(refused))
-    per_pair: dict[tuple[int, int], int] = defaultdict(int)
-    for fill in outcome.fills:
-        seconds_left[fill.offer_id] -= fill.quantity / rates[fill.offer_id]
-        per_pair[(fill.bid_id, fill.offer_id)] += fill.quantity
-    with transaction.atomic():
-        auction_round = AuctionRound.objects.create(
-            market=market, cleared_at=now, interval_s=interval, clearing_price_micros=outcome.price,
-            offered_mops=sum(o.quantity for o in offers), demanded_mops=sum(b.quantity for b in bids),
-            sold_mops=outcome.volume,
-            journal={"bids": [asdict(b) for b in bids], "offers": [asdict(o) for o in offers], "refused": refused,
-                     "fills": [asdict(f) for f in outcome.fills], "price": outcome.price},
-        )
-        Allocation.objects.bulk_create(
-            Allocation(round=auction_round, job_id=job_id, vehicle_id=vehicle_id, price_micros=outcome.price,
-                       mops=mops, remaining_mops=mops)
-            for (job_id, vehicle_id), mops in per_pair.items()
-        )
-    return auction_round
-
-
 def auction_tick() -> list[AuctionRound]:
-    """One auction interval: expire overdue jobs, then clear each market that has demand.
+    """One auction interval: expire overdue jobs, then clear every market that has demand, jointly.
 
-    A car that runs several precisions sells its time once: markets clear one after another (the market with
-    the highest bid first) and each takes the seconds of the interval the previous ones left."""
+    A car that runs several precisions offers each of them what its whole interval would give there; the
+    clearing (marketplace.clearing) sells each of its seconds once, to the market where surplus is highest.
+    One round is recorded per market, all with the same ``cleared_at``: they replay together."""
     jobs_expire()
     now = timezone.now()
-    tops = (Job.objects.filter(state__in=Job.OPEN_STATES, units__state=WorkUnit.State.QUEUED)
-            .values("precision").annotate(top=Max("max_price_micros")).order_by())
-    markets = [row["precision"] for row in sorted(tops, key=lambda r: (-r["top"], r["precision"]))]
-    seconds_left: dict[int, float] = {}
-    return [_round_clear(market=market, now=now, seconds_left=seconds_left) for market in markets]
+    interval = settings.AUCTION_INTERVAL_S
+    queued = Q(units__state=WorkUnit.State.QUEUED)
+    jobs = list(Job.objects.filter(state__in=Job.OPEN_STATES).select_related("ai_model")
+                .annotate(queued_mops=Sum("units__mops", filter=queued), largest_unit_mops=Max("units__mops", filter=queued))
+                .filter(queued_mops__gt=0).order_by("pk"))
+    # A job with a budget cap bids only for what the rest of its budget pays at its bid.
+    budget_left = selectors.jobs_budget_left_femto(job_ids=[job.pk for job in jobs])
+    for job in jobs:
+        job.bid_mops = selectors.bid_quantity_mops(queued_mops=job.queued_mops, max_price_micros=job.max_price_micros,
+                                                   budget_left_femto=budget_left.get(job.pk),
+                                                   largest_unit_mops=job.largest_unit_mops)
+        if not job.bid_mops:
+            job_budget_reached(job_id=job.pk)
+    jobs = [job for job in jobs if job.bid_mops]
+    if not jobs:
+        return []
+    top: dict[str, int] = {}
+    for job in jobs:
+        top[job.precision] = max(top.get(job.precision, 0), job.max_price_micros)
+    markets = sorted(top, key=lambda market: (-top[market], market))  # the best-paying market first
+    vehicles, capacity = {}, defaultdict(dict)
+    for market in markets:
+        for vehicle, rate, time_left in vehicles_offering(precision=market, now=now):
+            vehicles.setdefault(vehicle.pk, vehicle)
+            parked = interval if time_left is None else min(interval, time_left)  # a car sells only time it will be parked
+            capacity[vehicle.pk][market] = int(rate * parked)
+    bids = [clearing.Bid(id=job.pk, market=job.precision, price=job.max_price_micros, quantity=job.bid_mops)
+            for job in jobs]
+    offers = [clearing.Offer(id=pk, price=vehicles[pk].policy.reserve_price_micros, capacity=capacity[pk])
+              for pk in sorted(capacity)]
+    refused = [[job.pk, offer.id] for job in jobs for offer in offers if job.precision in offer.capacity
+               and not vehicle_consents(vehicle=vehicles[offer.id], job_category=job.ai_model.task,
+                                        organisation_id=job.organisation_id)]
+    outcome = clearing.clear(bids, offers, refused)
+    return _rounds_record(now=now, interval=interval, markets=markets, bids=bids, offers=offers, refused=refused,
+                          outcome=outcome)
 
 
-def _allowed(refused: list[list[int]]):
-    """The compatibility predicate of a round: every pair but the refused (job, car) pairs; None (every
-    pair may trade, the plain clearing) when no owner refused anything."""
-    if not refused:
-        return None
-    refused_pairs = {tuple(pair) for pair in refused}
-    return lambda job_id, vehicle_id: (job_id, vehicle_id) not in refused_pairs
+@transaction.atomic
+def _rounds_record(*, now: datetime, interval: float, markets: list[str], bids: list[clearing.Bid],
+                   offers: list[clearing.Offer], refused: list[list[int]],
+                   outcome: clearing.Outcome) -> list[AuctionRound]:
+    """One AuctionRound per market, journalling that market's sealed bids, the offers into it (the mega-ops a
+    car's whole interval gives there), the refusals and fills that concern it, and its price; and one
+    Allocation per (job, car) with whole mega-ops (a fraction of a mega-op left by a car's split of its
+    interval is not sold)."""
+    market_of = {bid.id: bid.market for bid in bids}
+    sold: dict[tuple[int, int], float] = defaultdict(float)
+    for fill in outcome.fills:
+        sold[(fill.bid_id, fill.offer_id)] += fill.quantity
+    rounds = []
+    for market in markets:
+        price = outcome.prices[market]
+        into = [offer for offer in offers if market in offer.capacity]
+        allocations = {pair: math.floor(mops + 1e-9 * mops)
+                       for pair, mops in sold.items() if market_of[pair[0]] == market}
+        auction_round = AuctionRound.objects.create(
+            market=market, cleared_at=now, interval_s=interval, clearing_price_micros=price,
+            offered_mops=sum(offer.capacity[market] for offer in into),
+            demanded_mops=sum(bid.quantity for bid in bids if bid.market == market),
+            sold_mops=sum(allocations.values()),
+            journal={
+                "markets": markets,
+                "bids": [{"id": bid.id, "price": bid.price, "quantity": bid.quantity}
+                         for bid in bids if bid.market == market],
+                "offers": [{"id": offer.id, "price": offer.price, "quantity": offer.capacity[market]}
+                           for offer in into],
+                "refused": [pair for pair in refused if market_of[pair[0]] == market],
+                "fills": [asdict(fill) for fill in outcome.fills if market_of[fill.bid_id] == market],
+                "price": price,
+                "dual": outcome.duals[market],
+            },
+        )
+        Allocation.objects.bulk_create(
+            Allocation(round=auction_round, job_id=job_id, vehicle_id=vehicle_id, price_micros=price, mops=mops,
+                       remaining_mops=mops)
+            for (job_id, vehicle_id), mops in allocations.items() if mops > 0
+        )
+        rounds.append(auction_round)
+    return rounds
 
 
 def round_replay(*, auction_round: AuctionRound) -> clearing.Outcome:
-    """Clear a recorded round again from its journal (sealed inputs and the owners' refusals)."""
-    journal = auction_round.journal
-    return clearing.clear([clearing.Bid(**b) for b in journal["bids"]], [clearing.Offer(**o) for o in journal["offers"]],
-                          _allowed(journal.get("refused", [])))
-
+    """Clear a recorded tick again from its journals: the rounds of every market cleared at the same instant
+    hold the bids, the offers (a car's quantity in each market it offered to) and the refusals that cleared
+    together. Compare the result's price and fills for ``auction_round.market`` with its journal."""
+    rounds = list(AuctionRound.objects.filter(cleared_at=auction_round.cleared_at))
+    missing = set(auction_round.journal["markets"]) - {r.market for r in rounds}
+    if missing:
+        raise AuctionError(f"The rounds of {', '.join(sorted(missing))} cleared with this one are gone.",
+                           code="journal_incomplete")
+    bids, refused = [], []
+    reserve, capacity = {}, defaultdict(dict)
+    for r in rounds:
+        bids += [clearing.Bid(id=b["id"], market=r.market, price=b["price"], quantity=b["quantity"])
+                 for b in r.journal["bids"]]
+        for offer in r.journal["offers"]:
+            reserve[offer["id"]] = offer["price"]
+            capacity[offer["id"]][r.market] = offer["quantity"]
+        refused += r.journal["refused"]
+    offers = [clearing.Offer(id=pk, price=reserve[pk], capacity=capacity[pk]) for pk in sorted(capacity)]
+    return clearing.clear(bids, offers, [tuple(pair) for pair in refused])
 
 
 @transaction.atomic
@@ -282,6 +463,40 @@ def user_role_set(*, user: User, role: str, organisation_name: str | None = None
         fields.append("organisation")
     user.save(update_fields=fields)
     return user
+
+
+@transaction.atomic
+def organisation_member_add(*, organisation: Organisation, email: str, added_by: User, base_url: str) -> User:
+    """Add a colleague to a buyer organisation: a new account on ``email`` without a password, and an email
+    (sent on commit) with a link to set one. An address that already has an account is refused: an account
+    acts for one organisation, or owns cars."""
+    email = User.objects.normalize_email(email).lower()
+    if User.objects.filter(email__iexact=email).exists():
+        raise Conflict(f"{email} already has an account; an account acts for one organisation only.",
+                       code="member_exists", extra={"fields": {"email": ["This address already has an account."]}})
+    member = User.objects.create_user(email=email, password=None, role=User.Role.BUYER, organisation=organisation)
+    link = base_url.rstrip("/") + reverse("account_reset_password_from_key", kwargs={
+        "uidb36": user_pk_to_url_str(member), "key": default_token_generator.make_token(member)})
+    subject = f"{added_by.email} added you to {organisation.name} on Fleet Compute"
+    body = (f"{added_by.email} added you to {organisation.name}, a buyer organisation on Fleet Compute.\n\n"
+            f"Set your password to sign in:\n{link}\n\nThe link works once. If you did not expect this, ignore it.")
+    transaction.on_commit(lambda: send_mail(subject, body, None, [email]))
+    log.info("member %s added to organisation %s by %s", member.pk, organisation.pk, added_by.pk)
+    return member
+
+
+@transaction.atomic
+def organisation_member_remove(*, organisation: Organisation, member: User, removed_by: User) -> None:
+    """Take a member out of the organisation and close their account (their jobs and keys stay the
+    organisation's). The last member cannot leave: someone must be able to act for the jobs."""
+    members = User.objects.select_for_update().filter(organisation=organisation, is_active=True)
+    if member.organisation_id != organisation.pk:
+        raise ValidationFailed("That person is not a member of this organisation.", code="not_a_member")
+    if members.count() <= 1:
+        raise Conflict("The last member cannot be removed: add a colleague first.", code="last_member")
+    member.organisation, member.is_active = None, False
+    member.save(update_fields=["organisation", "is_active"])
+    log.info("member %s removed from organisation %s by %s", member.pk, organisation.pk, removed_by.pk)
 
 
 def catalogue_sync() -> None:

@@ -8,6 +8,7 @@ an in-process periodic scheduler. Services profile: set ``DATABASE_URL`` (Postgr
 
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 
@@ -35,6 +36,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and Redoc assets, served by us (no CDN)
     "allauth",
     "allauth.account",
     "channels",
@@ -184,12 +186,40 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "marketplace.api_errors.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_CLASSES": ["marketplace.authentication.ApiKeyRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_THROTTLE_RATE", default="600/min")},
+}
+# Throttle counts: shared by every process through Redis in the services profile; one process's memory in
+# the embedded profile (where there is one process).
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "KEY_PREFIX": "cache"}}
+IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key is remembered this long after its first request
+IDEMPOTENCY_LOCK_S = env.int("IDEMPOTENCY_LOCK_S", default=600)  # an unfinished first request is presumed dead after it
+# Outbound webhooks (marketplace.webhooks): attempts at WEBHOOK_RETRY_BASE_S x 2^n after each failure.
+WEBHOOK_TIMEOUT_S = env.float("WEBHOOK_TIMEOUT_S", default=5.0)
+WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=10)
+WEBHOOK_RETRY_BASE_S = env.float("WEBHOOK_RETRY_BASE_S", default=60.0)
+WEBHOOK_PROGRESS_INTERVAL_S = 60  # job.progress at most once a minute per job
+WEBHOOK_SWEEP_INTERVAL_S = env.float("WEBHOOK_SWEEP_INTERVAL_S", default=2.0)
+# Buyers' endpoints must be public https URLs, except on the embedded profile (a laptop, loopback receivers).
+WEBHOOK_ALLOW_PRIVATE_URLS = env.bool("WEBHOOK_ALLOW_PRIVATE_URLS", default=DEBUG)
+CELERY_BEAT_SCHEDULE |= {
+    "webhooks-send": {"task": "marketplace.tasks.webhooks_send", "schedule": timedelta(seconds=WEBHOOK_SWEEP_INTERVAL_S)},
+    "idempotency-purge": {"task": "marketplace.tasks.idempotency_keys_purge", "schedule": timedelta(hours=1)},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Fleet inference marketplace API",
-    "DESCRIPTION": "Buy inference capacity from parked electric cars. Authenticate with `Authorization: Bearer <api key>`.",
+    "DESCRIPTION": "Buy inference capacity from parked electric cars. Authenticate with `Authorization: Bearer <api key>`. "
+                   "The guide: docs/api.md.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",  # operations are tagged by what follows: jobs, rounds, webhooks, ...
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"PrecisionEnum": "marketplace.models.PRECISION_CHOICES"},
 }
 
 # --- Static, i18n ---------------------------------------------------------------------------------
@@ -211,3 +241,27 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}, "celery.app.trace": {"level": "WARNING"}},
 }
+
+# --- Stripe (billing) --------------------------------------------------------------------------------
+# The embedded profile and the tests talk to the local Stripe peer (localstripe plus the Connect routes of
+# billing.localpeer) on loopback, with its test keys; production sets STRIPE_API_BASE=https://api.stripe.com and
+# real keys, whose absence then fails at start (env() raises ImproperlyConfigured).
+STRIPE_API_BASE = env("STRIPE_API_BASE", default="http://127.0.0.1:8420")
+STRIPE_IS_LOCAL_PEER = urlsplit(STRIPE_API_BASE).hostname in ("127.0.0.1", "localhost", "::1")
+if STRIPE_IS_LOCAL_PEER:
+    STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="sk_test_local_peer")
+    STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="whsec_local_peer")
+else:
+    STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
+    STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
+STRIPE_WEBHOOK_TOLERANCE_S = 300  # a webhook signed more than this before or after now is refused
+STRIPE_TIMEOUT_S = env.float("STRIPE_TIMEOUT_S", default=20.0)
+STRIPE_MIN_PAYOUT_MINOR = env.int("STRIPE_MIN_PAYOUT_MINOR", default=1000)  # owners are paid from 10.00 up
+STRIPE_PAYOUT_HOLDBACK_DAYS = env.int("STRIPE_PAYOUT_HOLDBACK_DAYS", default=7)  # younger earnings wait
+# Settlement: the task runs hourly; a run happens once per ISO week (the run's key), so a missed hour or
+# a restart delays nothing and a second run in the same week does nothing.
+CELERY_BEAT_SCHEDULE |= {
+    "billing-settlement": {"task": "billing.tasks.settlement_run", "schedule": timedelta(hours=1)},
+    "billing-pending-retry": {"task": "billing.tasks.pending_retry", "schedule": timedelta(minutes=5)},
+}
+LOGGING["loggers"]["stripe"] = {"level": "WARNING"}  # stripe-python logs every request at INFO

@@ -16,3 +16,20 @@ def demo_job_top_up() -> None:
     from marketplace.demo import demo_job_top_up as top_up
 
     top_up()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def webhooks_send() -> int:
+    """Send the webhook deliveries that are due: first attempts and retries after their backoff (periodic:
+    the database says what is due, so a lost or late run delays deliveries and loses none)."""
+    from marketplace import webhooks
+
+    return webhooks.deliveries_send()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def idempotency_keys_purge() -> int:
+    """Forget Idempotency-Keys older than 24 hours (periodic)."""
+    from marketplace.idempotency import idempotency_keys_purge as purge
+
+    return purge()

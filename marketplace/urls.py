@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from fleet import api as fleet_api
 from fleet import views as fleet_views
@@ -11,7 +11,13 @@ api_v1 = [
     path("jobs/", api.JobListCreateApi.as_view(), name="api-jobs"),
     path("jobs/<int:pk>/", api.JobDetailApi.as_view(), name="api-job"),
     path("jobs/<int:pk>/cancel/", api.JobCancelApi.as_view(), name="api-job-cancel"),
+    path("jobs/<int:pk>/bid/", api.JobBidApi.as_view(), name="api-job-bid"),
+    path("jobs/<int:pk>/budget/", api.JobBudgetApi.as_view(), name="api-job-budget"),
     path("jobs/<int:pk>/results/", api.JobResultsApi.as_view(), name="api-job-results"),
+    path("rounds/", api.RoundListApi.as_view(), name="api-rounds"),
+    path("webhooks/", api.WebhookEndpointListCreateApi.as_view(), name="api-webhooks"),
+    path("webhooks/<int:pk>/", api.WebhookEndpointDetailApi.as_view(), name="api-webhook"),
+    path("webhooks/<int:pk>/deliveries/", api.WebhookDeliveryListApi.as_view(), name="api-webhook-deliveries"),
     path("fleet/pair/", fleet_api.PairApi.as_view(), name="api-pair"),
     path("vehicles/", fleet_api.VehicleListApi.as_view(), name="api-vehicles"),
     path("vehicles/pause-all/", fleet_api.PauseAllApi.as_view(pause=True), name="api-vehicles-pause-all"),
@@ -29,8 +35,15 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("buyer/", views.buyer_dashboard, name="buyer-dashboard"),
+    path("market/", views.market_view, name="market"),
+    path("buyer/jobs/new/", views.job_new, name="job-new"),
+    path("buyer/jobs/estimate/", views.job_estimate, name="job-estimate"),
     path("buyer/jobs/<int:pk>/", views.job_detail, name="job-detail"),
     path("buyer/jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("buyer/jobs/<int:pk>/results/", views.job_results, name="job-results"),
+    path("buyer/jobs/<int:pk>/terms/", views.job_terms, name="job-terms"),
+    path("buyer/team/", views.team, name="team"),
+    path("buyer/team/<int:pk>/remove/", views.team_member_remove, name="team-member-remove"),
     path("buyer/keys/", views.api_key_create, name="api-key-create"),
     path("buyer/keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("owner/", fleet_views.owner_dashboard, name="owner-dashboard"),
@@ -45,7 +58,10 @@ urlpatterns = [
     path("owner/cars/<int:pk>/revoke-token/", fleet_views.vehicle_token_revoke, name="vehicle-revoke-token"),
     path("owner/cars/<int:pk>/remove/", fleet_views.vehicle_remove, name="vehicle-remove"),
     path("accounts/", include("allauth.urls")),
+    path("billing/", include("billing.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
 ]

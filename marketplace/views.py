@@ -1,20 +1,30 @@
+from decimal import Decimal
+
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.core.exceptions import PermissionDenied
-from django.http import JsonResponse
+from django.http import JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing.money import price_per_million_tokens_micros
+from billing.money import MICROS_PER_MAJOR, mops_for_tokens, price_per_million_tokens_micros
 from billing.selectors import job_spend_minor
 from fleet.models import Vehicle
-from marketplace import selectors, services
+from marketplace import market, selectors, services
 from marketplace.errors import ApplicationError
-from marketplace.forms import ApiKeyForm, JobForm
-from marketplace.models import AIModel, ApiKey, AuctionRound
+from marketplace.forms import ApiKeyForm, EstimateForm, JobForm, JobTermsForm, MemberAddForm, bid_micros
+from marketplace.models import PRECISION_CHOICES, AIModel, ApiKey, AuctionRound, Job, User
+
+#: The new-job form suggests a bid this much above the last clearing price (the API example uses the same).
+DEFAULT_BID_MARGIN_PCT = 25
+#: ... or, before any round has cleared, this price per compute unit.
+DEFAULT_BID_MICROS = 1_000_000
+MARKET_HISTORY_HOURS = 6
+MARKET_HISTORY_ROUNDS = 2000
 
 
 def healthz(request):
@@ -52,31 +62,84 @@ def _buyer_organisation(request):
 @login_required
 def buyer_dashboard(request):
     organisation = _buyer_organisation(request)
+    return render(request, "marketplace/buyer_dashboard.html", {
+        "organisation": organisation,
+        "jobs": selectors.jobs_for(organisation=organisation)[:50],
+        "keys": organisation.api_keys.order_by("-created_at"),
+        "key_form": ApiKeyForm(),
+        "new_key": request.session.pop("new_api_key", None),
+    })
+
+
+def _catalogue() -> list[dict]:
+    """Active models with the price per million tokens at each precision's last clearing price."""
+    return [{"model": ai_model, "prices": selectors.model_prices(ai_model=ai_model)}
+            for ai_model in AIModel.objects.filter(active=True)]
+
+
+def _default_bid_per_mtok(ai_model: AIModel | None, precision: str) -> Decimal:
+    """The form's suggested bid: the last clearing price with the documented margin, else a starting price."""
+    price = selectors.last_clearing_price(precision=precision) if ai_model else None
+    price = price * (100 + DEFAULT_BID_MARGIN_PCT) // 100 if price else DEFAULT_BID_MICROS
+    per_mtok = price_per_million_tokens_micros(price_micros=price, ops_per_token=ai_model.ops_per_token) if ai_model else 0
+    return (Decimal(per_mtok) / MICROS_PER_MAJOR).quantize(Decimal("0.000001"))
+
+
+@login_required
+def job_new(request):
+    organisation = _buyer_organisation(request)
     form = JobForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
         try:
             job = services.job_create(
-                organisation=organisation, user=request.user, model_slug=form.cleaned_data["model"].slug,
-                precision=form.cleaned_data["precision"], max_price_micros=form.cleaned_data["max_price_micros"],
-                deadline=form.cleaned_data["deadline"], inputs=form.cleaned_data["inputs"])
+                organisation=organisation, user=request.user, model_slug=data["model"].slug,
+                precision=data["precision"], max_price_micros=data["max_price_micros"], deadline=data["deadline"],
+                budget_cap_minor=data["budget_cap"], inputs=data["inputs"])
         except ApplicationError as exc:
             for field, problems in exc.extra.get("fields", {}).items():
                 form.add_error(field if field in form.fields else None, problems)
-            for line in exc.extra.get("lines", []):
+            lines = exc.extra.get("lines", [])
+            for line in lines:
                 form.add_error("inputs", f"Line {line['line']}: {line['message']}")
+            if exc.extra.get("bad_line_count", 0) > len(lines):
+                form.add_error("inputs", f"… and {exc.extra['bad_line_count'] - len(lines)} more bad lines.")
             if not exc.extra:
                 form.add_error(None, exc.message)
             messages.error(request, exc.message)
         else:
-            messages.success(request, f"Job {job.pk} created: {job.docs_total} documents in {job.units_total} work units.")
+            messages.success(request, f"Job {job.pk} created: {job.docs_total:,} documents in {job.units_total:,} "
+                                      f"work units. It bids in the next auction round.")
+            if request.headers.get("X-Requested-With") == "fetch":  # the page's upload script goes there itself
+                return JsonResponse({"location": reverse("job-detail", args=[job.pk])}, status=201)
             return redirect("job-detail", pk=job.pk)
-    return render(request, "marketplace/buyer_dashboard.html", {
-        "organisation": organisation,
-        "jobs": selectors.jobs_for(organisation=organisation)[:50],
-        "form": form,
-        "keys": organisation.api_keys.order_by("-created_at"),
-        "key_form": ApiKeyForm(),
-        "new_key": request.session.pop("new_api_key", None),
+    elif request.method == "GET":
+        ai_model = selectors.default_model()
+        precision = ai_model.precisions[0] if ai_model else "int8"
+        form = JobForm(initial={"model": ai_model, "precision": precision,
+                                "max_price_per_mtok": _default_bid_per_mtok(ai_model, precision)})
+    return render(request, "marketplace/job_new.html", {
+        "organisation": organisation, "form": form, "catalogue": _catalogue(), "bid_margin_pct": DEFAULT_BID_MARGIN_PCT})
+
+
+@login_required
+def job_estimate(request):
+    """The new-job page's estimate (a fragment): cost and completion time from the market as it is now."""
+    _buyer_organisation(request)
+    form = EstimateForm(request.GET)
+    if not form.is_valid():
+        return render(request, "marketplace/_estimate.html", {"form": form}, status=400)
+    data = form.cleaned_data
+    ai_model, tokens = data["model"], form.tokens()
+    max_price = bid_micros(ai_model=ai_model, per_mtok=data["max_price_per_mtok"])
+    estimate = market.job_estimate(precision=data["precision"], max_price_micros=max_price, currency=settings.CURRENCY,
+                                   mops=mops_for_tokens(tokens=tokens, ops_per_token=ai_model.ops_per_token))
+    cheapest = estimate.cheapest_micros
+    return render(request, "marketplace/_estimate.html", {
+        "form": form, "estimate": estimate, "tokens": tokens, "docs": data["docs"], "precision": data["precision"],
+        "budget_cap_minor": data["budget_cap"],
+        "cheapest_per_mtok_micros": None if cheapest is None else price_per_million_tokens_micros(
+            price_micros=cheapest, ops_per_token=ai_model.ops_per_token),
     })
 
 
@@ -84,21 +147,69 @@ def buyer_dashboard(request):
 def job_detail(request, pk):
     organisation = _buyer_organisation(request)
     job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
-    working = job.units.filter(state="leased").values("leased_to").distinct().count()
-    template = "marketplace/_job_progress.html" if request.GET.get("fragment") else "marketplace/job_detail.html"
+    progress = selectors.job_progress(job=job)
+    estimate = None
+    if job.state in Job.OPEN_STATES and progress.mops_left:
+        estimate = market.job_estimate(precision=job.precision, max_price_micros=job.max_price_micros,
+                                       mops=progress.mops_left, currency=job.currency, exclude_job_id=job.pk)
+    if request.GET.get("fragment"):
+        template, extra = "marketplace/_job_progress.html", {}
+    else:
+        template, extra = "marketplace/job_detail.html", {"events": job.events.select_related("by"), "terms_form": _terms_form(job)}
     return render(request, template, {
-        "job": job, "cars_working": working,
+        **extra, "job": job, "progress": progress, "estimate": estimate,
         "bid_per_mtok": price_per_million_tokens_micros(price_micros=job.max_price_micros,
                                                         ops_per_token=job.ai_model.ops_per_token),
         "spent_minor": job_spend_minor(job=job),
     })
 
 
+def _terms_form(job: Job, data=None) -> JobTermsForm:
+    per_mtok = price_per_million_tokens_micros(price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token)
+    initial = {"max_price_per_mtok": Decimal(per_mtok) / MICROS_PER_MAJOR,
+               "budget_cap": None if job.budget_cap_minor is None else Decimal(job.budget_cap_minor) / 100}
+    return JobTermsForm(data, ai_model=job.ai_model, initial=initial)
+
+
+@login_required
+@require_POST
+def job_terms(request, pk):
+    """Change an open job's bid and budget cap (each only if it changed)."""
+    organisation = _buyer_organisation(request)
+    job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
+    form = _terms_form(job, request.POST)
+    if not form.is_valid():
+        for field, errors in form.errors.items():
+            messages.error(request, f"{form.fields[field].label if field in form.fields else 'Terms'}: {' '.join(errors)}")
+        return redirect("job-detail", pk=job.pk)
+    try:
+        # compared as shown: a bid read back per million tokens is rounded, and must not change by itself
+        if "max_price_per_mtok" in form.changed_data and form.cleaned_data["max_price_micros"] != job.max_price_micros:
+            job = services.job_bid_update(job=job, max_price_micros=form.cleaned_data["max_price_micros"], by=request.user)
+        if "budget_cap" in form.changed_data:
+            job = services.job_budget_update(job=job, budget_cap_minor=form.cleaned_data["budget_cap"], by=request.user)
+    except ApplicationError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "The job's terms are changed: the next auction round uses them.")
+    return redirect("job-detail", pk=job.pk)
+
+
+@login_required
+def job_results(request, pk):
+    """The job's results as JSON Lines in input order, streamed (what is done so far while it runs)."""
+    organisation = _buyer_organisation(request)
+    job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
+    response = StreamingHttpResponse(selectors.job_results_lines(job=job), content_type="application/x-ndjson")
+    response["Content-Disposition"] = f'attachment; filename="job-{job.pk}-results.jsonl"'
+    return response
+
+
 @login_required
 @require_POST
 def job_cancel(request, pk):
     organisation = _buyer_organisation(request)
-    job = services.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk))
+    job = services.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk), by=request.user)
     messages.info(request, f"Job {job.pk} is {job.get_state_display().lower()}.")
     return redirect("job-detail", pk=job.pk)
 
@@ -122,3 +233,64 @@ def api_key_revoke(request, pk):
     services.api_key_revoke(key=get_object_or_404(ApiKey, pk=pk, organisation=organisation))
     messages.info(request, "The API key is revoked.")
     return redirect(reverse("buyer-dashboard") + "#keys")
+
+
+def market_view(request):
+    """The market, as anyone may see it: clearing prices, offered and sold capacity, and the depth of supply by
+    reserve price. Aggregates only; never a bid, a buyer or a job."""
+    since = timezone.now() - timezone.timedelta(hours=MARKET_HISTORY_HOURS)
+    rounds = list(selectors.rounds_public(since=since)[:MARKET_HISTORY_ROUNDS])
+    depths = {depth.precision: depth for depth in market.market_depths()}
+    reference = selectors.default_model()
+    classes = []
+    for precision, label in PRECISION_CHOICES:
+        mine = [r for r in rounds if r.market == precision]
+        last = next((r for r in mine if r.clearing_price_micros is not None), None)
+        offered, sold = sum(r.offered_mops for r in mine), sum(r.sold_mops for r in mine)
+        classes.append({
+            "precision": precision, "label": label, "depth": depths[precision], "rounds": len(mine), "last": last,
+            "last_per_mtok_micros": None if last is None or reference is None else price_per_million_tokens_micros(
+                price_micros=last.clearing_price_micros, ops_per_token=reference.ops_per_token),
+            "sold_pct": round(100 * sold / offered) if offered else None,
+        })
+    return render(request, "marketplace/market.html", {
+        "classes": classes, "rounds": rounds, "reference_model": reference, "history_hours": MARKET_HISTORY_HOURS,
+        "any_supply": any(depth.cars for depth in depths.values()),
+        "depth_data": [{"market": d.precision, "steps": [[price, round(rate)] for price, rate in d.steps]}
+                       for d in depths.values()],
+    })
+
+
+@login_required
+def team(request):
+    organisation = _buyer_organisation(request)
+    form = MemberAddForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            member = services.organisation_member_add(organisation=organisation, email=form.cleaned_data["email"],
+                                                      added_by=request.user, base_url=request.build_absolute_uri("/"))
+        except ApplicationError as exc:
+            form.add_error("email", exc.extra.get("fields", {}).get("email", [exc.message]))
+        else:
+            messages.success(request, f"{member.email} is a member now: we emailed them a link to set a password.")
+            return redirect("team")
+    return render(request, "marketplace/team.html", {
+        "organisation": organisation, "form": form,
+        "members": organisation.members.filter(is_active=True).order_by("date_joined"),
+    })
+
+
+@login_required
+@require_POST
+def team_member_remove(request, pk):
+    organisation = _buyer_organisation(request)
+    member = get_object_or_404(User, pk=pk, organisation=organisation, is_active=True)
+    try:
+        services.organisation_member_remove(organisation=organisation, member=member, removed_by=request.user)
+    except ApplicationError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.info(request, f"{member.email} is no longer a member.")
+        if member == request.user:
+            return redirect("home")
+    return redirect("team")

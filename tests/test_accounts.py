@@ -123,8 +123,12 @@ def things():
 
 def buyer_pages(things):
     job, key = things["job"].pk, things["key"].pk
-    return [("get", reverse("buyer-dashboard")), ("post", reverse("buyer-dashboard")),
-            ("get", reverse("job-detail", args=[job])), ("post", reverse("job-cancel", args=[job])),
+    member = things["buyer"].pk
+    return [("get", reverse("buyer-dashboard")), ("get", reverse("job-new")), ("post", reverse("job-new")),
+            ("get", reverse("job-estimate")), ("get", reverse("job-detail", args=[job])),
+            ("get", reverse("job-results", args=[job])), ("post", reverse("job-cancel", args=[job])),
+            ("post", reverse("job-terms", args=[job])),
+            ("get", reverse("team")), ("post", reverse("team")), ("post", reverse("team-member-remove", args=[member])),
             ("post", reverse("api-key-create")), ("post", reverse("api-key-revoke", args=[key]))]
 
 
@@ -193,6 +197,10 @@ def test_a_buyer_cannot_see_cancel_or_revoke_another_organisations_things(client
     assert client.get(reverse("job-detail", args=[job.pk]), {"fragment": "1"}).status_code == 404
     assert client.post(reverse("job-cancel", args=[job.pk])).status_code == 404
     assert client.post(reverse("api-key-revoke", args=[key.pk])).status_code == 404
+    assert client.get(reverse("job-results", args=[job.pk])).status_code == 404
+    assert client.post(reverse("team-member-remove", args=[things["buyer"].pk])).status_code == 404
+    things["buyer"].refresh_from_db()
+    assert things["buyer"].is_active and things["buyer"].organisation_id == job.organisation_id
     dashboard = client.get(reverse("buyer-dashboard"))
     assert dashboard.status_code == 200 and reverse("job-detail", args=[job.pk]) not in dashboard.content.decode()
     job.refresh_from_db()

@@ -1,33 +1,14 @@
 // Draws the home page's clearing prices as inline SVG: one small line chart per market (number format),
-// each on its own price scale, so that a cheap market is not flattened by a dear one. No library: the data
-// come from the page (#price-data) and the table under the chart lists the same rounds for readers.
+// each on its own price scale, so that a cheap market is not flattened by a dear one. Needs charts.js; the
+// data come from the page (#price-data) and the table under the chart lists the same rounds for readers.
 (function () {
   "use strict";
   const holder = document.querySelector("[data-chart-panels]");
   const source = document.getElementById("price-data");
   if (!holder || !source) return;
 
-  const SVG = "http://www.w3.org/2000/svg";
+  const { el, niceMax, valueAxis, COLOURS, number, clock } = window.FleetCharts;
   const W = 360, H = 170, PAD = { left: 58, right: 14, top: 14, bottom: 28 };
-  const COLOURS = { int8: "#0b7a5a", fp16: "#7a4cc2", fp32: "#0a5c8a" };
-  const number = new Intl.NumberFormat("en-US");
-  const clock = (d) => d.toISOString().slice(11, 19);
-
-  function el(name, attrs, text) {
-    const node = document.createElementNS(SVG, name);
-    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function niceMax(value) {
-    if (value <= 0) return 1;
-    const power = Math.pow(10, Math.floor(Math.log10(value)));
-    for (const step of [1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
-      if (step * power >= value) return step * power;
-    }
-    return 10 * power;
-  }
 
   function panel(market, rounds) {
     rounds.sort((a, b) => a.at - b.at);
@@ -60,11 +41,7 @@
     const x = (t) => PAD.left + (t1 === t0 ? (W - PAD.left - PAD.right) / 2 : (t - t0) / (t1 - t0) * (W - PAD.left - PAD.right));
     const y = (p) => H - PAD.bottom - p / top * (H - PAD.top - PAD.bottom);
 
-    for (const fraction of [0, 0.5, 1]) {
-      const value = top * fraction, yy = y(value);
-      svg.appendChild(el("line", { x1: PAD.left, x2: W - PAD.right, y1: yy, y2: yy, class: fraction ? "grid" : "axis" }));
-      svg.appendChild(el("text", { x: PAD.left - 6, y: yy + 4, "text-anchor": "end", class: "tick" }, number.format(Math.round(value))));
-    }
+    valueAxis(svg, { left: PAD.left, right: W - PAD.right, y, top, format: (v) => number.format(Math.round(v)) });
     svg.appendChild(el("text", { x: PAD.left, y: H - 8, class: "tick" }, clock(rounds[0].at)));
     if (t1 !== t0) svg.appendChild(el("text", { x: W - PAD.right, y: H - 8, "text-anchor": "end", class: "tick" }, clock(rounds[rounds.length - 1].at)));
 
@@ -87,12 +64,8 @@
     return box;
   }
 
-  let data;
-  try {
-    data = JSON.parse(source.textContent);
-  } catch (e) {
-    return;
-  }
+  const data = window.FleetCharts.readJson("price-data");
+  if (!data) return;
   const markets = new Map();
   for (const row of data) {
     if (!markets.has(row.market)) markets.set(row.market, []);

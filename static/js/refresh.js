@@ -1,6 +1,7 @@
 // Keeps a page's live blocks current: every element with data-refresh-url is fetched again every two seconds
 // and replaced when its HTML changed. A block is left alone while the pointer is pressed in it, and for good
-// once one of its forms is being sent, so that a click never lands on a button that is being replaced.
+// once one of its forms is being sent, so that a click never lands on a button that is being replaced. Once a
+// block's new HTML holds an element marked data-refresh-final, the page reloads once to show its final state.
 (function () {
   "use strict";
   const INTERVAL_MS = 2000;
@@ -26,6 +27,11 @@
         if (!stopped && html !== last && Date.now() >= heldUntil) {
           box.innerHTML = html;
           last = html;
+          if (box.querySelector("[data-refresh-final]")) {  // e.g. a job that has finished: show its final page
+            stopped = true;
+            window.location.reload();
+            return;
+          }
         }
       } catch (e) { /* network hiccup: try again next tick */ }
       setTimeout(tick, INTERVAL_MS);

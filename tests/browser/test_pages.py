@@ -45,14 +45,20 @@ def test_a_new_buyer_signs_up_creates_a_job_sees_line_errors_and_gets_an_api_key
     user = User.objects.get(email="ada@lovelace.example")
     assert user.role == User.Role.BUYER and user.organisation.name == "Analytical Engines Ltd"
 
-    # When they create a job from a JSON Lines file of 20 documents (8 per unit: 3 units),
+    # When they create a job from a JSON Lines file of 20 documents (8 per unit: 3 units) on the new-job page,
+    page.get_by_test_id("new-job").click()
     form = page.locator("form#new-job")
     form.get_by_label("Precision").select_option("int8")
     form.get_by_label("Inputs").set_input_files(
         {"name": "docs.jsonl", "mimeType": "application/jsonl", "buffer": jsonl(corpus.documents(20))})
+    # (the page reads the file and estimates the job before it is sent: no car is parked yet)
+    expect(page.get_by_test_id("estimate")).to_contain_text(re.compile(r"Documents\s*20 \(about [\d,]+ tokens\)"))
+    expect(page.get_by_test_id("estimate-time")).to_contain_text("No car offers INT8 capacity")
+    screenshot(page, "buyer-new-job-estimate")
     form.get_by_role("button", name="Create job").click()
 
     # then the job's page shows its progress bar at 0 of 3 units.
+    expect(page).to_have_url(re.compile(r"/buyer/jobs/\d+/$"))
     job = Job.objects.get(organisation=user.organisation)
     expect(page).to_have_url(re.compile(rf"/buyer/jobs/{job.pk}/$"))
     expect(page.locator(".bar.big")).to_be_visible()
@@ -65,6 +71,7 @@ def test_a_new_buyer_signs_up_creates_a_job_sees_line_errors_and_gets_an_api_key
     expect(page.get_by_test_id("jobs")).to_contain_text(f"#{job.pk}")
     screenshot(page, "buyer-dashboard-with-job")
     bad = b'{"text": "fine"}\nnot json\n{"text": ""}\n[1, 2]\n'
+    page.get_by_test_id("new-job").click()
     form = page.locator("form#new-job")
     form.get_by_label("Inputs").set_input_files({"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": bad})
     form.get_by_role("button", name="Create job").click()
@@ -78,7 +85,8 @@ def test_a_new_buyer_signs_up_creates_a_job_sees_line_errors_and_gets_an_api_key
     screenshot(page, "buyer-job-upload-errors")
     assert Job.objects.filter(organisation=user.organisation).count() == 1
 
-    # When they create an API key,
+    # When they create an API key on their dashboard,
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
     page.get_by_label("Key name").fill("batch pipeline")
     page.get_by_role("button", name="Create key").click()
 
@@ -177,6 +185,18 @@ def test_an_anonymous_visitor_sees_the_market_and_its_price_chart(page, screensh
     expect(page.get_by_test_id("cars-online")).to_have_text("1")
     expect(page.get_by_role("link", name="Sign up")).to_be_visible()
     screenshot(page, "home-anonymous")
+
+    # When they open the market page,
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Market").click()
+    # then it charts prices, offered against sold capacity, and the depth of supply of the car offering now.
+    expect(page.get_by_test_id("price-chart").get_by_role("img")).to_have_count(2)
+    capacity = page.get_by_test_id("capacity-chart").get_by_role("img")
+    expect(capacity).to_have_count(2)
+    expect(capacity.last).to_have_accessible_name(re.compile(r"^INT8: .* mega-ops offered and .* sold \(\d+ %\) over 12 rounds"))
+    depth = page.get_by_test_id("depth-chart").get_by_role("img")
+    expect(depth.first).to_have_accessible_name(re.compile(r"supply now: .* mega-ops per second from reserves of 100,000"))
+    expect(page.get_by_test_id("market-int8")).to_contain_text("1 car offering now")
+    screenshot(page, "market")
 
 
 def test_an_operator_signs_in_to_the_admin_and_lists_the_vehicles(page, screenshot):

@@ -32,7 +32,9 @@ from tests.support.live import live_product
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 CARS = 16
-FAULTS = Faults(drop_socket=0.08, stall=0.08, duplicate=0.1, corrupt=0.08, late=0.05, stall_s=4.0, late_s=1.0, seed=11)
+# Per lease; with the fleet's own drive-aways and WiFi losses about 45 % of leases are disrupted (the issue asks
+# for at least 30 %: a 300-unit run once came to 33 % with lower rates).
+FAULTS = Faults(drop_socket=0.1, stall=0.1, duplicate=0.12, corrupt=0.1, late=0.06, stall_s=4.0, late_s=1.0, seed=11)
 # Fast clocks, so that leases expire, sweeps run and cars commute within the test: a simulated day lasts
 # 72 s (time scale 1200), a lease lives 3 s without a heartbeat, and heartbeats come every second.
 PRODUCT_ENV = {"AUCTION_INTERVAL_S": "0.5", "LEASE_TTL_S": "3", "HEARTBEAT_INTERVAL_S": "1",

@@ -18,6 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """Linux: a child started with this gets SIGTERM when its parent ends, however it ends (a benchmark that
+    killed its server had left the peer holding the port). The embedded runner's fleet uses it too."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class LocalStripePeer:
     def __init__(self, *, port: int | None = None, log_path=None):
         self.port = port or free_port()
@@ -28,7 +37,8 @@ class LocalStripePeer:
     def start(self, timeout: float = 20.0) -> "LocalStripePeer":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen([sys.executable, "-m", "billing.localpeer.server", "--port", str(self.port)],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                                        preexec_fn=die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,6 +1,4 @@
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -11,15 +9,10 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from billing.localpeer import LocalStripePeer
+from billing.localpeer import LocalStripePeer, die_with_parent
 from fleet.agent.client import wait_until_up
 from fleet.protocol import MAX_MESSAGE_BYTES
 from marketplace.scheduler import InProcessScheduler
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when this process ends, however it ends (uvicorn re-raises SIGTERM)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Command(BaseCommand):
@@ -51,7 +44,7 @@ class Command(BaseCommand):
         if cars:  # from the main thread: the child's parent-death signal follows the thread that started it
             fleet.append(subprocess.Popen([sys.executable, "manage.py", "simulate_fleet", "--cars", str(cars),
                                            "--processes", str(sim_processes), "--server", base], cwd=settings.BASE_DIR, env=os.environ.copy(),
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+                                          preexec_fn=die_with_parent if sys.platform == "linux" else None))
 
         def announce():
             if wait_until_up(base):

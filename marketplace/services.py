@@ -277,6 +277,14 @@ def job_cancel(*, job: Job, by: User | None = None) -> Job:
     return job
 
 
+def _job_open_locked(*, job: Job, what: str) -> Job:
+    """The job's row, locked, if it is still open; else 409 ``job_closed`` (its ``what`` can no longer change)."""
+    job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
+    if job.state not in Job.OPEN_STATES:
+        raise Conflict(f"The job is {job.state}: only a queued or running job's {what} can change.", code="job_closed")
+    return job
+
+
 def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -> Job:
     """Raise or lower an open job's sealed bid; it takes part in the next auction round at the new price.
 
@@ -287,10 +295,7 @@ def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -
         problem = "The maximum price must be a positive number of micro-units."
         raise ValidationFailed("The bid is not valid.", extra={"fields": {"max_price_micros": [problem]}})
     with transaction.atomic():
-        job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
-        if job.state not in Job.OPEN_STATES:
-            raise Conflict(f"The job is {job.state}: only a queued or running job's bid can change.",
-                           code="job_closed")
+        job = _job_open_locked(job=job, what="bid")
         previous, job.max_price_micros = job.max_price_micros, max_price_micros
         job.save(update_fields=["max_price_micros"])
         job_history_add(job=job, kind=JobEvent.Kind.BID_CHANGED, by=by,
@@ -310,10 +315,7 @@ def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None
         problem = "The budget cap must be a positive amount of minor units (cents), or null for none."
         raise ValidationFailed("The budget is not valid.", extra={"fields": {"budget_cap_minor": [problem]}})
     with transaction.atomic():
-        job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
-        if job.state not in Job.OPEN_STATES:
-            raise Conflict(f"The job is {job.state}: only a queued or running job's budget can change.",
-                           code="job_closed")
+        job = _job_open_locked(job=job, what="budget")
         previous, job.budget_cap_minor = job.budget_cap_minor, budget_cap_minor
         job.save(update_fields=["budget_cap_minor"])
         job_history_add(job=job, kind=JobEvent.Kind.BUDGET_CHANGED, by=by,

@@ -49,6 +49,11 @@ def femto_to_minor_with_carry(*, femto: int, carry: int, currency: str) -> tuple
     return minor, new_carry
 
 
+def femto_to_minor_ceil(*, femto: int, currency: str) -> int:
+    """An exact femto amount in whole minor units, rounded up: for estimates and caps shown to a buyer."""
+    return -(-femto // femto_per_minor(currency))
+
+
 def mops_for_tokens(*, tokens: int, ops_per_token: int) -> int:
     """The work of ``tokens`` tokens of a model, in mega-ops, rounded up: how a work unit is sized."""
     return -(-tokens * ops_per_token // OPS_PER_MOP)

@@ -12,7 +12,7 @@ from django.core.cache import cache
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from billing.money import charge_femto, femto_per_minor
+from billing.money import charge_femto, femto_to_minor_ceil
 from fleet.models import WorkUnit
 from fleet.selectors import vehicles_offering
 from marketplace.models import PRECISION_CHOICES, Job
@@ -94,7 +94,7 @@ class Estimate:
 
 
 def _minor_up(*, mops: int, price_micros: int, currency: str) -> int:
-    return -(-charge_femto(mops=mops, price_micros=price_micros) // femto_per_minor(currency))
+    return femto_to_minor_ceil(femto=charge_femto(mops=mops, price_micros=price_micros), currency=currency)
 
 
 def job_estimate(*, precision: str, max_price_micros: int, mops: int, currency: str,

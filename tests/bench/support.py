@@ -2,18 +2,13 @@
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from billing.localpeer import free_port  # noqa: F401 - one loopback port picker for the product and tests
+
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get("BENCH_POSTGRES_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

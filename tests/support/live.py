@@ -3,7 +3,6 @@ a Celery worker and Celery beat) and car agents, all on loopback against the tes
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
-from billing.localpeer import LocalStripePeer
+from billing.localpeer import LocalStripePeer, free_port
 
 ROOT = Path(settings.BASE_DIR)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_database_url() -> str:

@@ -18,6 +18,7 @@ import json
 import secrets
 import socket
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -140,7 +141,9 @@ def deliveries_send(*, limit: int = 100) -> int:
 
     The batch is claimed first (its next attempt is pushed past the time a pass can take), so overlapping
     sweeps never send the same delivery twice at once; the requests then go out concurrently, bounded by
-    ``WEBHOOK_TIMEOUT_S``, with no database transaction open."""
+    ``WEBHOOK_TIMEOUT_S``, with no database transaction open: one endpoint's deliveries one after the other in
+    the order their events happened (so a receiver sees a job's progress before its completion), different
+    endpoints side by side."""
     now = timezone.now()
     due = WebhookDelivery.objects.filter(state=WebhookDelivery.State.PENDING, next_attempt_at__lte=now)
     if not due.exists():  # the usual case, answered without a transaction (on SQLite, one takes the write lock)
@@ -152,7 +155,8 @@ def deliveries_send(*, limit: int = 100) -> int:
         batch = list(due[:limit])
         if not batch:
             return 0
-        claim = now + timedelta(seconds=2 * settings.WEBHOOK_TIMEOUT_S + 30)
+        longest = max(Counter(d.endpoint_id for d in batch).values())  # one endpoint's deliveries go in turn
+        claim = now + timedelta(seconds=(longest + 1) * settings.WEBHOOK_TIMEOUT_S + 30)
         WebhookDelivery.objects.filter(pk__in=[d.pk for d in batch]).update(next_attempt_at=claim)
     refused = {d.pk: problem for d in batch if (problem := _address_problem(d.endpoint.url))}
     outcomes = asyncio.run(_post_all([d for d in batch if d.pk not in refused]))
@@ -165,10 +169,19 @@ def deliveries_send(*, limit: int = 100) -> int:
 
 
 async def _post_all(batch: list[WebhookDelivery]) -> dict[int, tuple[int | None, str]]:
+    queues: dict[int, list[WebhookDelivery]] = {}
+    for delivery in sorted(batch, key=lambda d: (d.event.created_at, d.event_id)):
+        queues.setdefault(delivery.endpoint_id, []).append(delivery)
+    outcomes: dict[int, tuple[int | None, str]] = {}
+
+    async def in_order(queue: list[WebhookDelivery]) -> None:
+        for delivery in queue:
+            outcomes[delivery.pk] = await _post(client, delivery)
+
     async with httpx.AsyncClient(timeout=settings.WEBHOOK_TIMEOUT_S, follow_redirects=False,
                                  headers={"User-Agent": USER_AGENT}) as client:
-        results = await asyncio.gather(*(_post(client, delivery) for delivery in batch))
-    return {delivery.pk: result for delivery, result in zip(batch, results)}
+        await asyncio.gather(*(in_order(queue) for queue in queues.values()))
+    return outcomes
 
 
 async def _post(client: httpx.AsyncClient, delivery: WebhookDelivery) -> tuple[int | None, str]:

@@ -1,8 +1,9 @@
 from django.contrib import admin
 
-from billing.models import (AutoTopUp, PlatformFee, Reservation, ConnectedAccount, Dispute, LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord,
-                            Payout, PayoutReversal, Refund, SavedCard, SettlementRun, StripeCustomer, StripeRequest,
-                            TopUp, WebhookEvent)
+from billing.models import (AutoTopUp, ConnectedAccount, Dispute, LedgerAccount, LedgerEntry, LedgerTransaction,
+                            MeterRecord, Payout, PayoutReversal, PlatformFee, ReconciliationRun, Refund, Reservation,
+                            SavedCard, SettlementRun, StripeCustomer, StripeEventFailure, StripeRequest, TopUp,
+                            WebhookEvent)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -140,8 +141,24 @@ class PlatformFeeAdmin(admin.ModelAdmin):
 
 @admin.register(Reservation)
 class ReservationAdmin(ReadOnlyAdmin):
-    list_display = ["job", "organisation", "amount_minor", "drawn_minor", "released_minor", "status"]
+    list_display = ["job", "organisation", "amount_minor", "drawn_minor", "charged_femto", "released_minor", "status"]
     list_filter = ["status"]
+
+
+@admin.register(ReconciliationRun)
+class ReconciliationRunAdmin(ReadOnlyAdmin):
+    list_display = ["id", "started_at", "finished_at", "difference_count", "error", "triggered_by"]
+
+    @admin.display(description="differences")
+    def difference_count(self, run):
+        return len(run.differences)
+
+
+@admin.register(StripeEventFailure)
+class StripeEventFailureAdmin(ReadOnlyAdmin):
+    list_display = ["event_id", "type", "error", "failed_at"]
+    list_filter = ["type"]
+    search_fields = ["event_id"]
 
 
 admin.site.register(AutoTopUp, ReadOnlyAdmin)

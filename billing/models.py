@@ -38,6 +38,7 @@ class LedgerAccount(models.Model):
         STRIPE_CLEARING = "stripe_clearing", "Stripe clearing (money held at Stripe)"
         STRIPE_FEES = "stripe_fees", "Stripe fees"
         DISPUTE_LOSSES = "dispute_losses", "Dispute losses"
+        PLATFORM_GRANTS = "platform_grants", "Credits granted by the platform"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     organisation = models.ForeignKey("marketplace.Organisation", null=True, blank=True, on_delete=models.PROTECT)
@@ -73,6 +74,7 @@ class LedgerTransaction(AppendOnlyModel):
         DISPUTE = "dispute", "Card dispute"
         PAYOUT = "payout", "Owner payout"
         PAYOUT_REVERSAL = "payout_reversal", "Owner payout reversed"
+        GRANT = "grant", "Credit granted by the platform"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     reference = models.CharField(
@@ -160,6 +162,9 @@ class Reservation(models.Model):
     currency = models.CharField(max_length=3)
     amount_minor = models.PositiveBigIntegerField(help_text="Reserved, minor units.")
     drawn_minor = models.PositiveBigIntegerField(default=0, help_text="Drawn by completed units, minor units.")
+    charged_femto = models.PositiveBigIntegerField(
+        default=0, help_text="The exact charge of the job's completed units, femto-units; drawn_minor is its "
+                             "round-up to whole minor units.")
     released_minor = models.PositiveBigIntegerField(default=0, help_text="Returned to the balance, minor units.")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -353,3 +358,30 @@ class WebhookEvent(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices)
     outcome = models.CharField(max_length=300, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
+
+
+class ReconciliationRun(models.Model):
+    """One run of the reconciliation (``manage.py billing_reconcile`` or the operator's button) and what it
+    found; kept so operators see the history of results."""
+
+    started_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    differences = models.JSONField(default=list, help_text="Each difference: subject, what, ours, stripe.")
+    error = models.TextField(blank=True, help_text="Why the run could not finish (e.g. Stripe unreachable).")
+    triggered_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+
+class StripeEventFailure(models.Model):
+    """A Stripe event whose processing failed (answered 5xx, so Stripe delivers it again); recorded outside
+    the failed transaction so operators see failures that have not yet been repaired by a redelivery."""
+
+    event_id = models.CharField(max_length=100, db_index=True)
+    type = models.CharField(max_length=60)
+    error = models.CharField(max_length=500)
+    failed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-failed_at"]

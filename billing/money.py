@@ -5,10 +5,13 @@
 - The compute unit is 10^15 operations at the job's precision (one peta-op). Work is metered in mega-ops
   (10^6 operations), so the exact charge of ``mops`` mega-ops at ``price_micros`` is
   ``mops * price_micros`` femto-units (10^-15 of the major unit): an exact integer, no rounding.
-- Femto amounts become minor units only in :func:`femto_to_minor_with_carry`, which keeps the sub-cent
-  remainder on the account (its ``carry``) so nothing is lost; ledger posting books whatever the parties'
-  rounding leaves over to the platform's rounding account.
+- Femto amounts become minor units in two ways only: a job pays its exact cost so far rounded up once
+  (:func:`femto_to_minor_ceil`); an owner's or the platform's share goes through
+  :func:`femto_to_minor_with_carry`, which keeps the sub-cent remainder on the account (its ``carry``) so
+  nothing is lost. Ledger posting books whatever rounding leaves over to the platform's rounding account.
 """
+
+from decimal import ROUND_HALF_UP, Decimal
 
 OPS_PER_COMPUTE_UNIT = 10**15
 OPS_PER_MOP = 10**6
@@ -76,3 +79,20 @@ def format_femto_as_minor(femto: int, currency: str) -> str:
     Display only: the ledger books whole minor units."""
     hundredths = femto // (femto_per_minor(currency) // 100)
     return f"{hundredths // 100:,}.{hundredths % 100:02d}"
+
+
+CURRENCY_SYMBOL = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥"}
+
+
+def format_major(value: Decimal, currency: str, places: int | None = None, rounding: str = ROUND_HALF_UP) -> str:
+    """An amount of the major unit as people read it, with the currency's decimals (or ``places``):
+    ``format_major(Decimal("1234.5"), "usd") == "$1,234.50"``. Display only."""
+    exponent = MINOR_EXPONENT[currency.lower()] if places is None else places
+    value = value.quantize(Decimal(1).scaleb(-exponent), rounding=rounding)
+    symbol = CURRENCY_SYMBOL.get(currency.lower(), currency.upper() + " ")
+    return f"-{symbol}{-value:,}" if value < 0 else f"{symbol}{value:,}"
+
+
+def format_minor(minor: int, currency: str) -> str:
+    """Whole minor units as people read them: ``format_minor(123456, "usd") == "$1,234.56"``."""
+    return format_major(Decimal(int(minor)).scaleb(-MINOR_EXPONENT[currency.lower()]), currency)

@@ -1,14 +1,19 @@
 """Compare the ledger with itself and with Stripe's objects; report every difference.
 
-Read-only. Used by ``manage.py billing_reconcile`` (and by operators' views, once wired)."""
+Read-only towards the ledger and Stripe. :func:`reconciliation_run` (``manage.py billing_reconcile`` and the
+operators' "Run reconciliation now" button) stores each run and what it found as a ``ReconciliationRun``."""
 
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
 
+from django.db import DatabaseError
 from django.db.models import Sum
+from django.utils import timezone
 
 from billing import stripe_api
+from billing.errors import BillingError
 from billing.models import (ConnectedAccount, Dispute, LedgerAccount, LedgerEntry, LedgerTransaction, Payout,
-                            Refund, SettlementRun, TopUp)
+                            ReconciliationRun, Refund, SettlementRun, TopUp)
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 
 
@@ -21,6 +26,16 @@ class Difference:
 
     def __str__(self):
         return f"{self.subject}: {self.what}: ours={self.ours!r} other={self.stripe!r}"
+
+    def as_json(self) -> dict:
+        """JSON-safe (tuples become lists, other objects their text) for ``ReconciliationRun.differences``."""
+        def plain(value):
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return str(value)
+        return {key: plain(value) for key, value in asdict(self).items()}
 
 
 def _booked(reference: str, account_kind: str) -> int | None:
@@ -131,3 +146,20 @@ def reconcile() -> list[Difference]:
     for account in ConnectedAccount.objects.order_by("pk"):
         found += account_differences(account)
     return found
+
+
+log = logging.getLogger(__name__)
+
+
+def reconciliation_run(*, triggered_by=None) -> ReconciliationRun:
+    """Run :func:`reconcile` and store the run: its differences, or why it could not finish (Stripe
+    unreachable, ...). Never raises for such a failure: the stored run says what happened."""
+    run = ReconciliationRun.objects.create(triggered_by=triggered_by)
+    try:
+        run.differences = [d.as_json() for d in reconcile()]
+    except (BillingError, DatabaseError) as error:
+        log.warning("reconciliation run %s failed", run.pk, exc_info=True)
+        run.error = f"{type(error).__name__}: {error}"[:2000]
+    run.finished_at = timezone.now()
+    run.save(update_fields=["differences", "error", "finished_at"])
+    return run

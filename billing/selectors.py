@@ -50,3 +50,12 @@ def platform_fee_bps(*, at=None) -> int:
     ``PLATFORM_FEE_BPS`` setting."""
     fee = PlatformFee.objects.filter(effective_from__lte=at or timezone.now()).order_by("-effective_from", "-pk").first()
     return fee.fee_bps if fee else settings.PLATFORM_FEE_BPS
+
+
+def buyer_balance_minor(*, organisation, currency: str | None = None,
+                        kind: str = LedgerAccount.Kind.BUYER) -> int:
+    """An organisation's balance (or, with ``kind=BUYER_RESERVED``, what its open jobs hold reserved), in
+    minor units; 0 before its first booking."""
+    return LedgerEntry.objects.filter(account__kind=kind, account__organisation=organisation,
+                                      account__currency=currency or settings.CURRENCY).aggregate(
+        total=Sum("amount_minor"))["total"] or 0

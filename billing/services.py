@@ -13,7 +13,7 @@ from django.utils import timezone
 from billing.errors import BillingError
 from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee, Reservation
 from billing.selectors import account_balance_minor, platform_fee_bps
-from billing.money import charge_femto, femto_to_minor_with_carry, split_revenue
+from billing.money import charge_femto, femto_to_minor_ceil, femto_to_minor_with_carry, format_minor, split_revenue
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,12 @@ def _accrue(account: LedgerAccount, femto: int) -> int:
 
 
 def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int) -> MeterRecord:
-    """Meter one completed work unit and book it: the buyer is debited at the clearing price, the owner
-    credited their share, the platform its fee; the parties' sub-cent rounding goes to the rounding account.
+    """Meter one completed work unit and book it: the job's reservation is drawn at the clearing price, the
+    owner credited their share, the platform its fee.
 
+    The reservation is drawn the round-up to whole minor units of the job's exact charge so far (so a job
+    pays its exact cost rounded up once, never a cent per unit); the owner's and the platform's sub-cent
+    remainders wait on their accounts' carry; what rounding leaves over goes to the rounding account.
     Called inside the unit-completion transaction; the unique meter row per unit means no unit is paid twice.
     """
     job = unit.job
@@ -97,39 +100,35 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int) -> MeterR
 
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().filter(job=job).first()
-        if reservation and reservation.status != Reservation.Status.ACTIVE:
+        if reservation is None:
+            raise BillingError("The job has no reserved budget.", code="not_funded", extra={"job": job.pk})
+        if reservation.status != Reservation.Status.ACTIVE:
             raise BillingError("The job's reserved budget was released.", code="reservation_released",
                                extra={"job": job.pk})
-        # A funded job pays from its reservation; a job without one (before reservations are wired) from
-        # the buyer's balance.
-        payer_kind = LedgerAccount.Kind.BUYER_RESERVED if reservation else LedgerAccount.Kind.BUYER
-        accounts = {
-            "buyer": account_get(kind=payer_kind, currency=currency, organisation=job.organisation),
-            "owner": account_get(kind=LedgerAccount.Kind.OWNER, currency=currency, owner=vehicle.owner),
-            "platform": account_get(kind=LedgerAccount.Kind.PLATFORM_FEE, currency=currency),
-            "rounding": account_get(kind=LedgerAccount.Kind.ROUNDING, currency=currency),
-        }
-        keys = list(accounts)
-        accounts = dict(zip(keys, accounts_lock(*accounts.values())))
-        buyer = _accrue(accounts["buyer"], charge)
-        owner = _accrue(accounts["owner"], owner_share)
-        platform = _accrue(accounts["platform"], platform_share)
-        if reservation:
-            if buyer > reservation.remaining_minor:
-                raise BillingError("The job's reserved budget is spent.", code="reservation_exhausted",
-                                   extra={"job": job.pk, "remaining_minor": reservation.remaining_minor})
-            reservation.drawn_minor += buyer
-            reservation.save(update_fields=["drawn_minor", "updated_at"])
+        charged = reservation.charged_femto + charge
+        draw = femto_to_minor_ceil(femto=charged, currency=currency) - reservation.drawn_minor
+        if draw > reservation.remaining_minor:
+            raise BillingError("The job's reserved budget is spent.", code="reservation_exhausted",
+                               extra={"job": job.pk, "remaining_minor": reservation.remaining_minor})
+        reserved, owner_account, platform_account, rounding = accounts_lock(
+            account_get(kind=LedgerAccount.Kind.BUYER_RESERVED, currency=currency, organisation=job.organisation),
+            account_get(kind=LedgerAccount.Kind.OWNER, currency=currency, owner=vehicle.owner),
+            account_get(kind=LedgerAccount.Kind.PLATFORM_FEE, currency=currency),
+            account_get(kind=LedgerAccount.Kind.ROUNDING, currency=currency))
+        owner = _accrue(owner_account, owner_share)
+        platform = _accrue(platform_account, platform_share)
+        reservation.charged_femto, reservation.drawn_minor = charged, reservation.drawn_minor + draw
+        reservation.save(update_fields=["charged_femto", "drawn_minor", "updated_at"])
         txn = ledger_post(
             kind=LedgerTransaction.Kind.USAGE,
             description=f"Unit {job.pk}/{unit.seq} on {vehicle.name}",
             currency=currency,
             job=job,
             postings=[
-                Posting(accounts["buyer"], -buyer),
-                Posting(accounts["owner"], owner),
-                Posting(accounts["platform"], platform),
-                Posting(accounts["rounding"], buyer - owner - platform),
+                Posting(reserved, -draw),
+                Posting(owner_account, owner),
+                Posting(platform_account, platform),
+                Posting(rounding, draw - owner - platform),
             ],
         )
         return MeterRecord.objects.create(
@@ -141,55 +140,133 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int) -> MeterR
 
 # --- Job budget reservations ------------------------------------------------------------------------------
 
+class InsufficientBalance(BillingError):
+    code = "insufficient_balance"
+    status = 402
+
+
+def _reserve_more(*, reservation: Reservation, amount_minor: int, reference: str, description: str) -> None:
+    """Move ``amount_minor`` (> 0) from the organisation's balance into the reservation, or refuse."""
+    buyer, reserved = accounts_lock(
+        account_get(kind=LedgerAccount.Kind.BUYER, currency=reservation.currency, organisation=reservation.organisation),
+        account_get(kind=LedgerAccount.Kind.BUYER_RESERVED, currency=reservation.currency,
+                    organisation=reservation.organisation))
+    available = account_balance_minor(account=buyer)
+    if amount_minor > available:
+        raise InsufficientBalance(
+            f"The balance of {format_minor(available, reservation.currency)} does not cover the "
+            f"{format_minor(amount_minor, reservation.currency)} this job needs reserved. Top up the balance, "
+            f"or set a lower budget cap.", extra={"balance_minor": available, "needed_minor": amount_minor})
+    ledger_post(kind=LedgerTransaction.Kind.RESERVATION, currency=reservation.currency, job=reservation.job,
+                reference=reference, description=description,
+                postings=[Posting(buyer, -amount_minor), Posting(reserved, amount_minor)])
+
+
+def _reserve_less(*, reservation: Reservation, amount_minor: int, reference: str, description: str) -> None:
+    """Return ``amount_minor`` (> 0, at most what remains) of the reservation to the organisation's balance."""
+    buyer, reserved = accounts_lock(
+        account_get(kind=LedgerAccount.Kind.BUYER, currency=reservation.currency, organisation=reservation.organisation),
+        account_get(kind=LedgerAccount.Kind.BUYER_RESERVED, currency=reservation.currency,
+                    organisation=reservation.organisation))
+    ledger_post(kind=LedgerTransaction.Kind.RELEASE, currency=reservation.currency, job=reservation.job,
+                reference=reference, description=description,
+                postings=[Posting(reserved, -amount_minor), Posting(buyer, amount_minor)])
+
+
 def reservation_create(*, job, amount_minor: int) -> Reservation:
-    """Reserve a job's budget cap from its organisation's balance (buyer -A, buyer_reserved +A). Refused
-    when the balance does not cover it; once per job."""
+    """Reserve a job's budget from its organisation's balance (buyer -A, buyer_reserved +A). Refused with
+    :class:`InsufficientBalance` when the balance does not cover it; once per job."""
     if amount_minor <= 0:
         raise BillingError("A reservation must be positive.", code="invalid_amount")
-    currency = job.currency
     with transaction.atomic():
         if Reservation.objects.filter(job=job).exists():
             raise BillingError("This job already has a reservation.", code="already_reserved")
-        buyer, reserved = accounts_lock(
-            account_get(kind=LedgerAccount.Kind.BUYER, currency=currency, organisation=job.organisation),
-            account_get(kind=LedgerAccount.Kind.BUYER_RESERVED, currency=currency, organisation=job.organisation))
-        available = account_balance_minor(account=buyer)
-        if amount_minor > available:
-            raise BillingError("The balance does not cover the job's budget.", code="insufficient_balance",
-                               extra={"balance_minor": available, "needed_minor": amount_minor})
-        reservation = Reservation.objects.create(job=job, organisation=job.organisation, currency=currency,
+        reservation = Reservation.objects.create(job=job, organisation=job.organisation, currency=job.currency,
                                                  amount_minor=amount_minor)
-        ledger_post(kind=LedgerTransaction.Kind.RESERVATION, currency=currency, job=job,
-                    reference=f"reservation:{reservation.pk}", description=f"Budget of job {job.pk} reserved",
-                    postings=[Posting(buyer, -amount_minor), Posting(reserved, amount_minor)])
+        _reserve_more(reservation=reservation, amount_minor=amount_minor, reference=f"reservation:{reservation.pk}",
+                      description=f"Budget of job {job.pk} reserved")
+        return reservation
+
+
+def reservation_resize(*, job, amount_minor: int) -> Reservation:
+    """Make an active reservation hold ``amount_minor`` in all (drawn included): more is taken from the
+    balance (or refused with :class:`InsufficientBalance`), less returned to it at once. Never below what
+    was drawn. Called when a buyer changes an open job's bid or budget cap."""
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().get(job=job)
+        if reservation.status != Reservation.Status.ACTIVE:
+            raise BillingError("The job's reserved budget was released.", code="reservation_released",
+                               extra={"job": job.pk})
+        amount_minor = max(amount_minor, reservation.drawn_minor + reservation.released_minor)
+        change = amount_minor - reservation.amount_minor
+        if not change:
+            return reservation
+        step = LedgerTransaction.objects.filter(job=job, kind__in=[LedgerTransaction.Kind.RESERVATION,
+                                                                   LedgerTransaction.Kind.RELEASE]).count()
+        reference = f"reservation:{reservation.pk}:resize:{step}"
+        if change > 0:
+            _reserve_more(reservation=reservation, amount_minor=change, reference=reference,
+                          description=f"Budget of job {job.pk} raised")
+        else:
+            _reserve_less(reservation=reservation, amount_minor=-change, reference=reference,
+                          description=f"Budget of job {job.pk} lowered")
+        reservation.amount_minor = amount_minor
+        reservation.save(update_fields=["amount_minor", "updated_at"])
         return reservation
 
 
 def reservation_remaining_minor(*, job) -> int:
-    """What the job may still spend, in minor units (0 without an active reservation). The dispatcher
-    leases a unit only while this covers the unit's cost at the job's price cap."""
+    """What the job may still spend, in minor units (0 without an active reservation)."""
     reservation = Reservation.objects.filter(job=job, status=Reservation.Status.ACTIVE).first()
     return reservation.remaining_minor if reservation else 0
 
 
 def reservation_release(*, job) -> Reservation | None:
-    """Return what is left of a job's reservation to the balance at once (on completion or cancellation).
-    Idempotent."""
+    """Return what is left of a job's reservation to the balance at once (on completion, cancellation or
+    expiry). Idempotent."""
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().filter(job=job).first()
         if reservation is None or reservation.status == Reservation.Status.RELEASED:
             return reservation
         rest = reservation.remaining_minor
-        buyer, reserved = accounts_lock(
-            account_get(kind=LedgerAccount.Kind.BUYER, currency=reservation.currency, organisation=job.organisation),
-            account_get(kind=LedgerAccount.Kind.BUYER_RESERVED, currency=reservation.currency,
-                        organisation=job.organisation))
-        ledger_post(kind=LedgerTransaction.Kind.RELEASE, currency=reservation.currency, job=job,
-                    reference=f"reservation:{reservation.pk}:release",
-                    description=f"Budget of job {job.pk} released", postings=[Posting(reserved, -rest), Posting(buyer, rest)])
-        reservation.released_minor, reservation.status = rest, Reservation.Status.RELEASED
+        if rest:
+            _reserve_less(reservation=reservation, amount_minor=rest, reference=f"reservation:{reservation.pk}:release",
+                          description=f"Budget of job {job.pk} released")
+        reservation.released_minor += rest
+        reservation.status = Reservation.Status.RELEASED
         reservation.save(update_fields=["released_minor", "status", "updated_at"])
         return reservation
+
+
+def reservations_release_finished() -> int:
+    """Release the reservations of jobs that have finished but still hold one (a crash between a job's
+    closing and its release); the auction tick runs it. Returns how many were released."""
+    from marketplace.models import Job  # billing is below marketplace; the import stays local
+
+    stuck = list(Reservation.objects.filter(status=Reservation.Status.ACTIVE)
+                 .exclude(job__state__in=Job.OPEN_STATES).select_related("job"))
+    for reservation in stuck:
+        reservation_release(job=reservation.job)
+    return len(stuck)
+
+
+def balance_grant(*, organisation, amount_minor: int, note: str, by=None, reference: str | None = None,
+                  currency: str | None = None) -> LedgerTransaction:
+    """Credit an organisation's balance from the platform (a goodwill or trial credit, booked against the
+    platform's grants account; no money moves at Stripe). ``reference`` makes a grant happen once."""
+    if amount_minor <= 0:
+        raise BillingError("A grant must be positive.", code="invalid_amount")
+    currency = currency or settings.CURRENCY
+    with transaction.atomic():
+        if reference and (done := LedgerTransaction.objects.filter(reference=reference).first()):
+            return done
+        grants, buyer = accounts_lock(account_get(kind=LedgerAccount.Kind.PLATFORM_GRANTS, currency=currency),
+                                      account_get(kind=LedgerAccount.Kind.BUYER, currency=currency,
+                                                  organisation=organisation))
+        by_whom = f" by {by}" if by else ""
+        return ledger_post(kind=LedgerTransaction.Kind.GRANT, currency=currency, reference=reference,
+                           description=f"Credit granted{by_whom}: {note}"[:200],
+                           postings=[Posting(grants, -amount_minor), Posting(buyer, amount_minor)])
 
 
 def platform_fee_set(*, fee_bps: int, effective_from=None, note: str = "", user=None):
@@ -199,3 +276,11 @@ def platform_fee_set(*, fee_bps: int, effective_from=None, note: str = "", user=
         raise BillingError("The fee is between 0 and 10000 basis points.", code="invalid_fee")
     return PlatformFee.objects.create(fee_bps=fee_bps, effective_from=effective_from or timezone.now(),
                                       note=note[:200], created_by=user)
+
+
+def owner_electricity_price_set(*, owner, micros_per_kwh: int | None) -> None:
+    """Keep (or clear, with None) what an owner's electricity costs, for their earnings page's estimate."""
+    if micros_per_kwh is not None and micros_per_kwh < 0:
+        raise BillingError("An electricity price is zero or more.", code="invalid_amount")
+    owner.electricity_price_micros_per_kwh = micros_per_kwh
+    owner.save(update_fields=["electricity_price_micros_per_kwh"])

@@ -131,6 +131,16 @@ def setup_intent_confirm(setup_intent_id: str, *, payment_method: str) -> dict:
     return _read(_client().v1.setup_intents.confirm, setup_intent_id, params={"payment_method": payment_method})
 
 
+def payment_method_create_test_card(*, number: str, exp_month: int, exp_year: int, cvc: str) -> dict:
+    """A card PaymentMethod from raw test-card details: for the local Stripe peer only (the buyer page's
+    test-card form when ``settings.STRIPE_IS_LOCAL_PEER``). Real card numbers never reach our server: in
+    production the browser gives them to Stripe.js, and this refuses to run."""
+    if not settings.STRIPE_IS_LOCAL_PEER:
+        raise StripeRefused("Card details are only accepted by the local Stripe peer.", extra={"stripe_code": "not_local"})
+    return _read(_client().v1.payment_methods.create, params={
+        "type": "card", "card": {"number": number, "exp_month": exp_month, "exp_year": exp_year, "cvc": cvc}})
+
+
 def payment_method_retrieve(payment_method_id: str) -> dict:
     return _read(_client().v1.payment_methods.retrieve, payment_method_id)
 

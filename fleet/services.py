@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from django.db.models import F, Subquery
 from django.utils import timezone
 
-from billing.services import usage_record
+from billing.services import reservation_release, usage_record
 from fleet import tokens
 from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
@@ -483,4 +483,6 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
             job_history_add(job=job, kind=JobEvent.Kind.COMPLETED, detail=f"{job.units_total} units done")
         job.save(update_fields=fields)
         webhooks.job_event_record(job=job)  # job.progress or job.completed, committed with the change (an outbox)
+    if job.state == Job.State.COMPLETED:
+        reservation_release(job=job)  # the rest of its budget back to the balance at once (the tick, if not now)
     return True, ""

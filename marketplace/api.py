@@ -73,6 +73,8 @@ class ErrorSerializer(serializers.Serializer):
 _ERROR_MEANINGS = {
     400: "The request is not valid (code invalid with fields, or invalid_inputs with lines).",
     401: "No API key, or an invalid or revoked one.",
+    402: "Code insufficient_balance: the balance does not cover what the job must reserve (balance_minor, "
+         "needed_minor). Top up, or set a lower budget cap.",
     403: "The credentials are not a buyer organisation's.",
     404: "No such object in your organisation.",
     409: "A conflict: the job is closed, or a request with this Idempotency-Key is still running.",
@@ -244,7 +246,7 @@ class JobListCreateApi(BuyerApi, generics.GenericAPIView):
     @extend_schema(
         request={"multipart/form-data": JobCreateSerializer, "application/json": JobCreateJsonSerializer},
         parameters=[IDEMPOTENCY_KEY],
-        responses={201: JobSerializer, **_errors(*_POST_ERRORS, 413)},
+        responses={201: JobSerializer, **_errors(*_POST_ERRORS, 402, 413)},
         examples=[
             OpenApiExample("a JSON Lines file", request_only=True, media_type="multipart/form-data",
                            value={**_JOB_EXAMPLE, "inputs": "(file) docs.jsonl"}),
@@ -281,7 +283,7 @@ class JobCancelApi(BuyerApi):
 
 class JobBidApi(BuyerApi):
     @extend_schema(request=BidSerializer, parameters=[IDEMPOTENCY_KEY],
-                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 404)},
+                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 402, 404)},
                    examples=[OpenApiExample("raise the bid", request_only=True, value={"max_price_micros": 3000000})])
     @idempotent
     def post(self, request, pk):
@@ -296,7 +298,7 @@ class JobBidApi(BuyerApi):
 
 class JobBudgetApi(BuyerApi):
     @extend_schema(request=BudgetSerializer, parameters=[IDEMPOTENCY_KEY],
-                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 404)},
+                   responses={200: JobSerializer, **_errors(*_POST_ERRORS, 402, 404)},
                    examples=[OpenApiExample("raise the cap to $50", request_only=True, value={"budget_cap_minor": 5000})])
     @idempotent
     def post(self, request, pk):

@@ -1,16 +1,22 @@
 """The demo buyer of the embedded profile: keeps one job of standard-library docstrings open, so the market
-in `make run` always has work to clear."""
+in `make run` always has work to clear. Buyers pay in advance; the demo buyer's balance is kept up by the
+platform's demo credit (a ledger grant), so card top-ups on the billing page stay the visitor's to try."""
 
 import json
 import random
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
+from billing.models import LedgerAccount
+from billing.selectors import account_balance_minor
+from billing.services import account_get, balance_grant
 from marketplace import corpus, services
 from marketplace.models import Job, User
 
 BUYER = "buyer@demo.local"
+DEMO_CREDIT_MINOR = 50_000  # granted whenever the demo buyer's balance falls below it
 
 
 def demo_job_top_up(*, docs: int = 400) -> Job | None:
@@ -18,6 +24,10 @@ def demo_job_top_up(*, docs: int = 400) -> Job | None:
     buyer = User.objects.filter(email=BUYER).select_related("organisation").first()
     if buyer is None or Job.objects.filter(organisation=buyer.organisation, state__in=Job.OPEN_STATES).exists():
         return None
+    balance = account_balance_minor(account=account_get(
+        kind=LedgerAccount.Kind.BUYER, currency=settings.CURRENCY, organisation=buyer.organisation))
+    if balance < DEMO_CREDIT_MINOR:
+        balance_grant(organisation=buyer.organisation, amount_minor=DEMO_CREDIT_MINOR, note="demo credit")
     rng = random.Random()
     start = rng.randrange(0, 1500)
     rows = corpus.documents(start + docs)[start:]

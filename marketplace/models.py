@@ -57,6 +57,9 @@ class User(AbstractUser):
         Organisation, null=True, blank=True, on_delete=models.PROTECT, related_name="members",
         help_text="Buyers only: the organisation they act for.",
     )
+    electricity_price_micros_per_kwh = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Owners only: what their electricity costs, micro-units per kWh, for "
+                                         "the estimate of their cars' energy cost on the earnings page.")
 
     USERNAME_FIELD = "email"
     REQUIRED_FIELDS = []

@@ -7,8 +7,8 @@ from typing import Iterator
 import numpy as np
 from django.db.models import Count, F, Q, QuerySet, Sum
 
-from billing.models import MeterRecord
-from billing.money import femto_per_minor, price_per_million_tokens_micros
+from billing.models import Reservation
+from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_million_tokens_micros
 from fleet.models import WorkUnit
 from marketplace.models import AIModel, ApiKey, AuctionRound, Job, Organisation, WebhookDelivery, WebhookEndpoint
 
@@ -127,26 +127,41 @@ def job_progress(*, job: Job) -> JobProgress:
 
 
 def jobs_budget_left_femto(*, job_ids: list[int]) -> dict[int, int]:
-    """For the jobs among ``job_ids`` that have a budget cap: what is left of it, in femto-units (see
-    billing.money), after what was charged and what leased units will cost at their lease's price."""
-    capped = dict(Job.objects.filter(pk__in=job_ids, budget_cap_minor__isnull=False)
-                  .values_list("pk", "budget_cap_minor"))
-    if not capped:
-        return {}
-    currency = dict(Job.objects.filter(pk__in=capped).values_list("pk", "currency"))
-    charged = dict(MeterRecord.objects.filter(job_id__in=capped).values("job_id").order_by()
-                   .annotate(femto=Sum("charge_femto")).values_list("job_id", "femto"))
-    leased = dict(WorkUnit.objects.filter(job_id__in=capped, state=WorkUnit.State.LEASED).values("job_id").order_by()
-                  .annotate(femto=Sum(F("mops") * F("price_micros"))).values_list("job_id", "femto"))
-    return {pk: cap * femto_per_minor(currency[pk]) - (charged.get(pk) or 0) - (leased.get(pk) or 0)
-            for pk, cap in capped.items()}
+    """For each of ``job_ids``: what is left of its reservation (see billing), in femto-units, after what was
+    charged and what its leased units will cost at their lease's price; 0 for a job without an active one."""
+    reserved = dict(Reservation.objects.filter(job_id__in=job_ids, status=Reservation.Status.ACTIVE)
+                    .values_list("job_id", "pk"))
+    reservations = Reservation.objects.in_bulk(list(reserved.values()))
+    leased = _leased_femto(job_ids=list(reserved))
+    left = {pk: 0 for pk in job_ids}
+    for job_id, pk in reserved.items():
+        r = reservations[pk]
+        left[job_id] = (r.amount_minor * femto_per_minor(r.currency) - r.charged_femto - leased.get(job_id, 0))
+    return left
 
 
-def bid_quantity_mops(*, queued_mops: int, max_price_micros: int, budget_left_femto: int | None,
+def _leased_femto(*, job_ids: list[int]) -> dict[int, int]:
+    return dict(WorkUnit.objects.filter(job_id__in=job_ids, state=WorkUnit.State.LEASED).values("job_id").order_by()
+                .annotate(femto=Sum(F("mops") * F("price_micros"))).values_list("job_id", "femto"))
+
+
+def job_reservation_needed_minor(*, job: Job, queued_mops: int | None = None) -> int:
+    """What a job must hold reserved, in minor units: its budget cap when it has one, else the cost of all its
+    remaining work at its bid; never less than what it has spent and what its leased units will cost."""
+    reservation = Reservation.objects.filter(job=job).first()
+    committed = (reservation.charged_femto if reservation else 0) + _leased_femto(job_ids=[job.pk]).get(job.pk, 0)
+    if job.budget_cap_minor is not None:
+        return max(job.budget_cap_minor, femto_to_minor_ceil(femto=committed, currency=job.currency))
+    if queued_mops is None:
+        queued_mops = job.units.filter(state=WorkUnit.State.QUEUED).aggregate(m=Sum("mops"))["m"] or 0
+    return femto_to_minor_ceil(femto=committed + queued_mops * job.max_price_micros, currency=job.currency)
+
+
+def bid_quantity_mops(*, queued_mops: int, max_price_micros: int, budget_left_femto: int,
                       largest_unit_mops: int) -> int:
-    """The mega-ops a job bids for in a round: its queued work, or, when its budget cap cannot pay all of it
-    at the bid, what the rest of the budget pays less one unit, since the dispatcher may lease the last unit
-    of an allocation whole. So the job never spends beyond its cap."""
-    if budget_left_femto is None or queued_mops * max_price_micros <= budget_left_femto:
+    """The mega-ops a job bids for in a round: its queued work, or, when its reservation cannot pay all of it
+    at the bid, what the rest of the reservation pays less one unit, since the dispatcher may lease the last
+    unit of an allocation whole. So the job never spends beyond the money reserved for it."""
+    if queued_mops * max_price_micros <= budget_left_femto:
         return queued_mops
     return max(0, budget_left_femto // max_price_micros - largest_unit_mops)

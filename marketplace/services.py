@@ -20,6 +20,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from billing.money import mops_for_tokens
+from billing.services import reservation_create, reservation_release, reservation_resize, reservations_release_finished
 from fleet import tokens
 from fleet.agent.models import count_tokens
 from fleet.models import Lease, WorkUnit
@@ -212,7 +213,9 @@ def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadl
 
 
 def job_create_from(*, organisation: Organisation, user: User | None, draft: JobDraft) -> Job:
-    """Save a prepared job and its units, in one short transaction."""
+    """Save a prepared job and its units and reserve its budget, in one short transaction. Refused with
+    ``insufficient_balance`` (402) when the organisation's balance does not cover the reservation: its budget
+    cap, or without one the cost of all its work at its bid."""
     try:
         with transaction.atomic():
             job = Job.objects.create(
@@ -232,6 +235,9 @@ def job_create_from(*, organisation: Organisation, user: User | None, draft: Job
                     WorkUnit.objects.bulk_create(batch)
                     batch = []
             WorkUnit.objects.bulk_create(batch)
+            # Buyers pay in advance: the job reserves its budget from the balance, or nothing is created.
+            reservation_create(job=job, amount_minor=selectors.job_reservation_needed_minor(
+                job=job, queued_mops=draft.mops_total))
     finally:
         draft.units.close()
     return job
@@ -268,10 +274,14 @@ def _job_close(*, job: Job, state: str, reason: str, by: User | None = None) -> 
         job.save(update_fields=["state", "finished_at"])
         job_history_add(job=job, kind=_CLOSE_EVENTS[state], detail=reason.replace("_", " "), by=by)
         webhooks.job_event_record(job=job)
+    # Its own transaction, after the job's (which locked the job before its units; a unit's completion locks
+    # the reservation before the job). Should this not run, the auction tick releases it.
+    reservation_release(job=job)
 
 
 def job_cancel(*, job: Job, by: User | None = None) -> Job:
-    """Stop a job: its queued units are cancelled and its active leases withdrawn. Finished units stay paid."""
+    """Stop a job: its queued units are cancelled, its active leases withdrawn and the rest of its reserved
+    budget returned to the balance at once. Finished units stay paid."""
     _job_close(job=job, state=Job.State.CANCELLED, reason="job_cancelled", by=by)
     job.refresh_from_db()
     return job
@@ -290,7 +300,8 @@ def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -
 
     Lowering it also gives up the capacity the job won in rounds that cleared above the new bid, so that no
     work is leased to it from now on at a price over its bid. Units already leased keep the price they were
-    leased at."""
+    leased at. A job without a budget cap has its reservation resized to its remaining work at the new bid
+    (raising it is refused with ``insufficient_balance`` when the balance cannot cover the difference)."""
     if max_price_micros <= 0:
         problem = "The maximum price must be a positive number of micro-units."
         raise ValidationFailed("The bid is not valid.", extra={"fields": {"max_price_micros": [problem]}})
@@ -303,14 +314,17 @@ def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -
         if max_price_micros < previous:
             (Allocation.objects.filter(job=job, price_micros__gt=max_price_micros, remaining_mops__gt=0)
              .update(remaining_mops=0))
+        if job.budget_cap_minor is None:  # its reservation pays for all its work at the bid: resize it
+            reservation_resize(job=job, amount_minor=selectors.job_reservation_needed_minor(job=job))
     log.info("job %s: bid changed from %s to %s micros", job.pk, previous, max_price_micros)
     return job
 
 
 def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None = None) -> Job:
-    """Set, raise, lower or remove (None) an open job's budget cap; the next auction round bids within it.
-    A cap below what the job has already spent and committed stops its bidding; nothing already leased is
-    taken back."""
+    """Set, raise, lower or remove (None) an open job's budget cap, and resize its reservation to match: the
+    cap, or without one the cost of its remaining work at its bid (``insufficient_balance`` when the balance
+    cannot cover a raise). The next auction round bids within it. A cap below what the job has already spent
+    and committed keeps that much reserved and stops its bidding; nothing already leased is taken back."""
     if budget_cap_minor is not None and budget_cap_minor <= 0:
         problem = "The budget cap must be a positive amount of minor units (cents), or null for none."
         raise ValidationFailed("The budget is not valid.", extra={"fields": {"budget_cap_minor": [problem]}})
@@ -318,6 +332,7 @@ def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None
         job = _job_open_locked(job=job, what="budget")
         previous, job.budget_cap_minor = job.budget_cap_minor, budget_cap_minor
         job.save(update_fields=["budget_cap_minor"])
+        reservation_resize(job=job, amount_minor=selectors.job_reservation_needed_minor(job=job))
         job_history_add(job=job, kind=JobEvent.Kind.BUDGET_CHANGED, by=by,
                         detail=f"from {'none' if previous is None else previous} to "
                                f"{'none' if budget_cap_minor is None else budget_cap_minor} minor units")
@@ -325,13 +340,13 @@ def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None
 
 
 def job_budget_reached(*, job_id: int) -> None:
-    """Note once in the job's history that its budget cap stopped its bidding (the auction calls it)."""
+    """Note once in the job's history that its reserved budget stopped its bidding (the auction calls it)."""
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job_id)
         last = job.events.filter(kind__in=[JobEvent.Kind.BUDGET_REACHED, JobEvent.Kind.BUDGET_CHANGED]).last()
         if last is None or last.kind != JobEvent.Kind.BUDGET_REACHED:
             job_history_add(job=job, kind=JobEvent.Kind.BUDGET_REACHED,
-                            detail=f"the cap of {job.budget_cap_minor} minor units cannot pay another unit at the bid")
+                            detail="the reserved budget cannot pay another unit at the bid")
 
 
 def jobs_expire() -> int:
@@ -350,17 +365,18 @@ def auction_tick() -> list[AuctionRound]:
     clearing (marketplace.clearing) sells each of its seconds once, to the market where surplus is highest.
     One round is recorded per market, all with the same ``cleared_at``: they replay together."""
     jobs_expire()
+    reservations_release_finished()
     now = timezone.now()
     interval = settings.AUCTION_INTERVAL_S
     queued = Q(units__state=WorkUnit.State.QUEUED)
     jobs = list(Job.objects.filter(state__in=Job.OPEN_STATES).select_related("ai_model")
                 .annotate(queued_mops=Sum("units__mops", filter=queued), largest_unit_mops=Max("units__mops", filter=queued))
                 .filter(queued_mops__gt=0).order_by("pk"))
-    # A job with a budget cap bids only for what the rest of its budget pays at its bid.
+    # A job bids only for what the rest of its reservation pays at its bid.
     budget_left = selectors.jobs_budget_left_femto(job_ids=[job.pk for job in jobs])
     for job in jobs:
         job.bid_mops = selectors.bid_quantity_mops(queued_mops=job.queued_mops, max_price_micros=job.max_price_micros,
-                                                   budget_left_femto=budget_left.get(job.pk),
+                                                   budget_left_femto=budget_left[job.pk],
                                                    largest_unit_mops=job.largest_unit_mops)
         if not job.bid_mops:
             job_budget_reached(job_id=job.pk)

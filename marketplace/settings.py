@@ -254,6 +254,9 @@ if STRIPE_IS_LOCAL_PEER:
 else:
     STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
     STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
+# The buyer's browser saves cards with Stripe.js under this key (not needed on the local peer, whose test
+# cards the billing page sends through the server).
+STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY", default="")
 STRIPE_WEBHOOK_TOLERANCE_S = 300  # a webhook signed more than this before or after now is refused
 STRIPE_TIMEOUT_S = env.float("STRIPE_TIMEOUT_S", default=20.0)
 STRIPE_MIN_PAYOUT_MINOR = env.int("STRIPE_MIN_PAYOUT_MINOR", default=1000)  # owners are paid from 10.00 up

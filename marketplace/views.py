@@ -3,7 +3,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db import connection
+from django.db import connection, transaction
 from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing.money import MICROS_PER_MAJOR, mops_for_tokens, price_per_million_tokens_micros
-from billing.selectors import job_spend_minor
+from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet.models import Vehicle
 from marketplace import market, selectors, services
 from marketplace.errors import ApplicationError
@@ -104,7 +104,7 @@ def job_new(request):
                 form.add_error("inputs", f"Line {line['line']}: {line['message']}")
             if exc.extra.get("bad_line_count", 0) > len(lines):
                 form.add_error("inputs", f"… and {exc.extra['bad_line_count'] - len(lines)} more bad lines.")
-            if not exc.extra:
+            if not exc.extra.get("fields") and not lines:
                 form.add_error(None, exc.message)
             messages.error(request, exc.message)
         else:
@@ -119,13 +119,15 @@ def job_new(request):
         form = JobForm(initial={"model": ai_model, "precision": precision,
                                 "max_price_per_mtok": _default_bid_per_mtok(ai_model, precision)})
     return render(request, "marketplace/job_new.html", {
-        "organisation": organisation, "form": form, "catalogue": _catalogue(), "bid_margin_pct": DEFAULT_BID_MARGIN_PCT})
+        "organisation": organisation, "form": form, "catalogue": _catalogue(), "bid_margin_pct": DEFAULT_BID_MARGIN_PCT,
+        "balance_minor": buyer_balance_minor(organisation=organisation)})
 
 
 @login_required
 def job_estimate(request):
-    """The new-job page's estimate (a fragment): cost and completion time from the market as it is now."""
-    _buyer_organisation(request)
+    """The new-job page's estimate (a fragment): cost and completion time from the market as it is now, and
+    what the job will reserve from the balance."""
+    organisation = _buyer_organisation(request)
     form = EstimateForm(request.GET)
     if not form.is_valid():
         return render(request, "marketplace/_estimate.html", {"form": form}, status=400)
@@ -135,9 +137,11 @@ def job_estimate(request):
     estimate = market.job_estimate(precision=data["precision"], max_price_micros=max_price, currency=settings.CURRENCY,
                                    mops=mops_for_tokens(tokens=tokens, ops_per_token=ai_model.ops_per_token))
     cheapest = estimate.cheapest_micros
+    reserve = estimate.cost_at_most_minor if data["budget_cap"] is None else data["budget_cap"]
     return render(request, "marketplace/_estimate.html", {
         "form": form, "estimate": estimate, "tokens": tokens, "docs": data["docs"], "precision": data["precision"],
-        "budget_cap_minor": data["budget_cap"],
+        "budget_cap_minor": data["budget_cap"], "reserve_minor": reserve,
+        "balance_minor": buyer_balance_minor(organisation=organisation),
         "cheapest_per_mtok_micros": None if cheapest is None else price_per_million_tokens_micros(
             price_micros=cheapest, ops_per_token=ai_model.ops_per_token),
     })
@@ -182,12 +186,20 @@ def job_terms(request, pk):
         for field, errors in form.errors.items():
             messages.error(request, f"{form.fields[field].label if field in form.fields else 'Terms'}: {' '.join(errors)}")
         return redirect("job-detail", pk=job.pk)
+    # compared as shown: a bid read back per million tokens is rounded, and must not change by itself
+    bid = form.cleaned_data["max_price_micros"]
+    changes = []
+    if "max_price_per_mtok" in form.changed_data and bid != job.max_price_micros:
+        changes.append(lambda job: services.job_bid_update(job=job, max_price_micros=bid, by=request.user))
+    if "budget_cap" in form.changed_data:
+        cap = form.cleaned_data["budget_cap"]
+        change = lambda job: services.job_budget_update(job=job, budget_cap_minor=cap, by=request.user)  # noqa: E731
+        # a new cap first, so a raised bid is reserved within it; a removed cap last, reserved at the new bid
+        changes.insert(0 if cap is not None else len(changes), change)
     try:
-        # compared as shown: a bid read back per million tokens is rounded, and must not change by itself
-        if "max_price_per_mtok" in form.changed_data and form.cleaned_data["max_price_micros"] != job.max_price_micros:
-            job = services.job_bid_update(job=job, max_price_micros=form.cleaned_data["max_price_micros"], by=request.user)
-        if "budget_cap" in form.changed_data:
-            job = services.job_budget_update(job=job, budget_cap_minor=form.cleaned_data["budget_cap"], by=request.user)
+        with transaction.atomic():  # both or neither
+            for change in changes:
+                job = change(job)
     except ApplicationError as exc:
         messages.error(request, exc.message)
     else:

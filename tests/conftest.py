@@ -32,12 +32,14 @@ def jsonl(rows) -> bytes:
 
 @pytest.fixture
 def make_job(buyer):
-    """Create a job of ``docs`` corpus documents for the buyer through the service."""
+    """Create a job of ``docs`` corpus documents for the buyer through the service (its budget reserved from
+    the organisation's test credit)."""
 
-    def make(docs: int = 16, precision: str = "int8", price: int = 2_000_000, organisation=None):
+    def make(docs: int = 16, precision: str = "int8", price: int = 2_000_000, organisation=None,
+             budget_cap: int | None = None):
         return services.job_create(
             organisation=organisation or buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
-            precision=precision, max_price_micros=price, deadline=future(),
+            precision=precision, max_price_micros=price, deadline=future(), budget_cap_minor=budget_cap,
             inputs=jsonl(corpus.documents(docs)).splitlines(keepends=True))
 
     return make

@@ -3,6 +3,7 @@ from datetime import timedelta
 import factory
 from django.utils import timezone
 
+from billing.services import balance_grant
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from marketplace.models import Organisation, User
 
@@ -10,9 +11,18 @@ from marketplace.models import Organisation, User
 class OrganisationFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Organisation
+        skip_postgeneration_save = True
 
     name = factory.Sequence(lambda n: f"Org {n}")
     slug = factory.Sequence(lambda n: f"org-{n}")
+
+    @factory.post_generation
+    def credit(organisation, create, extracted, **kwargs):
+        """Buyers pay in advance: an organisation starts with ``credit`` minor units (default $1,000) granted
+        through the real ledger service; ``OrganisationFactory(credit=0)`` for one with nothing."""
+        amount = 100_000 if extracted is None else extracted
+        if create and amount:
+            balance_grant(organisation=organisation, amount_minor=amount, note="test credit")
 
 
 class BuyerFactory(factory.django.DjangoModelFactory):

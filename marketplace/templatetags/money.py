@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django import template
 
-from billing.money import MICROS_PER_MAJOR, MINOR_EXPONENT
+from billing.money import MICROS_PER_MAJOR, format_minor
 
 register = template.Library()
 
@@ -24,10 +24,7 @@ def minor_money(minor, currency: str = "usd") -> str:
     """Minor units (cents) of ``currency`` as an amount: 12345 → "$123.45"."""
     if minor is None or minor == "":
         return "—"
-    exponent = MINOR_EXPONENT[str(currency).lower()]
-    value = Decimal(int(minor)).scaleb(-exponent)
-    symbol = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥"}[str(currency).lower()]
-    return f"-{symbol}{-value:,.{exponent}f}" if value < 0 else f"{symbol}{value:,.{exponent}f}"
+    return format_minor(int(minor), str(currency))
 
 
 @register.filter

@@ -10,6 +10,7 @@ from billing.errors import BillingError
 from billing.models import AutoTopUp, LedgerAccount, MeterRecord, TopUp
 from billing.selectors import account_balance_minor, platform_fee_bps
 from billing.services import platform_fee_set, usage_record
+from tests.factories import BuyerFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -28,8 +29,8 @@ def test_the_fee_in_force_is_the_latest_operator_setting_and_each_unit_keeps_the
     assert MeterRecord.objects.get().fee_bps == 1000
 
 
-def test_an_automatic_top_up_tops_up_once_under_the_threshold_and_stops_on_a_declined_card(stripe_peer, buyer):
-    org = buyer.organisation
+def test_an_automatic_top_up_tops_up_once_under_the_threshold_and_stops_on_a_declined_card(stripe_peer, db):
+    org = BuyerFactory(organisation__credit=0).organisation
     setup = payments.card_setup_start(organisation=org)
     pm = stripe_peer.post("/v1/payment_methods", {"type": "card", "card": {
         "number": "4242424242424242", "exp_month": 12, "exp_year": 2031, "cvc": "123"}})

@@ -6,9 +6,9 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.django import TestCase as HypothesisTestCase
 
 from billing.errors import BillingError
-from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord
+from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, Reservation
 from billing.money import femto_per_minor, split_revenue
-from billing.selectors import account_balance_minor, unbalanced_transaction_ids
+from billing.selectors import account_balance_minor, job_spend_minor, unbalanced_transaction_ids
 from billing.services import Posting, account_get, ledger_post, usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, services
@@ -41,9 +41,9 @@ def test_ledger_rows_are_append_only():
 
 
 class UsageBookingTests(HypothesisTestCase):
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=15, deadline=None)
     @given(prices=st.lists(st.integers(1, 50_000_000), min_size=1, max_size=12))
-    def test_every_party_is_booked_the_floor_of_its_exact_accrual_and_each_transaction_balances(self, prices):
+    def test_the_job_pays_the_round_up_of_its_exact_charge_owners_the_floor_of_their_accrual_each_balanced(self, prices):
         buyer = BuyerFactory()
         car = VehicleFactory()
         job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
@@ -57,13 +57,14 @@ class UsageBookingTests(HypothesisTestCase):
         exact_charge = sum(u.mops * p for u, p in zip(units, prices))
         exact_owner = sum(split_revenue(charge=u.mops * p, fee_bps=1500)[0] for u, p in zip(units, prices))
         per_minor = femto_per_minor("usd")
-        buyer_account = LedgerAccount.objects.get(kind="buyer", organisation=buyer.organisation)
         owner_account = LedgerAccount.objects.get(kind="owner", owner=car.owner)
-        assert -account_balance_minor(account=buyer_account) == exact_charge // per_minor
+        # the buyer pays the job's exact cost rounded up once (never a cent per unit), from its reservation
+        assert job_spend_minor(job=job) == Reservation.objects.get(job=job).drawn_minor == -(-exact_charge // per_minor)
+        assert Reservation.objects.get(job=job).charged_femto == exact_charge
         assert account_balance_minor(account=owner_account) == exact_owner // per_minor
         assert sum(r.charge_femto for r in records) == exact_charge
-        # The sub-cent remainders are kept on the accounts, not lost.
-        assert buyer_account.carry_femto == exact_charge % per_minor
+        # The owner's sub-cent remainder is kept on the account, not lost.
+        assert owner_account.carry_femto == exact_owner % per_minor
 
 
 def test_a_unit_is_metered_once():

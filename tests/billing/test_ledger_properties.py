@@ -1,5 +1,5 @@
-"""Ledger invariants under any interleaving of top-ups, unit completions, refunds, disputes and
-settlements, against the local Stripe peer: every transaction balances, no buyer or owner balance goes
+"""Ledger invariants under any interleaving of top-ups, jobs reserving their budgets, unit completions,
+cancellations, refunds, disputes and settlements, against the local Stripe peer: every transaction balances, no buyer or owner balance goes
 negative, each work unit is paid at most once, and the Stripe clearing account matches the money that
 moved through Stripe."""
 
@@ -18,9 +18,10 @@ from billing.errors import BillingError
 from billing.models import Dispute, LedgerAccount, MeterRecord, Payout, Refund, Reservation, TopUp
 from billing.money import femto_per_minor
 from billing.selectors import account_balance_minor, job_spend_minor, unbalanced_transaction_ids
-from billing.services import reservation_create, reservation_release, usage_record
+from billing.services import usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, services
+from marketplace.models import Job
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
@@ -66,18 +67,12 @@ def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_p
     settings.STRIPE_MIN_PAYOUT_MINOR, settings.STRIPE_PAYOUT_HOLDBACK_DAYS = 1, 0
     stripe_peer.flush()
     example = next(_examples)
-    buyers = [BuyerFactory(), BuyerFactory()]
+    buyers = [BuyerFactory(organisation__credit=0), BuyerFactory(organisation__credit=0)]
     cars = [VehicleFactory(), VehicleFactory()]
     for car in cars:
         account = payouts.connected_account_ensure(owner=car.owner)
         payouts.connected_account_sync(account=account, stripe_account=stripe_peer.onboard(account.stripe_account_id))
-    units, jobs = [], []
-    for buyer in buyers:
-        job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
-                                  precision="int8", max_price_micros=10**12, deadline=future(),
-                                  inputs=jsonl(corpus.documents(8 * 8)).splitlines(keepends=True))
-        units.append(list(WorkUnit.objects.filter(job=job).order_by("seq")))
-        jobs.append(job)
+    jobs: list[list] = [[], []]  # each buyer's jobs, with the units not yet completed
     used: list[WorkUnit] = []
     top_ups: list[list[TopUp]] = [[], []]
     week = 0
@@ -93,35 +88,41 @@ def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_p
                 with pytest.raises(IntegrityError):
                     usage_record(unit=used[-1], vehicle=cars[c], price_micros=1, energy_mwh=1)
                 continue
-            if not units[b]:
+            if not jobs[b] or not jobs[b][-1][1]:
                 continue
-            unit = units[b].pop()
+            job, units = jobs[b][-1]
+            unit = units.pop()
             price = cents * femto_per_minor("usd") // unit.mops
-            reservation = Reservation.objects.filter(job=jobs[b]).first()
-            if reservation is not None:
-                # the reservation is the gate: a unit beyond it (or after release) is refused, nothing booked
-                if reservation.status == "active" and reservation.remaining_minor >= cents + 1:
+            reservation = Reservation.objects.get(job=job)
+            # the reservation is the gate: a unit beyond it (or after release) is refused, nothing booked
+            if reservation.status == "active" and reservation.remaining_minor >= cents:
+                usage_record(unit=unit, vehicle=cars[c], price_micros=price, energy_mwh=1)
+                used.append(unit)
+            elif reservation.status != "active" or reservation.remaining_minor < cents - 1:
+                with pytest.raises(BillingError):
+                    usage_record(unit=unit, vehicle=cars[c], price_micros=price, energy_mwh=1)
+            else:  # within a cent of the rest: either, by the job's rounding so far
+                try:
                     usage_record(unit=unit, vehicle=cars[c], price_micros=price, energy_mwh=1)
                     used.append(unit)
-                elif reservation.status != "active" or reservation.remaining_minor < cents:
-                    with pytest.raises(BillingError):
-                        usage_record(unit=unit, vehicle=cars[c], price_micros=price, energy_mwh=1)
-                continue
-            # Without a reservation (jobs before reservations are wired) the test keeps usage within the
-            # balance, as the dispatcher's gate will.
-            buyer_account = LedgerAccount.objects.filter(kind="buyer", organisation=buyers[b].organisation).first()
-            if buyer_account is None or balance(buyer_account) < cents + 1:
-                continue
-            usage_record(unit=unit, vehicle=cars[c], price_micros=price, energy_mwh=1)
-            used.append(unit)
-        elif kind == "reserve":
+                except BillingError as error:
+                    assert error.code == "reservation_exhausted"
+        elif kind == "reserve":  # a new job reserves its budget cap from the balance, or is not created
             _, b, amount = op
+            before = Job.objects.count()
             try:
-                reservation_create(job=jobs[b], amount_minor=amount)
+                job = services.job_create(organisation=buyers[b].organisation, user=buyers[b],
+                                          model_slug="all-minilm-l6-v2", precision="int8", max_price_micros=10**12,
+                                          deadline=future(), budget_cap_minor=amount,
+                                          inputs=jsonl(corpus.documents(8 * 4)).splitlines(keepends=True))
             except BillingError as error:
-                assert error.code in ("insufficient_balance", "already_reserved")
-        elif kind == "release":
-            reservation_release(job=jobs[op[1]])
+                assert error.code == "insufficient_balance" and Job.objects.count() == before
+            else:
+                jobs[b].append((job, list(WorkUnit.objects.filter(job=job).order_by("seq"))))
+        elif kind == "release":  # cancelling the buyer's latest job releases the rest of its budget at once
+            if jobs[op[1]]:
+                services.job_cancel(job=jobs[op[1]][-1][0])
+                assert Reservation.objects.get(job=jobs[op[1]][-1][0]).status == "released"
         elif kind in ("refund", "dispute"):
             _, b, i, amount = op
             if not top_ups[b]:

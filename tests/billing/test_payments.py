@@ -22,7 +22,7 @@ def charges_at_stripe(stripe_peer, top_up):
 
 @pytest.fixture
 def org(db):
-    return BuyerFactory().organisation
+    return BuyerFactory(organisation__credit=0).organisation
 
 
 def test_a_top_up_by_card_credits_the_balance_and_balances_against_stripe_clearing(stripe_peer, org):
@@ -87,7 +87,7 @@ def test_a_card_saved_through_a_setup_intent_pays_a_later_top_up(stripe_peer, or
     top_up = payments.top_up_create(organisation=org, amount_minor=1200, payment_method_id=card.stripe_payment_method_id)
     assert top_up.status == TopUp.Status.SUCCEEDED and balance("buyer", org) == 1200
     # and another organisation cannot use that card
-    other = BuyerFactory().organisation
+    other = BuyerFactory(organisation__credit=0).organisation
     with pytest.raises(BillingError):
         payments.top_up_create(organisation=other, amount_minor=1200, payment_method_id=card.stripe_payment_method_id)
 

@@ -13,7 +13,7 @@ from billing import payments, payouts, stripe_api
 from billing.models import LedgerTransaction, Payout
 from billing.reconcile import reconcile
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
-from billing.services import usage_record
+from billing.services import reservation_release, usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, services
 from tests.conftest import jsonl
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.urls("billing.urls")]
 
 def worked_example(stripe_peer, settings):
     settings.STRIPE_PAYOUT_HOLDBACK_DAYS, settings.STRIPE_MIN_PAYOUT_MINOR = 0, 100
-    buyer = BuyerFactory()
+    buyer = BuyerFactory(organisation__credit=0)
     org = buyer.organisation
     cars = [VehicleFactory(), VehicleFactory()]
     for car in cars:
@@ -33,11 +33,12 @@ def worked_example(stripe_peer, settings):
         payouts.connected_account_sync(account=account, stripe_account=stripe_peer.onboard(account.stripe_account_id))
     top_up = payments.top_up_create(organisation=org, amount_minor=10_000, payment_method_id="pm_card_visa")
     job = services.job_create(organisation=org, user=buyer, model_slug="all-minilm-l6-v2", precision="int8",
-                              max_price_micros=10**12, deadline=future(),
+                              max_price_micros=10**12, deadline=future(), budget_cap_minor=5_000,
                               inputs=jsonl(corpus.documents(8 * 6)).splitlines(keepends=True))
     for i, unit in enumerate(WorkUnit.objects.filter(job=job).order_by("seq")):
         # a clearing price of about 7.77 per unit, in micro-units per compute unit
         usage_record(unit=unit, vehicle=cars[i % 2], price_micros=777 * 10**13 // unit.mops, energy_mwh=1500)
+    reservation_release(job=job)  # as its completion does
     run = payouts.settlement_run()
     return org, cars, top_up, job, run
 

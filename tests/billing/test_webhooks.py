@@ -55,7 +55,7 @@ def test_an_unhandled_type_is_answered_200_and_stored_as_ignored(stripe_peer):
 
 
 def test_a_transient_stripe_failure_answers_503_and_stores_nothing_so_stripe_retries(stripe_peer, monkeypatch):
-    org = BuyerFactory().organisation
+    org = BuyerFactory(organisation__credit=0).organisation
     top_up = TopUp.objects.create(organisation=org, amount_minor=500, currency="usd", payment_method_id="pm_x",
                                   payment_intent_id="pi_transient")
 
@@ -72,7 +72,7 @@ def test_a_transient_stripe_failure_answers_503_and_stores_nothing_so_stripe_ret
 def test_every_event_delivered_two_to_five_times_in_shuffled_order_has_one_effect(stripe_peer, settings):
     # given real objects at the peer: a buyer's top-up (not yet booked: its answer was "lost"), a refund
     # whose answer was lost too, a dispute, and an owner's connected account with a pending payout
-    org = BuyerFactory().organisation
+    org = BuyerFactory(organisation__credit=0).organisation
     stripe_peer.network.lose_next("POST", "/confirm")
     with pytest.raises(stripe_api.StripeUnavailable):
         payments.top_up_create(organisation=org, amount_minor=5000, payment_method_id="pm_card_visa")
@@ -131,7 +131,7 @@ def test_the_peer_s_own_signed_deliveries_are_verified_and_processed_once(stripe
     settings.ROOT_URLCONF = "billing.urls"
     stripe_peer.peer.register_webhook(url=f"{live_server.url}{URL}", secret=settings.STRIPE_WEBHOOK_SECRET,
                                       events=["payment_intent.succeeded"])
-    org = BuyerFactory().organisation
+    org = BuyerFactory(organisation__credit=0).organisation
     # when a top-up succeeds (booked by our own call; the peer's event follows about a second later)
     top_up = payments.top_up_create(organisation=org, amount_minor=900, payment_method_id="pm_card_visa")
     deadline = time.monotonic() + 15

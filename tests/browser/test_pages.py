@@ -9,6 +9,7 @@ from allauth.account.models import EmailAddress, EmailConfirmationHMAC
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from billing.services import balance_grant
 from fleet.models import Vehicle
 from marketplace import corpus
 from marketplace.models import AuctionRound, Job, User
@@ -54,7 +55,23 @@ def test_a_new_buyer_signs_up_creates_a_job_sees_line_errors_and_gets_an_api_key
     # (the page reads the file and estimates the job before it is sent: no car is parked yet)
     expect(page.get_by_test_id("estimate")).to_contain_text(re.compile(r"Documents\s*20 \(about [\d,]+ tokens\)"))
     expect(page.get_by_test_id("estimate-time")).to_contain_text("No car offers INT8 capacity")
+    # (and says the job will reserve its cost at the bid, which their empty balance does not cover)
+    expect(page.get_by_test_id("balance-warning")).to_contain_text("Your balance is $0.00")
     screenshot(page, "buyer-new-job-estimate")
+    form.get_by_role("button", name="Create job").click()
+
+    # then nothing is created and the page says why, with the way to top up;
+    expect(page.locator(".form-errors")).to_contain_text("does not cover")
+    assert not Job.objects.exists()
+    screenshot(page, "buyer-new-job-no-balance")
+    # once the balance is funded (here by the platform's credit; card top-ups have their own test), it works.
+    balance_grant(organisation=user.organisation, amount_minor=1_000, note="trial credit")
+    form = page.locator("form#new-job")
+    form.get_by_label("Precision").select_option("int8")
+    form.get_by_label("Inputs").set_input_files(
+        {"name": "docs.jsonl", "mimeType": "application/jsonl", "buffer": jsonl(corpus.documents(20))})
+    expect(page.get_by_test_id("estimate")).to_contain_text("Documents")
+    expect(page.get_by_test_id("balance-warning")).to_have_count(0)
     form.get_by_role("button", name="Create job").click()
 
     # then the job's page shows its progress bar at 0 of 3 units.

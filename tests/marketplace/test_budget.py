@@ -19,29 +19,30 @@ from tests.factories import VehicleFactory
 pytestmark = pytest.mark.django_db
 
 
-@given(queued=st.integers(0, 10**7), price=st.integers(1, 10**8), left=st.one_of(st.none(), st.integers(0, 10**15)),
+@given(queued=st.integers(0, 10**7), price=st.integers(1, 10**8), left=st.integers(0, 10**15),
        unit=st.integers(1, 10**5))
 def test_a_bid_never_commits_more_than_the_budget_left_even_with_one_more_unit(queued, price, left, unit):
     quantity = selectors.bid_quantity_mops(queued_mops=queued, max_price_micros=price, budget_left_femto=left,
                                            largest_unit_mops=unit)
     assert 0 <= quantity <= queued
-    if left is None:
-        assert quantity == queued
-    elif quantity == queued:
+    if quantity == queued:
         assert queued * price <= left  # all the work fits in the budget at the bid
     elif quantity:
         assert (quantity + unit) * price <= left  # the dispatcher's whole last unit still fits
 
 
-def test_budget_left_counts_charges_and_leased_units_at_their_price(make_job, buyer):
-    job = make_job(docs=24)
-    Job.objects.filter(pk=job.pk).update(budget_cap_minor=500)
+def test_budget_left_is_the_reservation_less_charges_and_leased_units_at_their_price(make_job, buyer):
+    job = make_job(docs=24, budget_cap=500)
     units = list(WorkUnit.objects.filter(job=job).order_by("seq"))
     car = VehicleFactory()
     WorkUnit.objects.filter(pk=units[0].pk).update(state=WorkUnit.State.LEASED, leased_to=car, price_micros=3_000_000)
-    other = make_job(docs=8)  # no cap: not listed
+    other = make_job(docs=8)  # no cap: it reserved the cost of all its work at its bid
     left = selectors.jobs_budget_left_femto(job_ids=[job.pk, other.pk])
-    assert left == {job.pk: 500 * femto_per_minor("usd") - units[0].mops * 3_000_000}
+    per_minor = femto_per_minor("usd")
+    assert left == {job.pk: 500 * per_minor - units[0].mops * 3_000_000,
+                    other.pk: -(-other.mops_total * other.max_price_micros // per_minor) * per_minor}
+    services.job_cancel(job=other)  # released: it bids for nothing
+    assert selectors.jobs_budget_left_femto(job_ids=[other.pk]) == {other.pk: 0}
 
 
 def test_a_job_records_its_history_from_creation_to_cancellation(make_job, buyer):
@@ -116,19 +117,18 @@ def test_the_estimate_warns_when_the_budget_cap_is_below_the_cost_at_the_bid(cli
 
 def test_the_auction_bids_a_capped_job_only_for_what_its_budget_pays_and_notes_when_it_cannot(make_job):
     VehicleFactory()
-    job = make_job(docs=80)  # ten units
-    Job.objects.filter(pk=job.pk).update(max_price_micros=10**11)  # dear enough that cents are fine-grained
-    job.refresh_from_db()
-    largest = max(WorkUnit.objects.filter(job=job).values_list("mops", flat=True))
-    cap_femto = 3 * largest * job.max_price_micros + 5  # three units' worth at the bid, and a little
+    price = 10**11  # dear enough that cents are fine-grained
+    units = make_job(docs=80, price=price).units  # ten units, to measure them
+    largest = max(units.values_list("mops", flat=True))
     per_minor = femto_per_minor("usd")
-    Job.objects.filter(pk=job.pk).update(budget_cap_minor=-(-cap_femto // per_minor))
+    cap = -(-(3 * largest * price + 5) // per_minor)  # three units' worth at the bid, and a little, in cents
+    job = make_job(docs=80, price=price, budget_cap=cap)
+    services.job_cancel(job=Job.objects.exclude(pk=job.pk).get())
     (round_,) = services.auction_tick()
     (bid,) = round_.journal["bids"]
-    cap_left = -(-cap_femto // per_minor) * per_minor
-    assert bid["quantity"] == cap_left // job.max_price_micros - largest < job.mops_total
+    assert bid["quantity"] == cap * per_minor // price - largest < job.mops_total
     # a cap that cannot pay one more unit stops the bidding, and the history says so once
-    Job.objects.filter(pk=job.pk).update(budget_cap_minor=1)
+    services.job_budget_update(job=job, budget_cap_minor=1)
     assert services.auction_tick() == []
     services.auction_tick()
     assert job.events.filter(kind=JobEvent.Kind.BUDGET_REACHED).count() == 1

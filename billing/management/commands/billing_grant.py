@@ -1,0 +1,41 @@
+from decimal import Decimal, InvalidOperation
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from billing.errors import BillingError
+from billing.money import format_minor
+from billing.selectors import buyer_balance_minor
+from billing.services import balance_grant
+from marketplace.models import Organisation
+
+
+class Command(BaseCommand):
+    help = ("Grant an organisation credit from the platform (trial or goodwill; booked against the platform's "
+            "grants account, no money moves at Stripe).")
+
+    def add_arguments(self, parser):
+        parser.add_argument("organisation", help="The organisation's slug.")
+        parser.add_argument("amount", help="In major units, e.g. 25.00.")
+        parser.add_argument("--note", required=True, help="Why, for the ledger and the buyer's statement.")
+        parser.add_argument("--reference", help="A unique reference, so running the command again grants once.")
+
+    def handle(self, organisation, amount, note, reference, **options):
+        organisation_row = Organisation.objects.filter(slug=organisation).first()
+        if organisation_row is None:
+            raise CommandError(f"No organisation with slug {organisation!r}.")
+        try:
+            cents = Decimal(amount) * 100
+        except InvalidOperation:
+            cents = None
+        if cents is None or cents != cents.to_integral_value() or cents <= 0:
+            raise CommandError(f"{amount!r} is not a positive amount with at most two decimals.")
+        minor = int(cents)
+        try:
+            balance_grant(organisation=organisation_row, amount_minor=minor, note=note,
+                          reference=reference and f"grant:{reference}")
+        except BillingError as error:
+            raise CommandError(error.message)
+        balance = buyer_balance_minor(organisation=organisation_row)
+        self.stdout.write(f"Granted {format_minor(minor, settings.CURRENCY)} to {organisation_row.name}; "
+                          f"balance now {format_minor(balance, settings.CURRENCY)}.")

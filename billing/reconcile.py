@@ -7,13 +7,13 @@ import logging
 from dataclasses import asdict, dataclass
 
 from django.db import DatabaseError
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from billing import stripe_api
 from billing.errors import BillingError
 from billing.models import (ConnectedAccount, Dispute, LedgerAccount, LedgerEntry, LedgerTransaction, Payout,
-                            ReconciliationRun, Refund, SettlementRun, TopUp)
+                            ReconciliationRun, Refund, Reservation, SettlementRun, TopUp)
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 
 
@@ -48,11 +48,27 @@ def _booked(reference: str, account_kind: str) -> int | None:
         t=Sum("amount_minor"))["t"] or 0
 
 
+def _reservation_differences() -> list[Difference]:
+    """An organisation's reserved account holds exactly what its jobs' active reservations have left, and a
+    released reservation drew no more than it reserved."""
+    found = []
+    for account in LedgerAccount.objects.filter(kind=LedgerAccount.Kind.BUYER_RESERVED).select_related("organisation"):
+        left = sum(r.remaining_minor for r in Reservation.objects.filter(
+            organisation=account.organisation, currency=account.currency, status=Reservation.Status.ACTIVE))
+        if (held := account_balance_minor(account=account)) != left:
+            found.append(Difference(str(account), "reserved balance vs active reservations' rest", held, left))
+    for reservation in Reservation.objects.filter(drawn_minor__gt=F("amount_minor")):
+        found.append(Difference(f"reservation of job {reservation.job_id}", "drawn", reservation.drawn_minor,
+                                f"<= {reservation.amount_minor}"))
+    return found
+
+
 def ledger_differences() -> list[Difference]:
     found = [Difference(f"ledger transaction {pk}", "entries sum", 0, "not zero") for pk in unbalanced_transaction_ids()]
     for account in LedgerAccount.objects.filter(kind__in=[LedgerAccount.Kind.BUYER, LedgerAccount.Kind.OWNER]):
         if (amount := account_balance_minor(account=account)) < 0:
             found.append(Difference(str(account), "balance", amount, ">= 0"))
+    found += _reservation_differences()
     for currency in LedgerAccount.objects.filter(kind=LedgerAccount.Kind.STRIPE_CLEARING).values_list("currency", flat=True):
         topped = TopUp.objects.filter(status=TopUp.Status.SUCCEEDED, currency=currency).aggregate(
             t=Sum("amount_minor"), f=Sum("fee_minor"))

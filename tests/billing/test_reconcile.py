@@ -7,10 +7,11 @@ import time
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db.models import F
 from django.test import Client
 
 from billing import payments, payouts, stripe_api
-from billing.models import LedgerTransaction, Payout
+from billing.models import LedgerTransaction, Payout, Reservation
 from billing.reconcile import reconcile
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 from billing.services import reservation_release, usage_record
@@ -77,9 +78,11 @@ def test_differences_made_behind_our_back_are_each_reported(stripe_peer, setting
                                        "transfer_group": run.transfer_group})
     payout = run.payouts.get(owner=cars[1].owner)
     stripe_peer.post(f"/v1/transfers/{payout.transfer_id}/reversals", {"amount": 1})
+    # and a reservation changed without its ledger booking (as a bad manual edit would)
+    Reservation.objects.filter(job=job).update(status=Reservation.Status.ACTIVE, amount_minor=F("amount_minor") + 7)
     differences = reconcile()
     whats = sorted(d.what.split(" ")[0] for d in differences)
-    assert whats == ["refund", "reversed", "transfer"], differences
+    assert whats == ["refund", "reserved", "reversed", "transfer"], differences
     with pytest.raises(CommandError):
         call_command("billing_reconcile", stdout=io.StringIO())
 

@@ -52,7 +52,7 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
 
 @admin.register(MeterRecord)
 class MeterRecordAdmin(ReadOnlyAdmin):
-    list_display = ["id", "job", "vehicle", "owner", "tokens", "mops", "price_micros", "charge_femto", "energy_mwh", "created_at"]
+    list_display = ["id", "job", "vehicle", "owner", "tokens", "mops", "price_micros", "charge_femto", "energy_mwh", "duration_ms", "created_at"]
     list_filter = ["currency"]
     search_fields = ["vehicle__name", "owner__email", "job__id"]
     date_hierarchy = "created_at"

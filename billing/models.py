@@ -115,6 +115,7 @@ class MeterRecord(AppendOnlyModel):
     owner_femto = models.BigIntegerField()
     platform_femto = models.BigIntegerField()
     energy_mwh = models.PositiveBigIntegerField(help_text="Energy drawn from the car's battery, milliwatt-hours.")
+    duration_ms = models.PositiveBigIntegerField(default=0, help_text="From the lease to the accepted result.")
     transaction = models.OneToOneField(LedgerTransaction, on_delete=models.PROTECT, related_name="meter")
     created_at = models.DateTimeField(auto_now_add=True)
 

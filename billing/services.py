@@ -83,7 +83,7 @@ def _accrue(account: LedgerAccount, femto: int) -> int:
     return minor
 
 
-def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int) -> MeterRecord:
+def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_ms: int = 0) -> MeterRecord:
     """Meter one completed work unit and book it: the job's reservation is drawn at the clearing price, the
     owner credited their share, the platform its fee.
 
@@ -134,7 +134,8 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int) -> MeterR
         return MeterRecord.objects.create(
             unit=unit, job=job, vehicle=vehicle, owner=vehicle.owner, tokens=unit.tokens, mops=unit.mops,
             price_micros=price_micros, currency=currency, fee_bps=fee_bps, charge_femto=charge,
-            owner_femto=owner_share, platform_femto=platform_share, energy_mwh=energy_mwh, transaction=txn,
+            owner_femto=owner_share, platform_femto=platform_share, energy_mwh=energy_mwh, duration_ms=duration_ms,
+            transaction=txn,
         )
 
 

@@ -473,7 +473,8 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
         unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
         rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
         usage_record(unit=unit, vehicle=vehicle, price_micros=unit.price_micros,
-                     energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts))
+                     energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts),
+                     duration_ms=max(0, int((now - unit.leased_at).total_seconds() * 1000)))
         job = Job.objects.select_for_update().get(pk=unit.job_id)
         job.units_done += 1
         fields = ["units_done"]

@@ -124,6 +124,8 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_booked_paid_for
     assert {r.vehicle_id for r in records} == set(job.units.values_list("completed_by", flat=True)) and len(
         {r.vehicle_id for r in records}) >= 2
     assert Lease.objects.filter(unit__job=job, outcome="completed").count() == job.units_total
+    # each metered with its tokens, compute, energy, time on the car and its round's clearing price,
+    assert all(r.tokens > 0 and r.mops > 0 and r.energy_mwh > 0 and r.duration_ms > 0 for r in records)
 
     # and the ledger balances: the job reserved its cost at the bid when it was created, paid its exact cost
     # at the clearing prices rounded up once, and gave the rest back when it completed;

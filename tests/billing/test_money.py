@@ -1,7 +1,10 @@
+import pytest
 from hypothesis import given, strategies as st
 
 from billing.money import (charge_femto, femto_per_minor, femto_to_minor_with_carry,
                            price_per_million_tokens_micros, split_revenue)
+
+pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
 
 
 @given(st.integers(0, 10**15), st.integers(0, 10_000))
@@ -35,3 +38,13 @@ def test_femto_amounts_are_shown_to_hundredths_of_a_cent_rounded_down():
     assert format_femto_as_minor(2 * per_minor + per_minor // 100 * 37 + 1, "usd") == "2.37"
     assert format_femto_as_minor(per_minor // 100 - 1, "usd") == "0.00"
     assert format_femto_as_minor(123_456 * per_minor, "usd") == "123,456.00"
+
+
+def test_money_reads_as_people_write_it():
+    from decimal import Decimal
+
+    from billing.money import format_major, format_minor
+
+    assert format_minor(123456, "usd") == "$1,234.56" and format_minor(-5, "eur") == "-€0.05"
+    assert format_minor(1500, "jpy") == "¥1,500" and format_minor(0, "gbp") == "£0.00"
+    assert format_major(Decimal("7.76549"), "usd", places=4) == "$7.7655"

@@ -31,6 +31,8 @@ from fleet.agent.client import (
 from fleet.agent.models import get_runner
 from fleet.agent.sim import DAY_S, LINE, STARLINK, SimulatedSensors
 
+pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
+
 CLIENT_SAMPLES = [
     protocol.Hello(agent_version="1.0.0", runtimes=["all-minilm-l6-v2"], throughput_mops={"int8": 91_000, "fp32": 30_500}),
     protocol.Telemetry(battery_pct=63.5, driving=False, plugged_in=True, on_wifi=True),

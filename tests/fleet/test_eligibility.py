@@ -9,6 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from fleet import eligibility as el
 
+pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
+
 UTC = timezone.utc
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # a Thursday
 STALE = timedelta(seconds=20)

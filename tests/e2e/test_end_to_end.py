@@ -20,7 +20,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from billing import payments, payouts
-from billing.models import LedgerAccount, LedgerEntry, MeterRecord, Payout, Reservation, TopUp
+from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, Payout, Reservation, TopUp
 from billing.money import femto_per_minor
 from billing.selectors import account_balance_minor, buyer_balance_minor, unbalanced_transaction_ids
 from fleet import services as fleet
@@ -165,6 +165,10 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_booked_paid_for
              "rounding_minor": buyer_paid - sum(owed.values()) - platform, "payouts_minor": sorted(paid.values()),
              "balance_after_minor": TOP_UP_MINOR - buyer_paid}
     print("e2e money:", json.dumps(money))
+    for txn in LedgerTransaction.objects.exclude(kind="usage").order_by("pk"):  # the units' are in the figures
+        entries = {f"{e.account.kind}:{e.account.owner_id or e.account.organisation_id or ''}": e.amount_minor
+                   for e in txn.entries.select_related("account")}
+        print(f"  {txn.kind:12} {txn.description[:44]:44} sum={sum(entries.values())} {entries}")
 
     OUTPUT.mkdir(exist_ok=True)
     figures = {"profile": "services" if settings.REDIS_URL else "embedded", "docs": DOCS, "cars": CARS,

@@ -2,14 +2,14 @@
 protocol (fleet.protocol)."""
 
 import asyncio
+import collections
 import gc
-import json
 import logging
 import time
 
-from channels.consumer import get_handler_name
+from channels import DEFAULT_CHANNEL_LAYER
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
@@ -29,26 +29,79 @@ def _bearer_token(scope) -> str:
     return ""
 
 
-class DeviceConsumer(AsyncWebsocketConsumer):
-    """Authenticates the device token from the ``Authorization: Bearer`` header and refuses the handshake
-    (HTTP 403) before accepting when it is missing, wrong or revoked."""
+class DeviceConsumer:
+    """One device's websocket session, as a plain ASGI application that speaks the channel layer itself.
+
+    It authenticates the device token from the ``Authorization: Bearer`` header and refuses the handshake
+    (HTTP 403) before accepting when it is missing, wrong or revoked. Then frames from the device are read in
+    order by the session's own coroutine, and control messages from the channel layer (``{"type": "a.b"}``,
+    handled by the method ``a_b``) by a second task. channels' AsyncWebsocketConsumer multiplexes both through
+    ``await_many_dispatch``, which creates a task and runs an ``asyncio.wait`` over two tasks for every frame:
+    with telemetry that cost as much as the rest of the gateway's work on a message (tests/bench/gateway.py).
+    The methods a subclass uses keep channels' names and meanings (``connect``, ``accept``, ``receive``,
+    ``send``, ``close``, ``disconnect``, ``channel_layer``, ``channel_name``, ``scope``)."""
 
     vehicle_id: int | None = None
+    channel_layer_alias = DEFAULT_CHANNEL_LAYER
 
-    async def dispatch(self, message):
-        """channels' dispatch without its hop to the database thread before every message
-        (``aclose_old_connections``), which cost more than the rest of a telemetry message: every database
-        call here goes through database_sync_to_async, which closes stale connections itself."""
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
+    @classmethod
+    def as_asgi(cls):
+        async def app(scope, receive, send):
+            await cls()(scope, receive, send)
 
-    async def connect(self):
+        app.consumer_class = cls
+        return app
+
+    async def __call__(self, scope, receive, send):
+        self.scope, self.base_send = scope, send
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        message = await receive()
+        if message["type"] != "websocket.connect":  # the client left before the handshake
+            return
+        control, code = None, 1006
+        try:
+            if not await self.connect():
+                await self.close()  # before accept(): the handshake is refused (HTTP 403)
+                return
+            collector_pacing.ensure_running()
+            control = asyncio.create_task(self._control())
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    try:
+                        await self.receive(text_data=message.get("text"), bytes_data=message.get("bytes"))
+                    except OSError:  # the client is gone (uvicorn's ClientDisconnected): its disconnect comes next
+                        pass
+                elif kind == "websocket.disconnect":
+                    code = message.get("code", 1006)
+                    break
+        finally:
+            if control is not None:
+                control.cancel()
+            if self.vehicle_id is not None:
+                await self.disconnect(code)
+
+    async def _control(self):
+        """Control messages for this session through the channel layer, one at a time."""
+        while True:
+            event = await self.channel_layer.receive(self.channel_name)
+            handler = getattr(self, event.get("type", "").replace(".", "_"), None)
+            if handler is None or event["type"].startswith("_"):
+                log.warning("gateway: no handler for control message %r", event.get("type"))
+                continue
+            try:
+                await handler(event)
+            except OSError:  # the client is gone (uvicorn's ClientDisconnected): the session ends next
+                return
+            except Exception:  # noqa: BLE001 -- one failed control message must not end the session
+                log.exception("gateway: vehicle %s: control message %s failed", self.vehicle_id, event["type"])
+
+    async def connect(self) -> bool:
         vehicle = await database_sync_to_async(services.device_authenticate)(token=_bearer_token(self.scope))
         if vehicle is None:
-            await self.close()  # before accept(): the handshake is refused
-            return
+            return False
         self.vehicle_id = vehicle.pk
         group = services.vehicle_group(vehicle.pk)
         # One session per car: an older connection with the same token is told to close.
@@ -56,36 +109,59 @@ class DeviceConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         await self.on_authenticated()
+        return True
 
     async def on_authenticated(self):
         pass
 
+    async def accept(self):
+        await self.base_send({"type": "websocket.accept"})
+
+    async def send(self, text_data: str):
+        await self.base_send({"type": "websocket.send", "text": text_data})
+
+    async def close(self, code: int | None = None):
+        await self.base_send({"type": "websocket.close"} if code is None else {"type": "websocket.close", "code": code})
+
     async def disconnect(self, code):
-        if self.vehicle_id is not None:
-            await self.channel_layer.group_discard(services.vehicle_group(self.vehicle_id), self.channel_name)
+        await self.channel_layer.group_discard(services.vehicle_group(self.vehicle_id), self.channel_name)
 
 
 class CollectorPacing:
-    """Keeps Python's garbage collector from pausing a busy gateway. Every connection's objects live long, and a
-    full collection scans all of them: with 10,000 cars on one process a full pass took more than a second,
-    every 15-20 s, and set the telemetry round trip's p99. So what has survived FREEZE_S is frozen (gc.freeze:
-    no longer scanned), and every FULL_S everything is unfrozen and collected once, so that cyclic garbage
-    left by closed connections is still freed."""
+    """Keeps Python's garbage collector from pausing a busy gateway. Every connection's objects live long, and
+    a collection of the oldest generation scans all of them: with 8,000 cars on one process each such pass took
+    1.0-1.4 s, one came every 5-8 s while cars connected and every 30 s or so while they only sent telemetry,
+    and they alone made the telemetry round trip's p99 (tests/bench/gateway.py --diag). So every FREEZE_S
+    whatever is alive is frozen (gc.freeze: no longer scanned; it costs nothing, and reference counting still
+    frees what is let go), which leaves the collector only the objects of the last second to scan; and every
+    FULL_S everything is unfrozen and collected once, so that cyclic garbage (closed connections') is freed.
+    That one pass is the only long pause left: about a second an hour at 10,000 cars. One per process, started
+    by the first connection (on the running event loop: a test's new loop starts it again)."""
 
-    FREEZE_S = 60.0
+    FREEZE_S = 1.0
     FULL_S = 3600.0
 
     def __init__(self):
-        self.frozen_at = self.full_at = time.monotonic()
+        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def tick(self, now: float) -> None:
-        if now - self.full_at >= self.FULL_S:
-            gc.unfreeze()
-            gc.collect()
-            self.full_at = self.frozen_at = now
-        elif now - self.frozen_at >= self.FREEZE_S:
+    def ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop or self.task is None or self.task.done():
+            self.loop, self.task = loop, loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        full_at = time.monotonic()
+        while True:
+            await asyncio.sleep(self.FREEZE_S)
+            if time.monotonic() - full_at >= self.FULL_S:
+                gc.unfreeze()
+                gc.collect()
+                full_at = time.monotonic()
             gc.freeze()
-            self.frozen_at = now
+
+
+collector_pacing = CollectorPacing()
 
 
 class LiveBatch:
@@ -127,11 +203,9 @@ class LiveBatch:
         return future
 
     async def _run(self) -> None:
-        collector = CollectorPacing()
         while True:
             await asyncio.sleep(settings.GATEWAY_FLUSH_S)
             await self.flush()
-            collector.tick(time.monotonic())
 
     async def flush(self) -> None:
         states, held_by, lost_by, waiters = self.states, self.held_by, self.lost_by, self.waiters
@@ -178,35 +252,47 @@ class VehicleConsumer(DeviceConsumer):
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
     async def send_message(self, message: protocol.Message) -> None:
-        text = json.dumps(protocol.dump(message), separators=(",", ":"))
+        text = protocol.encode(protocol.dump(message))
         self.unmetered_bytes += len(text)
-        await self.send(text_data=text)
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def on_authenticated(self):
         self.limiter, self.strikes = protocol.RateLimiter(), 0
         self.tasks: set[asyncio.Task] = set()
         self.unconfirmed: dict[tuple[int, int], float] = {}  # leases sent, not yet listed in a heartbeat
-        self.db_queue: asyncio.Queue = asyncio.Queue()
-        self._spawn(self._db_worker())
+        # The car's database-bound work waiting its turn, and the task that runs it while there is any: most cars,
+        # most of the time, have none (an empty deque alone is about 760 bytes a car).
+        self.db_queue: collections.deque | None = None
+        self.db_worker: asyncio.Task | None = None
 
-    async def _db_worker(self):
+    async def _db_work(self):
         """This car's database-bound work (leasing, results, releases, decisions that changed), one at a time
         in arrival order; meanwhile the socket keeps being read and telemetry acknowledged, so a busy database
         slows the car's work down but never makes its connection look dead."""
-        while True:
-            handler, argument = await self.db_queue.get()
-            try:
-                await handler(argument)
-            except protocol.ProtocolError as exc:
-                await self.send_message(protocol.Error(code=exc.code, message=exc.message))
-            except Exception:  # noqa: BLE001 -- one failed message must not end the car's session
-                if self.closed:
-                    return
-                log.exception("gateway: vehicle %s: %s failed", self.vehicle_id, getattr(handler, "__name__", handler))
+        try:
+            while self.db_queue:
+                handler, argument = self.db_queue.popleft()
+                try:
+                    await handler(argument)
+                except protocol.ProtocolError as exc:
+                    await self.send_message(protocol.Error(code=exc.code, message=exc.message))
+                except Exception:  # noqa: BLE001 -- one failed message must not end the car's session
+                    if self.closed:
+                        return
+                    log.exception("gateway: vehicle %s: %s failed", self.vehicle_id,
+                                  getattr(handler, "__name__", handler))
+        finally:
+            self.db_worker = None
+            if not self.db_queue:
+                self.db_queue = None
 
     def _later(self, handler, argument=None) -> None:
         """Queue database-bound work behind what this car already asked for."""
-        self.db_queue.put_nowait((handler, argument))
+        if self.db_queue is None:
+            self.db_queue = collections.deque()
+        self.db_queue.append((handler, argument))
+        if self.db_worker is None and not self.closed:
+            self.db_worker = self._spawn(self._db_work())
 
     async def disconnect(self, code):
         self.closed = True
@@ -220,10 +306,11 @@ class VehicleConsumer(DeviceConsumer):
                                                                       channel_name=self.channel_name)
         await super().disconnect(code)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def _set_view(self, view: GatewayView) -> None:
         self.view, self.view_at = view, time.monotonic()
@@ -279,8 +366,8 @@ class VehicleConsumer(DeviceConsumer):
             live_batch.forget(self.vehicle_id)
             self._later(self._telemetry_write, fields)
         else:
-            live_batch.state(self.vehicle_id, {**fields, "last_seen_at": now, "connected": True,
-                                               "channel_name": self.channel_name})
+            fields["last_seen_at"], fields["connected"], fields["channel_name"] = now, True, self.channel_name
+            live_batch.state(self.vehicle_id, fields)
         if msg.seq is not None:
             await self.send_message(protocol.Ack(seq=msg.seq))
 

@@ -12,7 +12,11 @@ and the collector off while measuring):
    telemetry -> ack, cars held, failed connects, lost (no ack within the timeout), closes, and the gateway's
    memory per car (VmRSS after connecting minus before, divided by the cars held).
 3. Message rate: many connections pipelining telemetry, each below the gateway's per-connection limit
-   (fleet.protocol.RATE_*), for a bounded window: acks per second, against the ceiling of phase 1.
+   (fleet.protocol.RATE_*), for a bounded window: acks per second, against the ceiling of phase 1
+   (``ratio_vs_bare``), and the server's CPU time per message against the bare server's (``cpu_ratio_vs_bare``:
+   on a shared machine the load clients and other work take turns with the server, and this figure moves less).
+   When ``bare_capped_by_offer`` is true the bare server answered everything offered: its real ceiling is
+   higher, and ``ratio_vs_bare`` flatters the gateway (raise --rate-conns).
 
 The gateway runs as docs/deploy.md runs it, in one process: uvicorn with websockets-sansio, 128 KiB frames and
 no permessage-deflate (the client offers it, as the agent does; --deflate makes both servers accept it),
@@ -20,7 +24,8 @@ DJANGO_DEBUG=false, the embedded channel layer (or channels-redis on redis://127
 Its database is dropped at the end. Progress goes to stderr; the output ends with one JSON line.
 
 Run alone: python -m tests.bench.gateway [--quick] [--cars 10000] [--hold-s 35] [--rate-conns 800] [--rate-s 10]
-           [--redis] [--deflate] [--py-spy /path/to/py-spy --py-spy-out /tmp/gateway.txt]  (samples the rate phase)
+           [--redis] [--deflate] [--py-spy /path/to/py-spy --py-spy-out /tmp/gateway.txt [--py-spy-phase rate|hold]]
+           [--diag /tmp/prefix]  (GC pauses and event-loop stalls inside the gateway, with stacks)
 """
 
 import argparse
@@ -378,6 +383,7 @@ def _run_clients(mode: str, url: str, cars: list, cfg: dict, *, processes: int, 
             out.update(on_connected(out) or {})
         t0 = time.monotonic() + 1.0
         t_end = t0 + duration
+        _log(f"{mode}: window from monotonic {t0:.2f} to {t_end:.2f}")
         for _, pipe in workers:
             pipe.send({"t0": t0, "t_end": t_end})
         told = True
@@ -444,6 +450,131 @@ async def _bare_serve(port: int, deflate: bool) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set_result, None)
     async with serve(_bare_handler, "127.0.0.1", port, backlog=2048, compression="deflate" if deflate else None):
         await stop
+
+
+# --- diagnostics inside the gateway process (--diag) ----------------------------------------------------
+# What stalls the gateway's event loop, measured from inside its process: every garbage collection's pause
+# (gc.callbacks), and every stretch of STALL_S or more in which the loop ran no callback, with the main
+# thread's stack as a watchdog thread saw it during the stall. Written as JSON at exit.
+
+STALL_S = 0.05
+
+
+class _Diag:
+    def __init__(self, path: str):
+        import threading
+
+        self.path, self.t0 = path, time.monotonic()
+        self.gc_pauses: list = []  # (t, generation, ms, collected) for pauses of 5 ms or more
+        self.gc_totals = collections.Counter()
+        self.gc_ms = collections.Counter()
+        self.stalls: list = []  # (t, ms, stack seen during the stall)
+        self.tick = time.monotonic()
+        self.main_ident = threading.get_ident()
+        self._gc_started = 0.0
+        self._stall_stack = None
+        gc.callbacks.append(self._on_gc)
+        self.census_n = 0
+        signal.signal(signal.SIGUSR1, self._census)
+        threading.Thread(target=self._watch, daemon=True, name="bench-diag").start()
+        import atexit
+
+        atexit.register(self.write)
+
+    def _census(self, signum, frame):
+        """SIGUSR1: the objects the collector tracks, counted and sized (shallow) by type, to PATH-census-N.json."""
+        counts, sizes = collections.Counter(), collections.Counter()
+        gc.unfreeze()  # frozen objects are not listed: count them too, and freeze them again after
+        for obj in gc.get_objects():
+            name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            counts[name] += 1
+            sizes[name] += sys.getsizeof(obj)
+        gc.freeze()
+        self.census_n += 1
+        with open(f"{self.path}-census-{self.census_n}.json", "w") as f:
+            json.dump({"counts": dict(counts.most_common(80)), "bytes": dict(sizes.most_common(80)),
+                       "total_objects": sum(counts.values()), "total_bytes": sum(sizes.values())}, f)
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_started) * 1000
+        gen = info["generation"]
+        self.gc_totals[gen] += 1
+        self.gc_ms[gen] += ms
+        if ms >= 5:
+            self.gc_pauses.append((round(time.monotonic() - self.t0, 2), gen, round(ms, 1), info["collected"]))
+
+    async def loop_ticker(self):
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            if now - before - 0.01 >= STALL_S:
+                self.stalls.append((round(before - self.t0, 2), round((now - before - 0.01) * 1000, 1),
+                                    self._stall_stack))
+            self._stall_stack = None
+            self.tick = now
+
+    def _watch(self):
+        import traceback
+
+        written = time.monotonic()
+        while True:
+            time.sleep(0.02)
+            if time.monotonic() - written >= 5:  # the server may be killed rather than exit: write as it goes
+                try:
+                    self.write(final=False)
+                except RuntimeError:  # a counter grew while written: next time
+                    pass
+                written = time.monotonic()
+            if time.monotonic() - self.tick >= STALL_S and self._stall_stack is None:
+                frame = sys._current_frames().get(self.main_ident)
+                if frame is not None:
+                    self._stall_stack = [f"{Path(fs.filename).name}:{fs.lineno} {fs.name}"
+                                         for fs in traceback.extract_stack(frame)[-14:]]
+
+    def write(self, final: bool = True):
+        if self._on_gc not in gc.callbacks:
+            return
+        if final:
+            gc.callbacks.remove(self._on_gc)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"gc_counts": dict(self.gc_totals), "gc_ms": {k: round(v, 1) for k, v in self.gc_ms.items()},
+                       "gc_pauses": self.gc_pauses, "stalls": self.stalls,
+                       "t0_monotonic": self.t0, "gc_threshold": gc.get_threshold(),
+                       # gc.get_freeze_count() walks every frozen object, holding the GIL for 100 ms and more
+                       "freeze_count": gc.get_freeze_count() if final else None}, f)
+        os.replace(self.path + ".tmp", self.path)
+
+
+_diag: _Diag | None = None
+_diag_ticker = None
+
+
+async def diag_app(scope, receive, send):
+    """marketplace.asgi's application, with the diagnostics' loop ticker started on the first call."""
+    global _diag_ticker
+    from marketplace.asgi import application
+
+    if _diag_ticker is None and _diag is not None:
+        _diag_ticker = asyncio.get_running_loop().create_task(_diag.loop_ticker())
+    return await application(scope, receive, send)
+
+
+def _serve_diag(path: str, uvicorn_args: list[str]) -> None:
+    global _diag
+    import uvicorn.main
+
+    _diag = _Diag(path)
+    sys.modules.setdefault("tests.bench.gateway", sys.modules["__main__"])  # uvicorn imports diag_app by name
+    sys.argv = ["uvicorn", *uvicorn_args]
+    try:
+        uvicorn.main.main()
+    except SystemExit:
+        pass
+    _diag.write()
 
 
 # --- database, servers ----------------------------------------------------------------------------------
@@ -554,13 +685,16 @@ def _redis_clean() -> None:
 class Gateway:
     """One uvicorn process serving marketplace.asgi, as in production but for the bench's database."""
 
-    def __init__(self, env: dict, log_dir: str, name: str, use_redis: bool, deflate: bool):
+    def __init__(self, env: dict, log_dir: str, name: str, use_redis: bool, deflate: bool, diag: str | None = None):
         if use_redis:
             _redis_clean()
         self.port = free_port()
         self.log = open(Path(log_dir) / f"{name}.log", "wb")
+        # With a diagnostics file, the same uvicorn runs under _serve_diag's hooks (GC pauses, event-loop stalls).
+        launcher = (["-m", "tests.bench.gateway", "--serve-diag", diag, "--"] if diag else ["-m", "uvicorn"])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1",
+            [sys.executable, *launcher, "tests.bench.gateway:diag_app" if diag else "marketplace.asgi:application",
+             "--host", "127.0.0.1",
              "--port", str(self.port), "--ws", "websockets-sansio", "--log-level", "warning", "--lifespan", "off",
              "--ws-max-size", str(2 * 64 * 1024), "--ws-per-message-deflate", "true" if deflate else "false"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -597,6 +731,34 @@ async def _warm_up(url: str, tokens: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 -- counted: the caller fails when none got through
             _log(f"warm-up car {i}: {type(exc).__name__}: {exc}")
     return ok
+
+
+def _cpu_us_per_msg(out: dict, window: float) -> float | None:
+    """The server's CPU time per acknowledged telemetry message in the measured window, in microseconds."""
+    if out.get("server_cpu_pct") is None or not out["in_window"]:
+        return None
+    return round(out["server_cpu_pct"] / 100 * window / out["in_window"] * 1e6, 1)
+
+
+def _py_spy_start(args, pid: int, start_at: float, end_at: float) -> subprocess.Popen:
+    """py-spy samples the gateway from ``start_at`` to ``end_at`` (monotonic): the threads holding the GIL
+    (CPU) in the rate phase; every active thread, idle ones left out, in the hold phase."""
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    only_gil = ["--gil"] if args.py_spy_phase == "rate" else []
+    return subprocess.Popen(
+        [args.py_spy, "record", "--pid", str(pid), "--rate", "100", "--duration",
+         str(max(1, int(end_at - time.monotonic()))), "--output", args.py_spy_out,
+         "--format", "speedscope" if args.py_spy_out.endswith(".json") else "raw",  # speedscope keeps the timeline
+         "--threads", *only_gil, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _py_spy_wait(spy: subprocess.Popen | None) -> None:
+    if spy is not None:
+        try:
+            spy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(timeout=10)
 
 
 # --- the bench ------------------------------------------------------------------------------------------
@@ -659,6 +821,7 @@ def main(args) -> dict:
                 log.close()
             window = args.rate_s - rate_cfg["warm_s"]
             result.update({"bare_msgs_per_s": round(out["in_window"] / window, 1), "bare_cpu_pct": out.get("server_cpu_pct"),
+                           "bare_cpu_us_per_msg": _cpu_us_per_msg(out, window),
                            "bare_p50_ms": _ms(out["p50"]), "bare_p99_ms": _ms(out["p99"]), "bare_client_cpu_pct": out["client_cpu_pct"],
                            "bare_lost": out["lost"],
                            # at the offered load (connections x CONN_RATE), the ceiling was not reached
@@ -667,13 +830,16 @@ def main(args) -> dict:
 
         # 2. Connections held by one gateway process.
         if not args.skip_hold:
-            gateway = Gateway(env, tmp, "gateway-hold", args.redis, args.deflate)
+            gateway = Gateway(env, tmp, "gateway-hold", args.redis, args.deflate,
+                              diag=args.diag and f"{args.diag}-hold.json")
             try:
                 warmed = asyncio.run(_warm_up(gateway.url, warm_tokens))
                 if not warmed:
                     raise RuntimeError(f"no warm-up car got through the gateway (log: {gateway.log.name})")
                 time.sleep(2)
                 rss_base = _rss_bytes(gateway.proc.pid)
+                if args.diag:  # a census of the gateway's objects now, and again when every car is connected
+                    os.kill(gateway.proc.pid, signal.SIGUSR1)
                 hold_cfg = {**base_cfg, "n_total": args.cars, "period_s": PERIOD_S}
 
                 def connected(out):
@@ -687,15 +853,24 @@ def main(args) -> dict:
                         time.sleep(1)
                     _log(f"hold: {out['connected']} connected in {out['connect_s']:.1f} s "
                          f"(failed {dict(out['failed'])}), settled in {time.monotonic() - settle_from:.1f} s")
+                    if args.diag:
+                        os.kill(gateway.proc.pid, signal.SIGUSR1)
                     return {"rss_connected": _rss_bytes(gateway.proc.pid), "db_connected": db_connected,
                             "settle_s": time.monotonic() - settle_from}
 
+                def go(t0, t_end):
+                    nonlocal spy
+                    if args.py_spy and args.py_spy_phase == "hold":
+                        spy = _py_spy_start(args, gateway.proc.pid, t0, t_end)
+
+                spy = None
                 _log(f"hold phase: {args.cars} cars, batches of {args.connect_batch} per client process")
                 out = _run_clients("hold", gateway.url, list(enumerate(car_tokens[:args.cars])), hold_cfg,
                                    processes=args.clients, duration=args.hold_s, server_pid=gateway.proc.pid,
-                                   on_connected=connected)
+                                   on_connected=connected, on_go=go)
                 alive = gateway.proc.poll() is None
             finally:
+                _py_spy_wait(spy)
                 gateway.stop()
             held = out["connected"] - sum(out["closes"].values()) if alive else 0
             rss_delta = (out["rss_connected"] or 0) - (rss_base or 0)
@@ -718,34 +893,27 @@ def main(args) -> dict:
 
         # 3. Message rate through one gateway process.
         if not args.skip_rate:
-            gateway = Gateway(env, tmp, "gateway-rate", args.redis, args.deflate)
+            gateway = Gateway(env, tmp, "gateway-rate", args.redis, args.deflate,
+                              diag=args.diag and f"{args.diag}-rate.json")
             spy = None
             try:
                 asyncio.run(_warm_up(gateway.url, warm_tokens))
 
                 def go(t0, t_end):
                     nonlocal spy
-                    if args.py_spy:
-                        time.sleep(max(0.0, t0 + rate_cfg["warm_s"] - time.monotonic()))
-                        spy = subprocess.Popen(
-                            [args.py_spy, "record", "--pid", str(gateway.proc.pid), "--rate", "100", "--duration",
-                             str(max(1, int(t_end - time.monotonic()))), "--format", "raw", "--output",
-                             args.py_spy_out, "--threads", "--gil", "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    if args.py_spy and args.py_spy_phase == "rate":
+                        spy = _py_spy_start(args, gateway.proc.pid, t0 + rate_cfg["warm_s"], t_end)
 
                 _log(f"gateway rate phase: {args.rate_conns} connections, {args.rate_s} s")
                 out = _run_clients("rate", gateway.url, rate_cars, rate_cfg, processes=args.clients,
                                    duration=args.rate_s, server_pid=gateway.proc.pid, on_go=go)
             finally:
-                if spy is not None:
-                    try:
-                        spy.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        spy.kill()
+                _py_spy_wait(spy)
                 gateway.stop()
             window = args.rate_s - rate_cfg["warm_s"]
             result.update({
                 "msgs_per_s": round(out["in_window"] / window, 1), "rate_cpu_pct": out.get("server_cpu_pct"),
+                "cpu_us_per_msg": _cpu_us_per_msg(out, window),
                 "rate_p50_ms": _ms(out["p50"]), "rate_p99_ms": _ms(out["p99"]), "rate_lost": out["lost"],
                 "rate_errors": out["errors"], "rate_closed": out["closes"], "rate_client_cpu_pct": out["client_cpu_pct"],
                 "rate_conns": args.rate_conns, "rate_connected": out["connected"], "rate_s": args.rate_s,
@@ -754,6 +922,10 @@ def main(args) -> dict:
             })
             if result.get("bare_msgs_per_s"):
                 result["ratio_vs_bare"] = round(result["msgs_per_s"] / result["bare_msgs_per_s"], 4)
+            if result.get("bare_cpu_us_per_msg") and result.get("cpu_us_per_msg"):
+                # The same comparison by the server's own CPU time per message: on a shared machine, where the
+                # load clients and other work take turns with the server, this one moves less from run to run.
+                result["cpu_ratio_vs_bare"] = round(result["bare_cpu_us_per_msg"] / result["cpu_us_per_msg"], 4)
             _log(f"gateway: {result['msgs_per_s']} msgs/s")
         result["gateway_digest"] = _source_digest()
         # Keep the servers' logs only when a gateway wrote something (errors): say where they are.
@@ -793,11 +965,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--py-spy", default=None, help="path of a py-spy binary: sample the gateway's rate phase "
                                                         "(threads holding the GIL, i.e. CPU, per thread)")
     parser.add_argument("--py-spy-out", default=None, help="where py-spy writes its raw (collapsed) stacks")
+    parser.add_argument("--py-spy-phase", choices=["rate", "hold"], default="rate", help="the phase py-spy samples")
+    parser.add_argument("--diag", default=None, help="path prefix: each gateway process writes its GC pauses and "
+                        "event-loop stalls (with the stack seen during each) to PREFIX-hold.json / PREFIX-rate.json")
     parser.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve-diag"]:  # python -m tests.bench.gateway --serve-diag OUT -- <uvicorn's arguments>
+        _serve_diag(sys.argv[2], sys.argv[4:])
+        sys.exit(0)
     args = _parser().parse_args()
     if args.serve_bare is not None:
         with asyncio.Runner(loop_factory=_new_loop) as runner:

@@ -8,7 +8,6 @@ Run alone: python -m tests.bench.api [--jobs 24] [--concurrency 2] [--lines 1000
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.bench.support import ROOT, free_port
 
 
 def _documents(lines: int) -> bytes:
@@ -67,7 +59,10 @@ def main(jobs: int, concurrency: int, lines: int, max_seconds: float) -> dict:
         subprocess.run([*manage, "migrate", "-v0"], cwd=ROOT, env=env, check=True, capture_output=True)
         key = subprocess.run([*manage, "issue_api_key", "bench-api@example.com"], cwd=ROOT, env=env, check=True,
                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        port = _free_port()
+        # buyers pay in advance: enough credit for every job the bench creates
+        subprocess.run([*manage, "billing_grant", "bench-api@example.com", "100000.00", "--note", "bench"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         (ROOT / "test-output").mkdir(exist_ok=True)
         log = open(ROOT / "test-output" / "bench-api-server.log", "wb")  # kept for a look after a failure

@@ -99,6 +99,7 @@ def main(cars: int, docs: int, profile: str = "services", timeout: float = 600) 
                                                   check=True, capture_output=True, text=True, **kw)
         run("migrate", "-v0")
         key = run("issue_api_key", "bench@example.com").stdout.strip().splitlines()[-1]
+        run("billing_grant", "bench@example.com", "100000.00", "--note", "bench")  # buyers pay in advance
         sys.path.insert(0, str(ROOT))
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
         import django

@@ -107,4 +107,5 @@ def test_an_operator_grants_credit_once_per_reference_and_bad_amounts_are_refuse
             call_command("billing_grant", buyer.organisation.slug, amount, "--note", "x")
     with pytest.raises(CommandError):
         call_command("billing_grant", "no-such-org", "1", "--note", "x")
-    assert balance(buyer.organisation) == 2250 and unbalanced_transaction_ids() == []
+    call_command("billing_grant", buyer.email, "1", "--note", "by a member's email")
+    assert balance(buyer.organisation) == 2350 and unbalanced_transaction_ids() == []

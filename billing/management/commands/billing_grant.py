@@ -15,15 +15,16 @@ class Command(BaseCommand):
             "grants account, no money moves at Stripe).")
 
     def add_arguments(self, parser):
-        parser.add_argument("organisation", help="The organisation's slug.")
+        parser.add_argument("organisation", help="The organisation's slug, or the email of one of its members.")
         parser.add_argument("amount", help="In major units, e.g. 25.00.")
         parser.add_argument("--note", required=True, help="Why, for the ledger and the buyer's statement.")
         parser.add_argument("--reference", help="A unique reference, so running the command again grants once.")
 
     def handle(self, organisation, amount, note, reference, **options):
-        organisation_row = Organisation.objects.filter(slug=organisation).first()
+        organisation_row = (Organisation.objects.filter(slug=organisation).first()
+                            or Organisation.objects.filter(members__email__iexact=organisation).first())
         if organisation_row is None:
-            raise CommandError(f"No organisation with slug {organisation!r}.")
+            raise CommandError(f"No organisation with the slug or a member with the email {organisation!r}.")
         try:
             cents = Decimal(amount) * 100
         except InvalidOperation:

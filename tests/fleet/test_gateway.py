@@ -12,7 +12,7 @@ from billing.models import MeterRecord
 from fleet import services
 from fleet.agent.client import encode_embeddings
 from fleet.agent.models import get_runner
-from fleet.models import Lease, WorkUnit
+from fleet.models import Lease, Vehicle, WorkUnit
 from marketplace import services as market
 from marketplace.asgi import application
 from tests.factories import OwnerFactory
@@ -318,6 +318,9 @@ def test_a_flooding_car_is_rate_limited_then_disconnected_with_the_protocol_clos
             codes.append(json.loads(output["text"])["code"])
         assert "rate_limited" in codes and codes.count("unknown_type") >= protocol.RATE_BURST - 10  # online() spent a few
         assert output["code"] == protocol.CLOSE_PROTOCOL_VIOLATION
+        # the socket closes, and the session's own disconnect work finishes before the test's database teardown
+        await comm.disconnect()
+        assert not (await sync_to_async(Vehicle.objects.get)(pk=vehicle.pk)).connected
 
     async_to_sync(scenario)()
 
@@ -485,8 +488,6 @@ def test_a_lost_control_message_is_repaired_by_the_next_heartbeat(paired, make_j
 
 def test_telemetry_is_acknowledged_and_written_in_the_processs_batch(paired):
     import asyncio
-
-    from fleet.models import Vehicle
 
     vehicle, token = paired
 

@@ -88,14 +88,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATABASES["default"]["TEST"] = {"NAME": env("SQLITE_TEST_NAME", default=str(VAR_DIR / "test.sqlite3"))}
 else:
-    # A pool of connections per process (psycopg_pool), not persistent connections: under ASGI, Django runs each
-    # HTTP request in a thread of its own, so with CONN_MAX_AGE every request left an open connection behind
-    # (the 1,000-car benchmark's API polling ran PostgreSQL out of connections). Closing returns a connection to
-    # the pool, so a gateway authenticating thousands of reconnecting cars still reuses them (it connected twice
-    # as fast as with a new connection per call). The pool grows on demand up to DATABASE_POOL_MAX_SIZE.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 1, "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=12), "timeout": 30}
+    # Persistent connections: a gateway process authenticating thousands of reconnecting cars connected twice
+    # as fast with them (each car costs a few round trips, each otherwise on a new connection). HTTP requests
+    # close theirs when they finish (marketplace.apps): Django's ASGI handler runs each request in a thread of
+    # its own, so a request's persistent connection was left open behind it, and the 1,000-car benchmark's API
+    # polling ran PostgreSQL out of connections. (A psycopg_pool pool would share open connections with the
+    # children of a fork: Celery's prefork workers, the leasing benchmark; two processes on one socket.)
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, channels, Celery ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from billing.models import Reservation
 from billing.money import mops_for_tokens
 from billing.services import reservation_create, reservation_release, reservation_resize, reservations_release_finished
 from fleet import tokens
@@ -288,7 +289,10 @@ def job_cancel(*, job: Job, by: User | None = None) -> Job:
 
 
 def _job_open_locked(*, job: Job, what: str) -> Job:
-    """The job's row, locked, if it is still open; else 409 ``job_closed`` (its ``what`` can no longer change)."""
+    """The job's row, locked, if it is still open; else 409 ``job_closed`` (its ``what`` can no longer change).
+    Its reservation is locked first, in the order a unit's completion takes them (reservation, then job), so
+    a change of terms and a completing unit wait for each other instead of deadlocking."""
+    list(Reservation.objects.select_for_update().filter(job_id=job.pk))
     job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
     if job.state not in Job.OPEN_STATES:
         raise Conflict(f"The job is {job.state}: only a queued or running job's {what} can change.", code="job_closed")

@@ -56,6 +56,16 @@ def card_setup_start(*, organisation) -> dict:
     return {"setup_intent_id": intent["id"], "client_secret": intent["client_secret"]}
 
 
+def card_add_test_card(*, organisation, number: str, exp_month: int, exp_year: int, cvc: str) -> SavedCard:
+    """Save a test card on the local Stripe peer: this server plays the buyer's browser (Stripe.js), which
+    creates the card's PaymentMethod and confirms the SetupIntent; then the card is recorded like any other.
+    Only on the local peer (``stripe_api`` refuses elsewhere): real card numbers never reach us."""
+    method = stripe_api.payment_method_create_test_card(number=number, exp_month=exp_month, exp_year=exp_year, cvc=cvc)
+    setup = card_setup_start(organisation=organisation)
+    stripe_api.setup_intent_confirm(setup["setup_intent_id"], payment_method=method["id"])
+    return card_setup_complete(organisation=organisation, setup_intent_id=setup["setup_intent_id"])
+
+
 def card_setup_complete(*, organisation, setup_intent_id: str) -> SavedCard:
     """Record the card of a SetupIntent the buyer confirmed; only an intent of this organisation's own
     customer that Stripe reports as succeeded."""

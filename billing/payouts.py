@@ -64,6 +64,12 @@ def owner_payable_minor(*, account: LedgerAccount, now, holdback_days: int) -> i
     return max(0, balance - max(0, recent or 0))
 
 
+def payout_due(*, connected: ConnectedAccount | None, payable_minor: int, min_payout_minor: int) -> bool:
+    """Whether a settlement pays an owner: Stripe can transfer to them and what the holdback lets go reaches
+    the minimum payout. (The earnings pages explain the same rule to owners and operators.)"""
+    return bool(connected and connected.can_receive_transfers and payable_minor >= min_payout_minor)
+
+
 def settlement_key(now) -> str:
     year, week, _ = now.isocalendar()
     return f"{year}-W{week:02d}"
@@ -105,12 +111,10 @@ def _payouts_book(*, run: SettlementRun, now) -> int:
                                             owner__connected_account__isnull=False).select_related("owner")
     for ledger_account in accounts.order_by("pk"):
         connected = ledger_account.owner.connected_account
-        if not connected.can_receive_transfers:
-            continue
         owner_account, clearing = accounts_lock(
             ledger_account, account_get(kind=LedgerAccount.Kind.STRIPE_CLEARING, currency=run.currency))
         amount = owner_payable_minor(account=owner_account, now=now, holdback_days=run.holdback_days)
-        if amount < run.min_payout_minor:
+        if not payout_due(connected=connected, payable_minor=amount, min_payout_minor=run.min_payout_minor):
             continue
         payout = Payout.objects.create(run=run, owner=ledger_account.owner, account=connected, amount_minor=amount,
                                        currency=run.currency)

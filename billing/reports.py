@@ -18,9 +18,9 @@ from django.db.models.functions import TruncDate, TruncMonth
 from billing.models import (AutoTopUp, ConnectedAccount, LedgerAccount, LedgerEntry, LedgerTransaction,
                             MeterRecord, Payout, ReconciliationRun, SavedCard, SettlementRun, StripeEventFailure,
                             TopUp, WebhookEvent)
-from billing.money import FEMTO_PER_MAJOR, MINOR_EXPONENT, femto_per_minor, format_major
-from billing.payouts import owner_payable_minor, settlement_key
-from billing.selectors import account_balance_minor
+from billing.money import FEMTO_PER_MAJOR, MINOR_EXPONENT, femto_per_minor, format_major, format_minor
+from billing.payouts import owner_payable_minor, payout_due, settlement_key
+from billing.selectors import account_balance_minor, buyer_balance_minor
 
 CHART_DAYS = 30
 
@@ -30,9 +30,6 @@ CHART_DAYS = 30
 def femto_money(femto: int, currency: str, places: int = 4) -> str:
     """An exact femto amount as money with ``places`` decimals, rounded down: 7_765_000_000_000 → "$7.7650"."""
     return format_major(Decimal(femto) / FEMTO_PER_MAJOR, currency, places, rounding=ROUND_DOWN)
-
-
-decimal_money = format_major  # a Decimal of the major unit, with the currency's decimals (or ``places``)
 
 
 def minor_decimal(minor: int, currency: str) -> Decimal:
@@ -105,7 +102,8 @@ class Payable:
 
     @property
     def will_be_paid(self) -> bool:
-        return bool(self.account and self.account.can_receive_transfers and self.payable_minor >= self.min_payout_minor)
+        return payout_due(connected=self.account, payable_minor=self.payable_minor,
+                          min_payout_minor=self.min_payout_minor)
 
     @property
     def reason(self) -> str:
@@ -233,9 +231,10 @@ class BuyerSummary:
 
 
 def buyer_summary(*, organisation, currency: str) -> BuyerSummary:
-    buyer, reserved = buyer_accounts(organisation=organisation, currency=currency)
     return BuyerSummary(
-        currency=currency, balance_minor=_balance(buyer), reserved_minor=_balance(reserved),
+        currency=currency, balance_minor=buyer_balance_minor(organisation=organisation, currency=currency),
+        reserved_minor=buyer_balance_minor(organisation=organisation, currency=currency,
+                                           kind=LedgerAccount.Kind.BUYER_RESERVED),
         cards=list(SavedCard.objects.filter(organisation=organisation).order_by("-created_at", "-pk")),
         top_ups=list(TopUp.objects.filter(organisation=organisation).order_by("-created_at", "-pk")[:20]),
         auto_top_up=AutoTopUp.objects.filter(organisation=organisation).select_related("card").first())
@@ -270,7 +269,7 @@ def buyer_spend_chart(*, organisation, currency: str, now: datetime, days: int =
             .filter(transaction__created_at__gte=day_start(series[0], zone))
             .annotate(day=TruncDate("transaction__created_at", tzinfo=zone)).values("day")
             .annotate(total=Sum("amount_minor"))}
-    return [DayPoint(day=d, value=rows.get(d, 0), label=decimal_money(minor_decimal(rows.get(d, 0), currency), currency))
+    return [DayPoint(day=d, value=rows.get(d, 0), label=format_minor(rows.get(d, 0), currency))
             for d in series]
 
 
@@ -346,7 +345,7 @@ def platform_revenue_chart(*, now: datetime, currency: str, days: int = CHART_DA
         account__kind=LedgerAccount.Kind.PLATFORM_FEE, account__currency=currency, amount_minor__gt=0,
         transaction__created_at__gte=day_start(series[0], zone))
         .annotate(day=TruncDate("transaction__created_at", tzinfo=zone)).values("day").annotate(total=Sum("amount_minor"))}
-    return [DayPoint(day=d, value=rows.get(d, 0), label=decimal_money(minor_decimal(rows.get(d, 0), currency), currency))
+    return [DayPoint(day=d, value=rows.get(d, 0), label=format_minor(rows.get(d, 0), currency))
             for d in series]
 
 

@@ -32,7 +32,7 @@ from billing.errors import BillingError
 from billing.forms import AutoTopUpForm, CardDetailsForm, ElectricityPriceForm, TopUpForm
 from billing.models import ConnectedAccount, StripeEventFailure, TopUp
 from billing.reconcile import reconciliation_run
-from billing.money import MICROS_PER_MAJOR
+from billing.money import MICROS_PER_MAJOR, format_major, format_minor
 from billing.services import AlreadyClaimed, owner_electricity_price_set
 from marketplace.selectors import organisation_of
 
@@ -106,8 +106,8 @@ def owner_earnings(request):
         cars.append({"car": car, "earned": reports.femto_money(car.earned_femto, currency),
                      "earned_30d": reports.femto_money(car.earned_30d_femto, currency),
                      "energy": reports.energy_text(car.energy_mwh), "energy_30d": reports.energy_text(car.energy_30d_mwh),
-                     "cost": None if cost is None else reports.decimal_money(cost, currency, places=4),
-                     "net": None if cost is None else reports.decimal_money(
+                     "cost": None if cost is None else format_major(cost, currency, places=4),
+                     "net": None if cost is None else format_major(
                          Decimal(car.earned_femto) / reports.FEMTO_PER_MAJOR - cost, currency, places=4)})
     upcoming, next_at = reports.owner_upcoming(owner=owner, now=now, currency=currency)
     return render(request, "billing/owner_earnings.html", {
@@ -115,8 +115,8 @@ def owner_earnings(request):
         "timezone": reports.owner_timezone(owner=owner).key,
         "earned_30d": reports.femto_money(earned_30d, currency), "energy_30d": reports.energy_text(energy_30d),
         "units_30d": sum(d["units"] for d in daily),
-        "cost_30d": None if cost_30d is None else reports.decimal_money(cost_30d, currency, places=4),
-        "net_30d": None if cost_30d is None else reports.decimal_money(earned_30d_major - cost_30d, currency, places=4),
+        "cost_30d": None if cost_30d is None else format_major(cost_30d, currency, places=4),
+        "net_30d": None if cost_30d is None else format_major(earned_30d_major - cost_30d, currency, places=4),
         "price": price, "price_form": price_form, "cars": cars,
         "upcoming": upcoming, "next_at": next_at, "holdback_days": settings.STRIPE_PAYOUT_HOLDBACK_DAYS,
         "payouts": reports.owner_payouts(owner=owner),
@@ -232,7 +232,7 @@ def top_up(request):
     except BillingError as error:
         form.add_error(None, error.message)
         return _buyer_page(request, organisation, top_up_form=form)
-    amount = reports.decimal_money(reports.minor_decimal(result.amount_minor, result.currency), result.currency)
+    amount = format_minor(result.amount_minor, result.currency)
     if result.status == TopUp.Status.SUCCEEDED:
         messages.success(request, f"{amount} added to your balance (top-up #{result.pk}; the receipt is in the list below).")
     elif result.status == TopUp.Status.FAILED:
@@ -249,9 +249,8 @@ def top_up(request):
 @login_required
 @require_POST
 def card_add(request):
-    """Save a test card on the local Stripe peer: this server plays the buyer's browser (Stripe.js), which
-    creates the card's PaymentMethod and confirms the SetupIntent; then the card is recorded like any other
-    (payments.card_setup_complete). Only when settings.STRIPE_IS_LOCAL_PEER: real card numbers never reach us."""
+    """Save a test card on the local Stripe peer (payments.card_add_test_card); elsewhere cards are saved with
+    Stripe's own form."""
     organisation = _organisation(request)
     if not settings.STRIPE_IS_LOCAL_PEER:
         raise Http404("Cards are added with Stripe's form.")
@@ -260,11 +259,8 @@ def card_add(request):
         return _buyer_page(request, organisation, card_form=form)
     month, year = form.cleaned_data["exp"]
     try:
-        method = stripe_api.payment_method_create_test_card(number=form.cleaned_data["number"], exp_month=month,
-                                                            exp_year=year, cvc=form.cleaned_data["cvc"])
-        setup = payments.card_setup_start(organisation=organisation)
-        stripe_api.setup_intent_confirm(setup["setup_intent_id"], payment_method=method["id"])
-        card = payments.card_setup_complete(organisation=organisation, setup_intent_id=setup["setup_intent_id"])
+        card = payments.card_add_test_card(organisation=organisation, number=form.cleaned_data["number"],
+                                           exp_month=month, exp_year=year, cvc=form.cleaned_data["cvc"])
     except stripe_api.StripeUnavailable:
         form.add_error(None, "Stripe did not answer in time. Try again in a minute.")
         return _buyer_page(request, organisation, card_form=form)
@@ -322,7 +318,7 @@ def auto_top_up(request):
         form.add_error(None, error.message)
         return _buyer_page(request, organisation, auto_form=form)
     currency = settings.CURRENCY
-    money = lambda minor: reports.decimal_money(reports.minor_decimal(minor, currency), currency)  # noqa: E731
+    money = lambda minor: format_minor(minor, currency)  # noqa: E731
     if rule.enabled:
         messages.success(request, f"Automatic top-up on: {money(rule.amount_minor)} whenever the balance falls "
                                   f"under {money(rule.threshold_minor)}.")

@@ -343,6 +343,26 @@ def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None
     return job
 
 
+UNCHANGED = object()  # job_terms_update: leave the budget cap as it is
+
+
+def job_terms_update(*, job: Job, max_price_micros: int | None = None, budget_cap_minor=UNCHANGED,
+                     by: User | None = None) -> Job:
+    """Change an open job's bid (None: keep it) and budget cap (UNCHANGED: keep it; None: remove it) together,
+    both or neither. A new cap goes first, so a raised bid is reserved within it; a removed cap last, so the
+    reservation follows the work at the new bid."""
+    changes = []
+    if max_price_micros is not None:
+        changes.append(lambda job: job_bid_update(job=job, max_price_micros=max_price_micros, by=by))
+    if budget_cap_minor is not UNCHANGED:
+        change = lambda job: job_budget_update(job=job, budget_cap_minor=budget_cap_minor, by=by)  # noqa: E731
+        changes.insert(0 if budget_cap_minor is not None else len(changes), change)
+    with transaction.atomic():
+        for change in changes:
+            job = change(job)
+    return job
+
+
 def job_budget_reached(*, job_id: int) -> None:
     """Note once in the job's history that its reserved budget stopped its bidding (the auction calls it)."""
     with transaction.atomic():

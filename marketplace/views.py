@@ -3,7 +3,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db import connection, transaction
+from django.db import connection
 from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -188,18 +188,11 @@ def job_terms(request, pk):
         return redirect("job-detail", pk=job.pk)
     # compared as shown: a bid read back per million tokens is rounded, and must not change by itself
     bid = form.cleaned_data["max_price_micros"]
-    changes = []
-    if "max_price_per_mtok" in form.changed_data and bid != job.max_price_micros:
-        changes.append(lambda job: services.job_bid_update(job=job, max_price_micros=bid, by=request.user))
-    if "budget_cap" in form.changed_data:
-        cap = form.cleaned_data["budget_cap"]
-        change = lambda job: services.job_budget_update(job=job, budget_cap_minor=cap, by=request.user)  # noqa: E731
-        # a new cap first, so a raised bid is reserved within it; a removed cap last, reserved at the new bid
-        changes.insert(0 if cap is not None else len(changes), change)
     try:
-        with transaction.atomic():  # both or neither
-            for change in changes:
-                job = change(job)
+        job = services.job_terms_update(
+            job=job, by=request.user,
+            max_price_micros=bid if "max_price_per_mtok" in form.changed_data and bid != job.max_price_micros else None,
+            budget_cap_minor=form.cleaned_data["budget_cap"] if "budget_cap" in form.changed_data else services.UNCHANGED)
     except ApplicationError as exc:
         messages.error(request, exc.message)
     else:

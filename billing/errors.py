@@ -1,4 +1,4 @@
-from marketplace.errors import ApplicationError
+from marketplace.core.errors import ApplicationError
 
 
 class BillingError(ApplicationError):

@@ -119,6 +119,11 @@ class MeterRecord(AppendOnlyModel):
     transaction = models.OneToOneField(LedgerTransaction, on_delete=models.PROTECT, related_name="meter")
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        constraints = [models.CheckConstraint(
+            condition=models.Q(charge_femto=models.F("owner_femto") + models.F("platform_femto")),
+            name="meter_shares_add_up_to_the_charge")]
+
 
 class PlatformFee(AppendOnlyModel):
     """The platform's fee as operators set it, with its history: the row with the latest ``effective_from``
@@ -170,6 +175,11 @@ class Reservation(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(
+            condition=models.Q(amount_minor__gte=models.F("drawn_minor") + models.F("released_minor")),
+            name="reservation_draws_and_releases_at_most_its_amount")]
 
     @property
     def remaining_minor(self) -> int:

@@ -15,12 +15,26 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDate, TruncMonth
 
-from billing.models import (AutoTopUp, ConnectedAccount, LedgerAccount, LedgerEntry, LedgerTransaction,
-                            MeterRecord, Payout, ReconciliationRun, SavedCard, SettlementRun, StripeEventFailure,
-                            TopUp, WebhookEvent)
+from billing.models import (
+    AutoTopUp,
+    ConnectedAccount,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransaction,
+    MeterRecord,
+    Payout,
+    ReconciliationRun,
+    SavedCard,
+    SettlementRun,
+    StripeEventFailure,
+    TopUp,
+    WebhookEvent,
+)
 from billing.money import FEMTO_PER_MAJOR, MINOR_EXPONENT, femto_per_minor, format_major, format_minor
 from billing.payouts import owner_payable_minor, payout_due, settlement_key
 from billing.selectors import account_balance_minor, buyer_balance_minor
+from fleet.models import OwnerPolicy, Vehicle
+from marketplace.models import Job, WebhookDelivery
 
 CHART_DAYS = 30
 
@@ -136,8 +150,6 @@ def payable_for(*, owner, account: LedgerAccount | None, at: datetime, currency:
 
 def owner_timezone(*, owner) -> ZoneInfo:
     """The owner's time zone: their first car's policy's, else UTC."""
-    from fleet.models import OwnerPolicy
-
     name = (OwnerPolicy.objects.filter(vehicle__owner=owner).order_by("vehicle_id")
             .values_list("timezone", flat=True).first())
     try:
@@ -179,8 +191,6 @@ class CarEarnings:
 
 def owner_cars(*, owner, now: datetime, currency: str) -> list[CarEarnings]:
     """Per car (removed cars that earned included): all-time and last-30-days earnings and energy."""
-    from fleet.models import Vehicle
-
     since = now - timedelta(days=CHART_DAYS)
     rows = {row["vehicle"]: row for row in MeterRecord.objects.filter(owner=owner, currency=currency)
             .values("vehicle").annotate(
@@ -248,8 +258,6 @@ def _usage_entries(*, organisation, currency: str):
 
 def buyer_spend_per_job(*, organisation, currency: str, limit: int = 50) -> list[dict]:
     """Per job, newest first: what the completed units were charged (ledger, minor units) and how many."""
-    from marketplace.models import Job
-
     charged = {row["transaction__job"]: -(row["total"] or 0) for row in
                _usage_entries(organisation=organisation, currency=currency)
                .values("transaction__job").annotate(total=Sum("amount_minor"))}
@@ -373,8 +381,6 @@ def failed_payouts(limit: int = 50) -> list[Payout]:
 
 
 def failed_buyer_webhooks(limit: int = 50) -> list:
-    from marketplace.models import WebhookDelivery
-
     return list(WebhookDelivery.objects.filter(state=WebhookDelivery.State.FAILED)
                 .select_related("event", "endpoint", "endpoint__organisation").order_by("-last_attempt_at", "-pk")[:limit])
 

@@ -12,8 +12,9 @@ from django.utils import timezone
 
 from billing.errors import BillingError
 from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee, Reservation
-from billing.selectors import account_balance_minor, platform_fee_bps
 from billing.money import charge_femto, femto_to_minor_ceil, femto_to_minor_with_carry, format_minor, split_revenue
+from billing.selectors import account_balance_minor, platform_fee_bps
+from marketplace.models import Job
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,6 @@ def account_get(*, kind: str, currency: str, organisation=None, owner=None) -> L
     return account
 
 
-@transaction.atomic
 def ledger_post(*, kind: str, description: str, currency: str, postings: list[Posting], job=None,
                 reference: str | None = None) -> LedgerTransaction:
     if sum(p.amount_minor for p in postings) != 0:
@@ -35,12 +35,13 @@ def ledger_post(*, kind: str, description: str, currency: str, postings: list[Po
                            extra={"amounts": [p.amount_minor for p in postings]})
     if any(p.account.currency != currency for p in postings):
         raise BillingError("ledger transaction mixes currencies", code="mixed_currency")
-    txn = LedgerTransaction.objects.create(kind=kind, description=description, currency=currency, job=job,
-                                           reference=reference)
-    LedgerEntry.objects.bulk_create(
-        LedgerEntry(transaction=txn, account=p.account, amount_minor=p.amount_minor, currency=currency)
-        for p in postings if p.amount_minor
-    )
+    with transaction.atomic(savepoint=False):  # inside a flow's transaction: all or nothing with it
+        txn = LedgerTransaction.objects.create(kind=kind, description=description, currency=currency, job=job,
+                                               reference=reference)
+        LedgerEntry.objects.bulk_create(
+            LedgerEntry(transaction=txn, account=p.account, amount_minor=p.amount_minor, currency=currency)
+            for p in postings if p.amount_minor
+        )
     return txn
 
 
@@ -83,14 +84,16 @@ def _accrue(account: LedgerAccount, femto: int) -> int:
     return minor
 
 
-def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_ms: int = 0) -> MeterRecord:
+def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_ms: int = 0,
+                 reservation: Reservation | None = None) -> MeterRecord:
     """Meter one completed work unit and book it: the job's reservation is drawn at the clearing price, the
     owner credited their share, the platform its fee.
 
     The reservation is drawn the round-up to whole minor units of the job's exact charge so far (so a job
     pays its exact cost rounded up once, never a cent per unit); the owner's and the platform's sub-cent
     remainders wait on their accounts' carry; what rounding leaves over goes to the rounding account.
-    Called inside the unit-completion transaction; the unique meter row per unit means no unit is paid twice.
+    Called inside the unit-completion transaction (marketplace.flows.unit_complete), which may pass the job's
+    ``reservation`` already locked; the unique meter row per unit means no unit is paid twice.
     """
     job = unit.job
     currency = job.currency
@@ -99,7 +102,8 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_
     owner_share, platform_share = split_revenue(charge=charge, fee_bps=fee_bps)
 
     with transaction.atomic():
-        reservation = Reservation.objects.select_for_update().filter(job=job).first()
+        if reservation is None:
+            reservation = Reservation.objects.select_for_update().filter(job=job).first()
         if reservation is None:
             raise BillingError("The job has no reserved budget.", code="not_funded", extra={"job": job.pk})
         if reservation.status != Reservation.Status.ACTIVE:
@@ -242,8 +246,6 @@ def reservation_release(*, job) -> Reservation | None:
 def reservations_release_finished() -> int:
     """Release the reservations of jobs that have finished but still hold one (a crash between a job's
     closing and its release); the auction tick runs it. Returns how many were released."""
-    from marketplace.models import Job  # billing is below marketplace; the import stays local
-
     stuck = list(Reservation.objects.filter(status=Reservation.Status.ACTIVE)
                  .exclude(job__state__in=Job.OPEN_STATES).select_related("job"))
     for reservation in stuck:

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from fleet import eligibility, protocol, selectors, services
 from fleet.selectors import GatewayView
+from marketplace import flows
 
 log = logging.getLogger(__name__)
 SINGLE_WRITER = settings.DATABASES["default"]["ENGINE"].endswith("sqlite3")
@@ -405,7 +406,7 @@ class VehicleConsumer(DeviceConsumer):
                                                                                  data_bytes=data))
 
     async def on_work_request(self, msg: protocol.WorkRequest):
-        units, reason = await database_sync_to_async(services.units_lease)(vehicle_id=self.vehicle_id)
+        units, reason = await database_sync_to_async(flows.units_lease)(vehicle_id=self.vehicle_id)
         if not units:
             await self.send_message(protocol.NoWork(reason=reason, retry_after_s=settings.AUCTION_INTERVAL_S))
             return
@@ -416,7 +417,7 @@ class VehicleConsumer(DeviceConsumer):
                 texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S))
 
     async def on_result(self, msg: protocol.Result):
-        accepted, reason = await database_sync_to_async(services.unit_complete)(
+        accepted, reason = await database_sync_to_async(flows.unit_complete)(
             vehicle_id=self.vehicle_id, unit_id=msg.unit_id, epoch=msg.epoch, embeddings_b64=msg.embeddings_b64)
         await self.send_message(protocol.ResultAck(unit_id=msg.unit_id, epoch=msg.epoch, accepted=accepted,
                                                    reason=reason[:64]))

@@ -162,7 +162,12 @@ class WorkUnit(models.Model):
 
     class Meta:
         ordering = ["job_id", "seq"]
-        constraints = [models.UniqueConstraint(fields=["job", "seq"], name="unit_seq_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "seq"], name="unit_seq_unique"),
+            models.CheckConstraint(condition=~models.Q(state="leased") | models.Q(leased_to__isnull=False,
+                                                                                  lease_expires_at__isnull=False),
+                                   name="leased_unit_has_holder_and_expiry"),
+        ]
         indexes = [
             models.Index(fields=["job", "state"]),
             models.Index(fields=["state", "lease_expires_at"]),
@@ -197,4 +202,7 @@ class Lease(models.Model):
     reason = models.CharField(max_length=64, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["unit", "epoch"], name="lease_epoch_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["unit", "epoch"], name="lease_epoch_unique"),
+            models.UniqueConstraint(fields=["unit"], condition=models.Q(outcome="active"), name="one_open_lease_per_unit"),
+        ]

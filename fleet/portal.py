@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
+from billing.models import MeterRecord
 from billing.money import femto_per_minor, format_femto_as_minor
 from billing.selectors import vehicle_earnings_femto
 from fleet import eligibility
@@ -179,8 +180,6 @@ class Day:
 def daily_series(*, vehicle: Vehicle, tz: str, now: datetime, days: int = 30) -> list[Day]:
     """Energy, earnings and units per day of the owner's calendar, the last ``days`` days up to today
     (days without work included, as zeros)."""
-    from billing.models import MeterRecord
-
     zone = ZoneInfo(tz)
     today = now.astimezone(zone).date()
     first = today - timedelta(days=days - 1)

@@ -5,6 +5,7 @@ from zoneinfo import ZoneInfo
 from django.conf import settings
 from django.db.models import Q, QuerySet, Sum
 
+from billing.models import MeterRecord
 from fleet import dispatch, eligibility
 from fleet.models import OwnerPolicy, Vehicle, VehicleDailyUsage
 
@@ -30,8 +31,6 @@ def policy_rules(*, policy: OwnerPolicy, vehicle: Vehicle) -> eligibility.Policy
 
 def vehicle_usage(*, vehicle: Vehicle, tz: str, now: datetime) -> eligibility.Usage:
     """Energy and data the car used in its owner's current day and month."""
-    from billing.models import MeterRecord
-
     local = now.astimezone(ZoneInfo(tz))
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     month_start = midnight.replace(day=1)

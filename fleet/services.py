@@ -4,6 +4,8 @@ import base64
 import binascii
 import logging
 import math
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -16,17 +18,20 @@ from django.db import connection, transaction
 from django.db.models import F, Subquery
 from django.utils import timezone
 
-from billing.services import reservation_release, usage_record
-from fleet import tokens
+from fleet import dispatch, tokens
 from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
-from fleet import dispatch
-from fleet.selectors import (GatewayView, vehicle_consents, vehicle_gateway_view, vehicle_ineligibility,
-                             vehicle_inflight_limit, vehicle_mops_per_s, vehicle_outlook)
-from marketplace import webhooks
-from marketplace.errors import ValidationFailed
-from marketplace.history import job_history_add
-from marketplace.models import Allocation, AuctionRound, Job, JobEvent
+from fleet.selectors import (
+    GatewayView,
+    vehicle_consents,
+    vehicle_gateway_view,
+    vehicle_ineligibility,
+    vehicle_inflight_limit,
+    vehicle_mops_per_s,
+    vehicle_outlook,
+)
+from marketplace.core.errors import ValidationFailed
+from marketplace.models import Allocation, AuctionRound, Job
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +334,8 @@ def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Alloca
 
 
 def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
-    """Lease the car a batch of units of the best-paying job it won capacity for, sized to the car
+    """Lease the car a batch of units of the best-paying job it won capacity for (the flow,
+    marketplace.flows.units_lease, then draws them from the car's allocation), sized to the car
     (fleet.dispatch: within the in-flight limit its welcome announced, and no more than it can finish, at its
     speed and over its uplink, in its remaining working time; at most ``max_units``). Returns (units, "") or
     ([], why not).
@@ -339,7 +345,7 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
     are leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         vehicle = (Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware")
                    .prefetch_related("hardware__throughputs", "policy__blocked_organisations").get(pk=vehicle_id))
         decision, time_left = vehicle_outlook(vehicle=vehicle, now=now)
@@ -365,12 +371,8 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now)
             if not units:
                 continue
-            Allocation.objects.filter(pk=allocation.pk).update(remaining_mops=F("remaining_mops") - sum(u.mops for u in units))
             Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
                                             price_micros=u.price_micros, started_at=now) for u in units)
-            if job.state == Job.State.QUEUED and Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(
-                    state=Job.State.RUNNING, started_at=now):
-                job_history_add(job=job, kind=JobEvent.Kind.STARTED, detail=f"first units leased to car {vehicle_id}")
             for unit in units:
                 unit.job = job
             return units, ""
@@ -446,44 +448,63 @@ def energy_mwh(*, mops: int, mops_per_s: int, watts: int) -> int:
     return math.ceil(watts * mops * 1000 / (mops_per_s * 3600))
 
 
-def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: list[str]) -> tuple[bool, str]:
-    """Accept a car's result for its current lease, meter and book it. Returns (accepted, reason).
+@dataclass(frozen=True)
+class Completion:
+    """A result accepted for a unit: the car that computed it, what it cost the car and how long it held it."""
 
-    A result for a stale, expired, withdrawn or foreign lease is refused and not paid. A malformed result is
-    refused and its unit requeued for another car."""
+    vehicle: Vehicle
+    energy_mwh: int
+    duration_ms: int
+
+
+def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
+                       embeddings_b64: list[str]) -> tuple[Completion | None, str]:
+    """A car's result for ``unit`` (its row locked by the flow, marketplace.flows.unit_complete): accepted for
+    the car's current lease (the lease ends and the unit is done), or refused (None, why). A result for a
+    stale, expired, withdrawn or foreign lease is refused; a malformed one is refused and its unit requeued
+    for another car."""
     now = timezone.now()
-    with transaction.atomic():
-        unit = (WorkUnit.objects.select_for_update(of=("self",)).select_related("job__ai_model", "job__organisation")
-                .filter(pk=unit_id).first())
-        if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
-            return False, "stale_lease"
-        vehicle = (Vehicle.objects.select_related("hardware", "owner").prefetch_related("hardware__throughputs")
-                   .get(pk=vehicle_id))
-        problem = result_problem(texts=len(unit.inputs), dims=unit.job.ai_model.dims, embeddings_b64=embeddings_b64)
-        if problem:
-            _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
-            return False, f"bad_result: {problem}"
-        _lease_end(unit, outcome=Lease.Outcome.COMPLETED, reason="", now=now)
-        unit.state = WorkUnit.State.DONE
-        unit.result = embeddings_b64
-        unit.completed_by = vehicle
-        unit.completed_at = now
-        unit.leased_to = None
-        unit.lease_expires_at = None
-        unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
-        rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
-        usage_record(unit=unit, vehicle=vehicle, price_micros=unit.price_micros,
-                     energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts),
-                     duration_ms=max(0, int((now - unit.leased_at).total_seconds() * 1000)))
-        job = Job.objects.select_for_update().get(pk=unit.job_id)
-        job.units_done += 1
-        fields = ["units_done"]
-        if job.units_done == job.units_total:
-            job.state, job.finished_at = Job.State.COMPLETED, now
-            fields += ["state", "finished_at"]
-            job_history_add(job=job, kind=JobEvent.Kind.COMPLETED, detail=f"{job.units_total} units done")
-        job.save(update_fields=fields)
-        webhooks.job_event_record(job=job)  # job.progress or job.completed, committed with the change (an outbox)
-    if job.state == Job.State.COMPLETED:
-        reservation_release(job=job)  # the rest of its budget back to the balance at once (the tick, if not now)
-    return True, ""
+    if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
+        return None, "stale_lease"
+    vehicle = (Vehicle.objects.select_related("hardware", "owner").prefetch_related("hardware__throughputs")
+               .get(pk=vehicle_id))
+    problem = result_problem(texts=len(unit.inputs), dims=unit.job.ai_model.dims, embeddings_b64=embeddings_b64)
+    if problem:
+        _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
+        return None, f"bad_result: {problem}"
+    _lease_end(unit, outcome=Lease.Outcome.COMPLETED, reason="", now=now)
+    unit.state = WorkUnit.State.DONE
+    unit.result = embeddings_b64
+    unit.completed_by = vehicle
+    unit.completed_at = now
+    unit.leased_to = None
+    unit.lease_expires_at = None
+    unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
+    rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
+    return Completion(vehicle=vehicle, energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts),
+                      duration_ms=max(0, int((now - unit.leased_at).total_seconds() * 1000))), ""
+
+
+# --- a job's units -------------------------------------------------------------------------------------
+
+def units_create(*, job: Job, units) -> None:
+    """Save a new job's units, in order, from ``units``: (tokens, mega-ops, documents) each."""
+    batch: list[WorkUnit] = []
+    for seq, (tokens, mops, docs) in enumerate(units):
+        batch.append(WorkUnit(job=job, seq=seq, inputs=docs, tokens=tokens, mops=mops))
+        if len(batch) == 500:
+            WorkUnit.objects.bulk_create(batch)
+            batch = []
+    WorkUnit.objects.bulk_create(batch)
+
+
+def units_stop(*, job_id: int, units: list[tuple[int, str, int | None, int]], reason: str) -> None:
+    """A job closes: withdraw its active leases (the cars are told) and cancel its queued units. ``units`` are
+    the job's (id, state, car, epoch) rows, locked by the flow (marketplace.flows.locks.job_lock)."""
+    by_vehicle: dict[int, list] = defaultdict(list)
+    for unit_id, state, vehicle_id, epoch in units:
+        if state == WorkUnit.State.LEASED:
+            by_vehicle[vehicle_id].append((unit_id, epoch))
+    for vehicle_id, refs in by_vehicle.items():
+        leases_withdraw(vehicle_id=vehicle_id, reason=reason, notify=True, outcome=Lease.Outcome.CANCELLED, only=refs)
+    WorkUnit.objects.filter(job_id=job_id, state=WorkUnit.State.QUEUED).update(state=WorkUnit.State.CANCELLED)

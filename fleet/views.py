@@ -18,7 +18,7 @@ from fleet import portal, services
 from fleet.forms import LimitsForm, VehicleForm
 from fleet.models import HardwareGeneration, Vehicle
 from fleet.selectors import vehicles_of
-from marketplace.errors import ValidationFailed
+from marketplace.core.errors import ValidationFailed
 from marketplace.models import WORKLOAD_CATEGORIES
 
 

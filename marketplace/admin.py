@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from marketplace.models import (AIModel, Allocation, ApiKey, AuctionRound, IdempotencyKey, Job, Organisation, User,
-                                WebhookDelivery, WebhookEndpoint, WebhookEvent)
+                                WebhookDelivery, WebhookEndpoint, BuyerWebhookEvent)
 
 
 @admin.register(User)
@@ -120,12 +120,12 @@ class WebhookEndpointAdmin(RecordAdmin):
     readonly_fields = fields
 
 
-@admin.register(WebhookEvent)
-class WebhookEventAdmin(RecordAdmin):
+@admin.register(BuyerWebhookEvent)
+class BuyerWebhookEventAdmin(RecordAdmin):
     list_display = ["public_id", "type", "organisation", "job", "created_at"]
     list_filter = ["type"]
     search_fields = ["public_id", "organisation__name", "job__id"]
-    readonly_fields = [f.name for f in WebhookEvent._meta.fields]
+    readonly_fields = [f.name for f in BuyerWebhookEvent._meta.fields]
     inlines = [WebhookDeliveryInline]
 
 

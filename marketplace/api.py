@@ -14,8 +14,7 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing.money import price_per_million_tokens_micros
-from marketplace import selectors, services, webhooks
+from marketplace import buyer_webhooks, flows, selectors, services
 from marketplace.idempotency import SCHEMA_PARAMETER as IDEMPOTENCY_KEY, idempotent
 from marketplace.models import PRECISION_CHOICES, AIModel, AuctionRound, Job, WebhookDelivery, WebhookEndpoint
 
@@ -129,20 +128,19 @@ def _acting_user(request):
 
 
 class JobSerializer(serializers.ModelSerializer):
+    """The schema of a job; its data is marketplace.selectors.job_public (what the webhooks carry too)."""
+
     model = serializers.CharField(source="ai_model.slug")
     progress_pct = serializers.IntegerField(read_only=True)
-    max_price_per_million_tokens_micros = serializers.SerializerMethodField(
-        help_text="The bid in the buyer's terms: micro-units per million tokens of the job's model.")
+    max_price_per_million_tokens_micros = serializers.IntegerField(
+        read_only=True, help_text="The bid in the buyer's terms: micro-units per million tokens of the job's model.")
 
     class Meta:
         model = Job
-        fields = ["id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
-                  "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total", "units_total", "units_done",
-                  "progress_pct", "created_at", "started_at", "finished_at"]
+        fields = list(selectors.JOB_PUBLIC_FIELDS)
 
-    def get_max_price_per_million_tokens_micros(self, obj) -> int:
-        return price_per_million_tokens_micros(price_micros=obj.max_price_micros,
-                                               ops_per_token=obj.ai_model.ops_per_token)
+    def to_representation(self, instance) -> dict:
+        return selectors.job_public(instance)
 
 
 class DocumentSerializer(serializers.Serializer):
@@ -260,7 +258,7 @@ class JobListCreateApi(BuyerApi, generics.GenericAPIView):
         """Create a job: multipart/form-data with the inputs as a JSON Lines file (streamed: any size), or a
         JSON body with the documents in `inputs` (up to 2.5 MB). Bad rows are reported by line, and then
         nothing is created."""
-        job = services.job_create_from(organisation=self.organisation, user=request.user, draft=prepared)
+        job = flows.job_create_from(organisation=self.organisation, user=request.user, draft=prepared)
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
@@ -278,7 +276,7 @@ class JobCancelApi(BuyerApi):
     def post(self, request, pk):
         """Stop a job: queued units are cancelled, leases withdrawn, the unused budget released. Finished
         units stay paid; cancelling a finished job changes nothing."""
-        return Response(JobSerializer(services.job_cancel(job=self.job(pk), by=_acting_user(request))).data)
+        return Response(JobSerializer(flows.job_cancel(job=self.job(pk), by=_acting_user(request))).data)
 
 
 class JobBidApi(BuyerApi):
@@ -291,7 +289,7 @@ class JobBidApi(BuyerApi):
         Lowering it gives up capacity already won above the new price."""
         data = BidSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        job = services.job_bid_update(job=self.job(pk), max_price_micros=data.validated_data["max_price_micros"],
+        job = flows.job_bid_update(job=self.job(pk), max_price_micros=data.validated_data["max_price_micros"],
                                       by=_acting_user(request))
         return Response(JobSerializer(job).data)
 
@@ -305,7 +303,7 @@ class JobBudgetApi(BuyerApi):
         """Set, change or remove (null) the budget cap of an open job; the next auction round bids within it."""
         data = BudgetSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        job = services.job_budget_update(job=self.job(pk), budget_cap_minor=data.validated_data["budget_cap_minor"],
+        job = flows.job_budget_update(job=self.job(pk), budget_cap_minor=data.validated_data["budget_cap_minor"],
                                          by=_acting_user(request))
         return Response(JobSerializer(job).data)
 
@@ -381,7 +379,7 @@ class WebhookEndpointCreatedSerializer(WebhookEndpointSerializer):
 
 class WebhookEndpointCreateSerializer(serializers.Serializer):
     url = serializers.URLField(max_length=2000, help_text="Where to POST events: https, on a public address.")
-    events = serializers.ListField(child=serializers.ChoiceField(choices=webhooks.EVENT_TYPES), required=False,
+    events = serializers.ListField(child=serializers.ChoiceField(choices=buyer_webhooks.EVENT_TYPES), required=False,
                                    default=list, help_text="Event types to receive; empty or absent: all.")
     description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
 
@@ -416,7 +414,7 @@ class WebhookEndpointListCreateApi(BuyerApi, generics.GenericAPIView):
         """Register an endpoint. The answer holds its signing secret, shown this once."""
         data = WebhookEndpointCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        endpoint = webhooks.endpoint_create(organisation=self.organisation, created_by=request.user,
+        endpoint = buyer_webhooks.endpoint_create(organisation=self.organisation, created_by=request.user,
                                             **data.validated_data)
         return Response(WebhookEndpointCreatedSerializer(endpoint).data, status=status.HTTP_201_CREATED)
 
@@ -432,7 +430,7 @@ class WebhookEndpointDetailApi(BuyerApi):
     @extend_schema(responses={204: None, **_errors(401, 403, 404, 429)})
     def delete(self, request, pk):
         """Stop sending to the endpoint; deliveries still pending are given up."""
-        webhooks.endpoint_disable(endpoint=self.endpoint(pk))
+        buyer_webhooks.endpoint_disable(endpoint=self.endpoint(pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -10,7 +10,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from marketplace.errors import ApplicationError
+from marketplace.core.errors import ApplicationError
 
 
 class RequestTooLarge(exceptions.APIException):

@@ -12,7 +12,7 @@ from django.utils import timezone
 from billing.models import LedgerAccount
 from billing.selectors import account_balance_minor
 from billing.services import account_get, balance_grant
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from marketplace.models import Job, User
 
 BUYER = "buyer@demo.local"
@@ -31,7 +31,7 @@ def demo_job_top_up(*, docs: int = 400) -> Job | None:
     rng = random.Random()
     start = rng.randrange(0, 1500)
     rows = corpus.documents(start + docs)[start:]
-    return services.job_create(
+    return flows.job_create(
         organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2", precision=rng.choice(["int8", "fp32"]),
         max_price_micros=rng.choice([400_000, 800_000, 1_500_000, 2_000_000]),
         deadline=timezone.now() + timedelta(hours=1), inputs=(json.dumps(r).encode() for r in rows))

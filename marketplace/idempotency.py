@@ -30,7 +30,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from marketplace import selectors
-from marketplace.errors import ApplicationError, Conflict, ValidationFailed
+from marketplace.core.errors import ApplicationError, Conflict, ValidationFailed
 from marketplace.models import IdempotencyKey
 
 HEADER = "Idempotency-Key"

@@ -163,6 +163,8 @@ class Job(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["state", "precision"])]
+        constraints = [models.CheckConstraint(condition=models.Q(units_done__lte=models.F("units_total")),
+                                              name="job_units_done_at_most_total")]
 
     def __str__(self):
         return f"Job {self.pk} ({self.ai_model.slug}, {self.precision})"
@@ -287,7 +289,7 @@ class WebhookEndpoint(models.Model):
         return not self.events or event_type in self.events
 
 
-class WebhookEvent(models.Model):
+class BuyerWebhookEvent(models.Model):
     """One event for an organisation, with its body exactly as every attempt sends it. Recorded in the
     transaction that changed the job, so an event exists if and only if its change committed."""
 
@@ -317,7 +319,7 @@ class WebhookDelivery(models.Model):
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed (gave up)"
 
-    event = models.ForeignKey(WebhookEvent, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.ForeignKey(BuyerWebhookEvent, on_delete=models.CASCADE, related_name="deliveries")
     endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveSmallIntegerField(default=0)

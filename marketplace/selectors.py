@@ -6,6 +6,7 @@ from typing import Iterator
 
 import numpy as np
 from django.db.models import Count, F, Q, QuerySet, Sum
+from django.utils import timezone
 
 from billing.models import Reservation
 from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_million_tokens_micros
@@ -125,6 +126,35 @@ def job_progress(*, job: Job) -> JobProgress:
         tokens_total=job.tokens_total, mops_left=figures["mops_left"] or 0, cars_working=figures["cars_working"],
         mean_price_micros=paid["femto"] // paid["mops"] if paid["mops"] else None)
 
+
+# What the API and the buyer's webhooks show of a job, in this order (marketplace.api.JobSerializer declares
+# the same fields for the schema; tests/marketplace/test_api.py checks that the two agree).
+JOB_PUBLIC_FIELDS = ("id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
+                     "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total",
+                     "units_total", "units_done", "progress_pct", "created_at", "started_at", "finished_at")
+
+
+def _api_datetime(value: datetime | None) -> str | None:
+    """A time as the API writes it: ISO 8601 in UTC, with a Z (as DRF's DateTimeField does)."""
+    if value is None:
+        return None
+    text = timezone.localtime(value, timezone.get_current_timezone()).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def job_public(job: Job) -> dict:
+    """A job exactly as GET /api/v1/jobs/{id}/ shows it, and as its webhook events carry it."""
+    return {
+        "id": job.pk, "model": job.ai_model.slug, "precision": job.precision, "state": job.state,
+        "max_price_micros": job.max_price_micros,
+        "max_price_per_million_tokens_micros": price_per_million_tokens_micros(
+            price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token),
+        "currency": job.currency, "deadline": _api_datetime(job.deadline), "budget_cap_minor": job.budget_cap_minor,
+        "docs_total": job.docs_total, "tokens_total": job.tokens_total, "mops_total": job.mops_total,
+        "units_total": job.units_total, "units_done": job.units_done, "progress_pct": job.progress_pct,
+        "created_at": _api_datetime(job.created_at), "started_at": _api_datetime(job.started_at),
+        "finished_at": _api_datetime(job.finished_at),
+    }
 
 def jobs_budget_left_femto(*, job_ids: list[int]) -> dict[int, int]:
     """For each of ``job_ids``: what is left of its reservation (see billing), in femto-units, after what was

@@ -14,22 +14,19 @@ from allauth.account.utils import user_pk_to_url_str
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import transaction
-from django.db.models import Max, Q, Sum
+from django.db.models import F, Max, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from billing.models import Reservation
 from billing.money import mops_for_tokens
-from billing.services import reservation_create, reservation_release, reservation_resize, reservations_release_finished
 from fleet import tokens
-from fleet.agent.models import count_tokens
-from fleet.models import Lease, WorkUnit
+from fleet.agent.models import MODELS, count_tokens
+from fleet.models import WorkUnit
 from fleet.selectors import vehicle_consents, vehicles_offering
-from fleet.services import leases_withdraw
-from marketplace import clearing, selectors, webhooks
-from marketplace.errors import AuctionError, Conflict, ValidationFailed
-from marketplace.history import job_history_add
+from marketplace import buyer_webhooks, clearing, selectors
+from marketplace.core.errors import Conflict, ValidationFailed
+from marketplace.errors import AuctionError
 from marketplace.models import AIModel, Allocation, ApiKey, AuctionRound, Job, JobEvent, Organisation, User
 
 log = logging.getLogger(__name__)
@@ -79,6 +76,11 @@ def api_key_authenticate(*, secret: str) -> ApiKey | None:
     if key.last_used_at is None or now - key.last_used_at > timedelta(minutes=1):
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key
+
+
+def job_history_add(*, job: Job, kind: str, detail: str = "", by=None) -> JobEvent:
+    """One line of a job's history, in the transaction that makes the change it tells of."""
+    return JobEvent.objects.create(job=job, kind=kind, detail=detail[:300], by=by)
 
 
 # --- jobs ----------------------------------------------------------------------------------------------
@@ -213,154 +215,109 @@ def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadl
     return draft
 
 
-def job_create_from(*, organisation: Organisation, user: User | None, draft: JobDraft) -> Job:
-    """Save a prepared job and its units and reserve its budget, in one short transaction. Refused with
-    ``insufficient_balance`` (402) when the organisation's balance does not cover the reservation: its budget
-    cap, or without one the cost of all its work at its bid."""
-    try:
-        with transaction.atomic():
-            job = Job.objects.create(
-                organisation=organisation, created_by=user, ai_model=draft.ai_model, precision=draft.precision,
-                max_price_micros=draft.max_price_micros, deadline=draft.deadline, currency=settings.CURRENCY,
-                budget_cap_minor=draft.budget_cap_minor, docs_total=draft.docs_total, tokens_total=draft.tokens_total,
-                mops_total=draft.mops_total, units_total=draft.units_total)
-            budget = "" if draft.budget_cap_minor is None else f", budget cap {draft.budget_cap_minor} minor units"
-            job_history_add(job=job, kind=JobEvent.Kind.CREATED, by=user,
-                            detail=f"{draft.docs_total} documents in {draft.units_total} units, bid "
-                                   f"{draft.max_price_micros} µ$/PetaOp{budget}")
-            batch: list[WorkUnit] = []
-            for seq, line in enumerate(draft.units):
-                tokens, mops, docs = json.loads(line)
-                batch.append(WorkUnit(job=job, seq=seq, inputs=docs, tokens=tokens, mops=mops))
-                if len(batch) == 500:
-                    WorkUnit.objects.bulk_create(batch)
-                    batch = []
-            WorkUnit.objects.bulk_create(batch)
-            # Buyers pay in advance: the job reserves its budget from the balance, or nothing is created.
-            reservation_create(job=job, amount_minor=selectors.job_reservation_needed_minor(
-                job=job, queued_mops=draft.mops_total))
-    finally:
-        draft.units.close()
+def draft_units(draft: JobDraft) -> Iterator[tuple[int, int, list[dict]]]:
+    """The units of a prepared job, in order: (tokens, mega-ops, documents) each."""
+    for line in draft.units:
+        tokens, mops, docs = json.loads(line)
+        yield tokens, mops, docs
+
+
+def job_record(*, organisation: Organisation, user: User | None, draft: JobDraft) -> Job:
+    """Save a prepared job's row and its history's first line (its units and reservation: marketplace.flows)."""
+    job = Job.objects.create(
+        organisation=organisation, created_by=user, ai_model=draft.ai_model, precision=draft.precision,
+        max_price_micros=draft.max_price_micros, deadline=draft.deadline, currency=settings.CURRENCY,
+        budget_cap_minor=draft.budget_cap_minor, docs_total=draft.docs_total, tokens_total=draft.tokens_total,
+        mops_total=draft.mops_total, units_total=draft.units_total)
+    budget = "" if draft.budget_cap_minor is None else f", budget cap {draft.budget_cap_minor} minor units"
+    job_history_add(job=job, kind=JobEvent.Kind.CREATED, by=user,
+                    detail=f"{draft.docs_total} documents in {draft.units_total} units, bid "
+                           f"{draft.max_price_micros} µ$/PetaOp{budget}")
     return job
 
 
-def job_create(*, organisation: Organisation, user: User | None, model_slug: str, precision: str,
-               max_price_micros: int, deadline: datetime, inputs: BinaryIO | Iterable[bytes],
-               budget_cap_minor: int | None = None) -> Job:
-    """Create a job from JSON Lines inputs: :func:`job_prepare` (every line checked, bad lines reported by
-    number, nothing created unless the whole file is good), then :func:`job_create_from`."""
-    draft = job_prepare(model_slug=model_slug, precision=precision, max_price_micros=max_price_micros,
-                        deadline=deadline, inputs=inputs, budget_cap_minor=budget_cap_minor)
-    return job_create_from(organisation=organisation, user=user, draft=draft)
+def job_start(*, job_id: int, vehicle_id: int) -> None:
+    """A queued job's first units were leased: it is running from now (once)."""
+    with transaction.atomic():
+        if Job.objects.filter(pk=job_id, state=Job.State.QUEUED).update(state=Job.State.RUNNING,
+                                                                        started_at=timezone.now()):
+            job_history_add(job=Job(pk=job_id), kind=JobEvent.Kind.STARTED,
+                            detail=f"first units leased to car {vehicle_id}")
+
+
+def job_unit_done(*, job: Job) -> bool:
+    """Count one more finished unit of ``job`` (its row locked by the caller) and tell the buyer (an outbox
+    event committed with the change); the last one completes it. Returns whether the job is now complete."""
+    now = timezone.now()
+    job.units_done += 1
+    fields = ["units_done"]
+    if job.units_done == job.units_total:
+        job.state, job.finished_at = Job.State.COMPLETED, now
+        fields += ["state", "finished_at"]
+        job_history_add(job=job, kind=JobEvent.Kind.COMPLETED, detail=f"{job.units_total} units done")
+    job.save(update_fields=fields)
+    buyer_webhooks.job_event_record(job=job)  # job.progress or job.completed
+    return job.state == Job.State.COMPLETED
 
 
 _CLOSE_EVENTS = {Job.State.CANCELLED: JobEvent.Kind.CANCELLED, Job.State.EXPIRED: JobEvent.Kind.EXPIRED}
 
 
-def _job_close(*, job: Job, state: str, reason: str, by: User | None = None) -> None:
-    now = timezone.now()
-    with transaction.atomic():
-        job = Job.objects.select_for_update().get(pk=job.pk)
-        if job.state not in Job.OPEN_STATES:
-            return
-        leased = (WorkUnit.objects.filter(job=job, state=WorkUnit.State.LEASED)
-                  .values_list("leased_to_id", "pk", "lease_epoch"))
-        by_vehicle: dict[int, list] = defaultdict(list)
-        for vehicle_id, unit_id, epoch in leased:
-            by_vehicle[vehicle_id].append((unit_id, epoch))
-        for vehicle_id, refs in by_vehicle.items():
-            leases_withdraw(vehicle_id=vehicle_id, reason=reason, notify=True, outcome=Lease.Outcome.CANCELLED, only=refs)
-        WorkUnit.objects.filter(job=job, state=WorkUnit.State.QUEUED).update(state=WorkUnit.State.CANCELLED)
-        job.state, job.finished_at = state, now
-        job.save(update_fields=["state", "finished_at"])
-        job_history_add(job=job, kind=_CLOSE_EVENTS[state], detail=reason.replace("_", " "), by=by)
-        webhooks.job_event_record(job=job)
-    # Its own transaction, after the job's (which locked the job before its units; a unit's completion locks
-    # the reservation before the job). Should this not run, the auction tick releases it.
-    reservation_release(job=job)
+def job_close(*, job: Job, state: str, reason: str, by: User | None = None) -> None:
+    """Mark an open job (its row locked by the caller) cancelled or expired, in its history and to the buyer."""
+    job.state, job.finished_at = state, timezone.now()
+    job.save(update_fields=["state", "finished_at"])
+    job_history_add(job=job, kind=_CLOSE_EVENTS[state], detail=reason.replace("_", " "), by=by)
+    buyer_webhooks.job_event_record(job=job)
 
 
-def job_cancel(*, job: Job, by: User | None = None) -> Job:
-    """Stop a job: its queued units are cancelled, its active leases withdrawn and the rest of its reserved
-    budget returned to the balance at once. Finished units stay paid."""
-    _job_close(job=job, state=Job.State.CANCELLED, reason="job_cancelled", by=by)
-    job.refresh_from_db()
-    return job
+def jobs_overdue() -> list[int]:
+    """The open jobs whose deadline has passed."""
+    return list(Job.objects.filter(state__in=Job.OPEN_STATES, deadline__lt=timezone.now()).values_list("pk", flat=True))
 
 
-def _job_open_locked(*, job: Job, what: str) -> Job:
-    """The job's row, locked, if it is still open; else 409 ``job_closed`` (its ``what`` can no longer change).
-    Its reservation is locked first, in the order a unit's completion takes them (reservation, then job), so
-    a change of terms and a completing unit wait for each other instead of deadlocking."""
-    list(Reservation.objects.select_for_update().filter(job_id=job.pk))
-    job = Job.objects.select_for_update().select_related("ai_model").get(pk=job.pk)
+def job_open_check(*, job: Job, what: str) -> None:
+    """409 ``job_closed`` unless the job is still open (its ``what`` can no longer change)."""
     if job.state not in Job.OPEN_STATES:
         raise Conflict(f"The job is {job.state}: only a queued or running job's {what} can change.", code="job_closed")
-    return job
 
 
-def job_bid_update(*, job: Job, max_price_micros: int, by: User | None = None) -> Job:
-    """Raise or lower an open job's sealed bid; it takes part in the next auction round at the new price.
-
-    Lowering it also gives up the capacity the job won in rounds that cleared above the new bid, so that no
-    work is leased to it from now on at a price over its bid. Units already leased keep the price they were
-    leased at. A job without a budget cap has its reservation resized to its remaining work at the new bid
-    (raising it is refused with ``insufficient_balance`` when the balance cannot cover the difference)."""
+def job_bid_check(*, max_price_micros: int) -> None:
     if max_price_micros <= 0:
         problem = "The maximum price must be a positive number of micro-units."
         raise ValidationFailed("The bid is not valid.", extra={"fields": {"max_price_micros": [problem]}})
-    with transaction.atomic():
-        job = _job_open_locked(job=job, what="bid")
-        previous, job.max_price_micros = job.max_price_micros, max_price_micros
-        job.save(update_fields=["max_price_micros"])
-        job_history_add(job=job, kind=JobEvent.Kind.BID_CHANGED, by=by,
-                        detail=f"from {previous} to {max_price_micros} µ$/PetaOp")
-        if max_price_micros < previous:
-            (Allocation.objects.filter(job=job, price_micros__gt=max_price_micros, remaining_mops__gt=0)
-             .update(remaining_mops=0))
-        if job.budget_cap_minor is None:  # its reservation pays for all its work at the bid: resize it
-            reservation_resize(job=job, amount_minor=selectors.job_reservation_needed_minor(job=job))
-    log.info("job %s: bid changed from %s to %s micros", job.pk, previous, max_price_micros)
-    return job
 
 
-def job_budget_update(*, job: Job, budget_cap_minor: int | None, by: User | None = None) -> Job:
-    """Set, raise, lower or remove (None) an open job's budget cap, and resize its reservation to match: the
-    cap, or without one the cost of its remaining work at its bid (``insufficient_balance`` when the balance
-    cannot cover a raise). The next auction round bids within it. A cap below what the job has already spent
-    and committed keeps that much reserved and stops its bidding; nothing already leased is taken back."""
+def job_budget_check(*, budget_cap_minor: int | None) -> None:
     if budget_cap_minor is not None and budget_cap_minor <= 0:
         problem = "The budget cap must be a positive amount of minor units (cents), or null for none."
         raise ValidationFailed("The budget is not valid.", extra={"fields": {"budget_cap_minor": [problem]}})
-    with transaction.atomic():
-        job = _job_open_locked(job=job, what="budget")
-        previous, job.budget_cap_minor = job.budget_cap_minor, budget_cap_minor
-        job.save(update_fields=["budget_cap_minor"])
-        reservation_resize(job=job, amount_minor=selectors.job_reservation_needed_minor(job=job))
-        job_history_add(job=job, kind=JobEvent.Kind.BUDGET_CHANGED, by=by,
-                        detail=f"from {'none' if previous is None else previous} to "
-                               f"{'none' if budget_cap_minor is None else budget_cap_minor} minor units")
-    return job
 
 
-UNCHANGED = object()  # job_terms_update: leave the budget cap as it is
+def job_bid_set(*, job: Job, max_price_micros: int, by: User | None = None) -> int:
+    """Change an open job's sealed bid (its row locked by the caller); returns the previous one. Lowering it
+    also gives up the capacity the job won in rounds that cleared above the new bid, so that no work is leased
+    to it from now on at a price over its bid. Units already leased keep the price they were leased at."""
+    job_open_check(job=job, what="bid")
+    previous, job.max_price_micros = job.max_price_micros, max_price_micros
+    job.save(update_fields=["max_price_micros"])
+    job_history_add(job=job, kind=JobEvent.Kind.BID_CHANGED, by=by,
+                    detail=f"from {previous} to {max_price_micros} µ$/PetaOp")
+    if max_price_micros < previous:
+        (Allocation.objects.filter(job=job, price_micros__gt=max_price_micros, remaining_mops__gt=0)
+         .update(remaining_mops=0))
+    log.info("job %s: bid changed from %s to %s micros", job.pk, previous, max_price_micros)
+    return previous
 
 
-def job_terms_update(*, job: Job, max_price_micros: int | None = None, budget_cap_minor=UNCHANGED,
-                     by: User | None = None) -> Job:
-    """Change an open job's bid (None: keep it) and budget cap (UNCHANGED: keep it; None: remove it) together,
-    both or neither. A new cap goes first, so a raised bid is reserved within it; a removed cap last, so the
-    reservation follows the work at the new bid."""
-    changes = []
-    if max_price_micros is not None:
-        changes.append(lambda job: job_bid_update(job=job, max_price_micros=max_price_micros, by=by))
-    if budget_cap_minor is not UNCHANGED:
-        change = lambda job: job_budget_update(job=job, budget_cap_minor=budget_cap_minor, by=by)  # noqa: E731
-        changes.insert(0 if budget_cap_minor is not None else len(changes), change)
-    with transaction.atomic():
-        for change in changes:
-            job = change(job)
-    return job
+def job_budget_set(*, job: Job, budget_cap_minor: int | None, by: User | None = None) -> None:
+    """Set, change or remove (None) an open job's budget cap (its row locked by the caller)."""
+    job_open_check(job=job, what="budget")
+    previous, job.budget_cap_minor = job.budget_cap_minor, budget_cap_minor
+    job.save(update_fields=["budget_cap_minor"])
+    job_history_add(job=job, kind=JobEvent.Kind.BUDGET_CHANGED, by=by,
+                    detail=f"from {'none' if previous is None else previous} to "
+                           f"{'none' if budget_cap_minor is None else budget_cap_minor} minor units")
 
 
 def job_budget_reached(*, job_id: int) -> None:
@@ -373,23 +330,20 @@ def job_budget_reached(*, job_id: int) -> None:
                             detail="the reserved budget cannot pay another unit at the bid")
 
 
-def jobs_expire() -> int:
-    overdue = list(Job.objects.filter(state__in=Job.OPEN_STATES, deadline__lt=timezone.now()))
-    for job in overdue:
-        _job_close(job=job, state=Job.State.EXPIRED, reason="job_expired")
-    return len(overdue)
+def allocation_draw(*, allocation_id: int, mops: int) -> None:
+    """A car was leased ``mops`` of the capacity it won for a job (the car's row lock serialises its use)."""
+    Allocation.objects.filter(pk=allocation_id).update(remaining_mops=F("remaining_mops") - mops)
 
 
 # --- auction -------------------------------------------------------------------------------------------
 
-def auction_tick() -> list[AuctionRound]:
-    """One auction interval: expire overdue jobs, then clear every market that has demand, jointly.
+def auction_clear() -> list[AuctionRound]:
+    """Clear every market that has demand, jointly (the tick, marketplace.flows.auction_tick, first closes
+    overdue jobs).
 
     A car that runs several precisions offers each of them what its whole interval would give there; the
     clearing (marketplace.clearing) sells each of its seconds once, to the market where surplus is highest.
     One round is recorded per market, all with the same ``cleared_at``: they replay together."""
-    jobs_expire()
-    reservations_release_finished()
     now = timezone.now()
     interval = settings.AUCTION_INTERVAL_S
     queued = Q(units__state=WorkUnit.State.QUEUED)
@@ -544,8 +498,6 @@ def organisation_member_remove(*, organisation: Organisation, member: User, remo
 def catalogue_sync() -> None:
     """Make the model catalogue list every model the car agent's runtime can run (fleet.agent.models).
     Runs after every migrate; an operator's changes to description and ``active`` are kept."""
-    from fleet.agent.models import MODELS
-
     for spec in MODELS.values():
         AIModel.objects.update_or_create(
             slug=spec.slug,

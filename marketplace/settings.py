@@ -200,7 +200,7 @@ if REDIS_URL:
                           "KEY_PREFIX": "cache"}}
 IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key is remembered this long after its first request
 IDEMPOTENCY_LOCK_S = env.int("IDEMPOTENCY_LOCK_S", default=600)  # an unfinished first request is presumed dead after it
-# Outbound webhooks (marketplace.webhooks): attempts at WEBHOOK_RETRY_BASE_S x 2^n after each failure.
+# Outbound webhooks (marketplace.buyer_webhooks): attempts at WEBHOOK_RETRY_BASE_S x 2^n after each failure.
 WEBHOOK_TIMEOUT_S = env.float("WEBHOOK_TIMEOUT_S", default=5.0)
 WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=10)
 WEBHOOK_RETRY_BASE_S = env.float("WEBHOOK_RETRY_BASE_S", default=60.0)

@@ -3,8 +3,8 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db import connection
 from django.core.exceptions import PermissionDenied
+from django.db import connection
 from django.http import JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -14,8 +14,8 @@ from django.views.decorators.http import require_POST
 from billing.money import MICROS_PER_MAJOR, mops_for_tokens, price_per_million_tokens_micros
 from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet.models import Vehicle
-from marketplace import market, selectors, services
-from marketplace.errors import ApplicationError
+from marketplace import flows, market, selectors, services
+from marketplace.core.errors import ApplicationError
 from marketplace.forms import ApiKeyForm, EstimateForm, JobForm, JobTermsForm, MemberAddForm, bid_micros
 from marketplace.models import PRECISION_CHOICES, AIModel, ApiKey, AuctionRound, Job, User
 
@@ -92,7 +92,7 @@ def job_new(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            job = services.job_create(
+            job = flows.job_create(
                 organisation=organisation, user=request.user, model_slug=data["model"].slug,
                 precision=data["precision"], max_price_micros=data["max_price_micros"], deadline=data["deadline"],
                 budget_cap_minor=data["budget_cap"], inputs=data["inputs"])
@@ -189,10 +189,10 @@ def job_terms(request, pk):
     # compared as shown: a bid read back per million tokens is rounded, and must not change by itself
     bid = form.cleaned_data["max_price_micros"]
     try:
-        job = services.job_terms_update(
+        job = flows.job_terms_update(
             job=job, by=request.user,
             max_price_micros=bid if "max_price_per_mtok" in form.changed_data and bid != job.max_price_micros else None,
-            budget_cap_minor=form.cleaned_data["budget_cap"] if "budget_cap" in form.changed_data else services.UNCHANGED)
+            budget_cap_minor=form.cleaned_data["budget_cap"] if "budget_cap" in form.changed_data else flows.UNCHANGED)
     except ApplicationError as exc:
         messages.error(request, exc.message)
     else:
@@ -214,7 +214,7 @@ def job_results(request, pk):
 @require_POST
 def job_cancel(request, pk):
     organisation = _buyer_organisation(request)
-    job = services.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk), by=request.user)
+    job = flows.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk), by=request.user)
     messages.info(request, f"Job {job.pk} is {job.get_state_display().lower()}.")
     return redirect("job-detail", pk=job.pk)
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from marketplace import corpus, services
+from marketplace import corpus, flows, services
 from tests.factories import BuyerFactory, VehicleFactory, future
 
 
@@ -37,7 +37,7 @@ def make_job(buyer):
 
     def make(docs: int = 16, precision: str = "int8", price: int = 2_000_000, organisation=None,
              budget_cap: int | None = None):
-        return services.job_create(
+        return flows.job_create(
             organisation=organisation or buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
             precision=precision, max_price_micros=price, deadline=future(), budget_cap_minor=budget_cap,
             inputs=jsonl(corpus.documents(docs)).splitlines(keepends=True))

@@ -1,4 +1,4 @@
-"""Benchmark: leases per second through our dispatcher (fleet.services.units_lease) on PostgreSQL with 1, 2, 4
+"""Benchmark: leases per second through our dispatcher (marketplace.flows.units_lease) on PostgreSQL with 1, 2, 4
 and 8 concurrent leaser processes, against a bare psycopg leaser (UPDATE ... WHERE id IN (SELECT ... FOR
 UPDATE SKIP LOCKED) RETURNING) on the same table in the same run; counts double leases. Ends with one JSON line.
 
@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+
 from tests.bench.support import ROOT, throwaway_postgres
 
 UNITS = 200_000
@@ -91,7 +92,7 @@ def _reset(job_id: int) -> None:
 def _ours(cars: list[int], seconds: float, start, out) -> None:
     from django.db import connection
 
-    from fleet.services import units_lease
+    from marketplace.flows import units_lease
 
     connection.ensure_connection()
     leased, calls, at = [], 0, 0

@@ -11,7 +11,7 @@ from billing.money import femto_per_minor, split_revenue
 from billing.selectors import account_balance_minor, job_spend_minor, unbalanced_transaction_ids
 from billing.services import Posting, account_get, ledger_post, usage_record
 from fleet.models import WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
@@ -46,7 +46,7 @@ class UsageBookingTests(HypothesisTestCase):
     def test_the_job_pays_the_round_up_of_its_exact_charge_owners_the_floor_of_their_accrual_each_balanced(self, prices):
         buyer = BuyerFactory()
         car = VehicleFactory()
-        job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+        job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                                   precision="int8", max_price_micros=10**8, deadline=future(),
                                   inputs=jsonl(corpus.documents(8 * len(prices))).splitlines(keepends=True))
         units = list(WorkUnit.objects.filter(job=job).order_by("seq"))
@@ -70,7 +70,7 @@ class UsageBookingTests(HypothesisTestCase):
 def test_a_unit_is_metered_once():
     buyer = BuyerFactory()
     car = VehicleFactory()
-    job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                               precision="int8", max_price_micros=10**6, deadline=future(),
                               inputs=jsonl(corpus.documents(8)).splitlines(keepends=True))
     unit = job.units.get()

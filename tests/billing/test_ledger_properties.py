@@ -20,7 +20,7 @@ from billing.money import femto_per_minor
 from billing.selectors import account_balance_minor, job_spend_minor, unbalanced_transaction_ids
 from billing.services import usage_record
 from fleet.models import WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from marketplace.models import Job
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
@@ -111,7 +111,7 @@ def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_p
             _, b, amount = op
             before = Job.objects.count()
             try:
-                job = services.job_create(organisation=buyers[b].organisation, user=buyers[b],
+                job = flows.job_create(organisation=buyers[b].organisation, user=buyers[b],
                                           model_slug="all-minilm-l6-v2", precision="int8", max_price_micros=10**12,
                                           deadline=future(), budget_cap_minor=amount,
                                           inputs=jsonl(corpus.documents(8 * 4)).splitlines(keepends=True))
@@ -121,7 +121,7 @@ def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_p
                 jobs[b].append((job, list(WorkUnit.objects.filter(job=job).order_by("seq"))))
         elif kind == "release":  # cancelling the buyer's latest job releases the rest of its budget at once
             if jobs[op[1]]:
-                services.job_cancel(job=jobs[op[1]][-1][0])
+                flows.job_cancel(job=jobs[op[1]][-1][0])
                 assert Reservation.objects.get(job=jobs[op[1]][-1][0]).status == "released"
         elif kind in ("refund", "dispute"):
             _, b, i, amount = op

@@ -18,12 +18,21 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing import payments, payouts, stripe_api
-from billing.models import (AutoTopUp, ConnectedAccount, LedgerAccount, Payout, ReconciliationRun, SavedCard,
-                            SettlementRun, StripeEventFailure, TopUp)
+from billing.models import (
+    AutoTopUp,
+    ConnectedAccount,
+    LedgerAccount,
+    Payout,
+    ReconciliationRun,
+    SavedCard,
+    SettlementRun,
+    StripeEventFailure,
+    TopUp,
+)
 from billing.selectors import account_balance_minor
 from billing.services import usage_record
 from fleet.models import WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from marketplace.models import User, WebhookDelivery, WebhookEndpoint, WebhookEvent
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory, future
@@ -48,7 +57,7 @@ def balance(kind, **party) -> int:
 
 def run_units(*, organisation, user, cars, units: int, energy_mwh: int = 1500):
     """A job of ``units`` units (8 documents each) completed on ``cars`` in turn at about 7.77 a unit."""
-    job = services.job_create(organisation=organisation, user=user, model_slug="all-minilm-l6-v2", precision="int8",
+    job = flows.job_create(organisation=organisation, user=user, model_slug="all-minilm-l6-v2", precision="int8",
                               max_price_micros=10**12, deadline=future(), budget_cap_minor=10 * units * 100,
                               inputs=jsonl(corpus.documents(8 * units)).splitlines(keepends=True))
     for i, unit in enumerate(WorkUnit.objects.filter(job=job).order_by("seq")):

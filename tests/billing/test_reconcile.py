@@ -16,7 +16,7 @@ from billing.reconcile import reconcile
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 from billing.services import reservation_release, usage_record
 from fleet.models import WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
@@ -33,7 +33,7 @@ def worked_example(stripe_peer, settings):
         account = car.owner.connected_account
         payouts.connected_account_sync(account=account, stripe_account=stripe_peer.onboard(account.stripe_account_id))
     top_up = payments.top_up_create(organisation=org, amount_minor=10_000, payment_method_id="pm_card_visa")
-    job = services.job_create(organisation=org, user=buyer, model_slug="all-minilm-l6-v2", precision="int8",
+    job = flows.job_create(organisation=org, user=buyer, model_slug="all-minilm-l6-v2", precision="int8",
                               max_price_micros=10**12, deadline=future(), budget_cap_minor=5_000,
                               inputs=jsonl(corpus.documents(8 * 6)).splitlines(keepends=True))
     for i, unit in enumerate(WorkUnit.objects.filter(job=job).order_by("seq")):

@@ -9,7 +9,7 @@ from billing.models import LedgerAccount, Reservation
 from billing.money import femto_per_minor
 from billing.selectors import account_balance_minor, job_spend_minor, unbalanced_transaction_ids
 from billing.services import reservation_remaining_minor, usage_record
-from marketplace import services
+from marketplace import flows
 from marketplace.models import Job
 from tests.factories import BuyerFactory
 
@@ -48,8 +48,8 @@ def test_a_job_reserves_its_cap_draws_from_it_never_beyond_and_the_rest_is_relea
         usage_record(unit=units[2], vehicle=vehicle, price_micros=250 * PER_MINOR // units[2].mops, energy_mwh=1)
     assert exhausted.value.code == "reservation_exhausted" and reservation_remaining_minor(job=job) == 100
     # cancelling releases the rest at once, once; a late unit is refused
-    services.job_cancel(job=job)
-    services.job_cancel(job=job)
+    flows.job_cancel(job=job)
+    flows.job_cancel(job=job)
     assert balance(org) == 1000 - spent and Reservation.objects.get().released_minor == 100
     with pytest.raises(BillingError):
         usage_record(unit=units[3], vehicle=vehicle, price_micros=1, energy_mwh=1)
@@ -70,18 +70,18 @@ def test_without_a_cap_a_job_reserves_its_work_at_the_bid_and_a_bid_change_resiz
     cost = -(-job.mops_total * 10**10 // PER_MINOR)
     assert Reservation.objects.get(job=job).amount_minor == cost and balance(org) == 1000 - cost
     # lowering the bid returns money at once; raising it past the balance is refused and changes nothing
-    services.job_bid_update(job=job, max_price_micros=5 * 10**9)
+    flows.job_bid_update(job=job, max_price_micros=5 * 10**9)
     lower = -(-job.mops_total * 5 * 10**9 // PER_MINOR)
     assert Reservation.objects.get(job=job).amount_minor == lower and balance(org) == 1000 - lower
     with pytest.raises(BillingError) as refused:
-        services.job_bid_update(job=job, max_price_micros=10**12)
+        flows.job_bid_update(job=job, max_price_micros=10**12)
     assert refused.value.code == "insufficient_balance"
     job.refresh_from_db()
     assert job.max_price_micros == 5 * 10**9 and Reservation.objects.get(job=job).amount_minor == lower
     # a cap replaces it: the reservation becomes the cap; removing the cap goes back to the work at the bid
-    services.job_budget_update(job=job, budget_cap_minor=50)
+    flows.job_budget_update(job=job, budget_cap_minor=50)
     assert Reservation.objects.get(job=job).amount_minor == 50 and balance(org) == 950
-    services.job_budget_update(job=job, budget_cap_minor=None)
+    flows.job_budget_update(job=job, budget_cap_minor=None)
     assert Reservation.objects.get(job=job).amount_minor == lower
     assert unbalanced_transaction_ids() == []
 
@@ -90,7 +90,7 @@ def test_a_cap_lowered_below_what_was_spent_keeps_that_much_reserved(buyer, make
     job = make_job(docs=8 * 4, budget_cap=600)
     unit = job.units.first()
     usage_record(unit=unit, vehicle=vehicle, price_micros=300 * PER_MINOR // unit.mops, energy_mwh=1)
-    services.job_budget_update(job=job, budget_cap_minor=1)
+    flows.job_budget_update(job=job, budget_cap_minor=1)
     reservation = Reservation.objects.get(job=job)
     assert reservation.amount_minor == reservation.drawn_minor == 300 and reservation.remaining_minor == 0
     assert balance(buyer.organisation) == 700

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from billing.models import ConnectedAccount, ReconciliationRun, SavedCard, TopUp
 from billing.services import usage_record
 from fleet.models import WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from marketplace.models import User
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory, future
@@ -99,7 +99,7 @@ def test_a_buyer_saves_a_test_card_tops_up_and_sees_the_balance_change(page, sho
     shot(page, "billing-buyer-declined")
 
     # When a job reserves 20.00 of it and two of its units are completed (about 7.77 each),
-    job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                               precision="int8", max_price_micros=10**12, deadline=future(), budget_cap_minor=2000,
                               inputs=jsonl(corpus.documents(16)).splitlines(keepends=True))
     car = VehicleFactory()
@@ -122,7 +122,7 @@ def test_an_owner_reads_their_earnings_and_sets_up_stripe_payouts(page, shot):
     owner = OwnerFactory(password=PASSWORD)
     cars = [VehicleFactory(owner=owner, name="Model 3 garage"), VehicleFactory(owner=owner, name="Model Y street")]
     buyer = BuyerFactory()
-    job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                               precision="int8", max_price_micros=10**12, deadline=future(), budget_cap_minor=10_000,
                               inputs=jsonl(corpus.documents(48)).splitlines(keepends=True))
     for i, unit in enumerate(WorkUnit.objects.filter(job=job).order_by("seq")):
@@ -158,7 +158,7 @@ def test_an_operator_runs_the_reconciliation_from_the_billing_operations_page(pa
     # Given a job computed on two owners' cars (their payables and the platform's fee) and a staff member,
     buyer = BuyerFactory()
     cars = [VehicleFactory(), VehicleFactory()]
-    job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                               precision="int8", max_price_micros=10**12, deadline=future(), budget_cap_minor=10_000,
                               inputs=jsonl(corpus.documents(32)).splitlines(keepends=True))
     for i, unit in enumerate(WorkUnit.objects.filter(job=job).order_by("seq")):

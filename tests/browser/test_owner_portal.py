@@ -17,8 +17,7 @@ from playwright.sync_api import expect
 
 from billing.services import balance_grant
 from fleet.models import Lease, Vehicle, WorkUnit
-from marketplace import corpus
-from marketplace import services as market
+from marketplace import corpus, flows, services as market
 from marketplace.models import User
 from tests.browser.test_pages import sign_up
 from tests.conftest import jsonl
@@ -142,7 +141,7 @@ def test_an_owner_sets_limits_pairs_a_real_agent_sees_it_work_and_pauses_it_with
     # When a buyer submits a job,
     buyer = market.buyer_create(email="buyer@acme.example", organisation_name="Acme Search")
     balance_grant(organisation=buyer.organisation, amount_minor=1_000, note="trial credit")  # buyers pay in advance
-    job = market.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2", precision="int8",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2", precision="int8",
                             max_price_micros=2_000_000, deadline=timezone.now() + timedelta(hours=1),
                             inputs=jsonl(corpus.documents(DOCS)).splitlines(keepends=True))
 

@@ -24,7 +24,7 @@ from fleet import services as fleet
 from fleet.agent.client import Faults
 from fleet.agent.sim import run_fleet
 from fleet.models import HardwareGeneration, Lease, WorkUnit
-from marketplace import corpus, services
+from marketplace import corpus, flows
 from marketplace.models import Job
 from tests.factories import BuyerFactory, OwnerFactory
 from tests.support.live import live_product
@@ -48,7 +48,7 @@ def test_every_unit_completes_exactly_once_through_a_misbehaving_fleet(tmp_path,
     # Given a job of one short document per unit,
     buyer = BuyerFactory()
     docs = [{"id": d["id"], "text": d["text"][:300]} for d in corpus.documents(units)]
-    job = services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+    job = flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                               precision="int8", max_price_micros=5_000_000, deadline=timezone.now() + timedelta(hours=1),
                               inputs=[json.dumps(d).encode() + b"\n" for d in docs])
     assert job.units_total == units

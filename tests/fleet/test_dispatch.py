@@ -4,13 +4,11 @@ pure rules, then the dispatcher applying them to a car."""
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from fleet import dispatch, eligibility
-from fleet import services as fleet
+from fleet import dispatch, eligibility, services as fleet
 from fleet.models import Vehicle, WorkUnit
-from marketplace import services as market
+from marketplace import flows
 from marketplace.models import Allocation
 from tests.factories import VehicleFactory
 
@@ -67,14 +65,14 @@ def test_touching_windows_count_as_one_stretch():
 def test_the_dispatcher_stops_at_the_cars_inflight_limit(make_job):
     job = make_job(docs=160)
     car = VehicleFactory(throughput_mops={"int8": 5_000})  # slow: seconds per unit
-    market.auction_tick()
+    flows.auction_tick()
     Allocation.objects.filter(vehicle=car).update(remaining_mops=10**9)  # plenty sold
-    units, _ = fleet.units_lease(vehicle_id=car.pk)
+    units, _ = flows.units_lease(vehicle_id=car.pk)
     limit = len(units)
     unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
                                    mops_per_s=5_000, uplink_kbps=None)  # what the car's welcome announced
     assert limit == dispatch.inflight_limit(unit_s=unit_s, max_inflight=32) < 8
-    assert fleet.units_lease(vehicle_id=car.pk) == ([], "lease_limit")
+    assert flows.units_lease(vehicle_id=car.pk) == ([], "lease_limit")
     assert [u.seq for u in units] == sorted(u.seq for u in units) == list(range(limit))  # in input order
     assert WorkUnit.objects.filter(job=job, state=WorkUnit.State.LEASED, leased_to=car).count() == limit
 
@@ -85,9 +83,9 @@ def test_a_car_about_to_leave_gets_no_work_it_could_not_finish(make_job):
     car = VehicleFactory(throughput_mops={"int8": 5_000})
     soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
     fleet.policy_update(vehicle=car, one_off_departures=[{"at": soon, "charge_pct": 10}])
-    market.auction_tick()
+    flows.auction_tick()
     Allocation.objects.filter(vehicle=car).update(remaining_mops=10**9)
-    assert fleet.units_lease(vehicle_id=car.pk) == ([], "leaving_soon")
+    assert flows.units_lease(vehicle_id=car.pk) == ([], "leaving_soon")
     assert Vehicle.objects.get(pk=car.pk).ineligible_reason == ""
 
 
@@ -99,7 +97,7 @@ def test_a_car_sells_only_the_time_it_will_still_be_parked(make_job, settings):
     leaving = VehicleFactory(throughput_mops={"int8": 5_000})
     soon = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
     fleet.policy_update(vehicle=leaving, one_off_departures=[{"at": soon, "charge_pct": 10}])
-    (auction_round,) = market.auction_tick()
+    (auction_round,) = flows.auction_tick()
     offers = {o["id"]: o["quantity"] for o in auction_round.journal["offers"]}
     assert offers[staying.pk] == 5_000 * 60
     assert 5_000 * 15 < offers[leaving.pk] <= 5_000 * 20

@@ -13,7 +13,7 @@ from fleet import services
 from fleet.agent.client import encode_embeddings
 from fleet.agent.models import get_runner
 from fleet.models import Lease, Vehicle, WorkUnit
-from marketplace import services as market
+from marketplace import flows
 from marketplace.asgi import application
 from tests.factories import OwnerFactory
 
@@ -73,7 +73,7 @@ async def online(token, **telemetry):
 
 
 async def lease_one(comm):
-    await sync_to_async(market.auction_tick)()
+    await sync_to_async(flows.auction_tick)()
     await send(comm, "work.request")
     return await receive_type(comm, "unit.assign")
 
@@ -253,7 +253,7 @@ def test_a_second_session_with_the_same_token_replaces_the_first(paired):
 
 def test_contradictory_battery_levels_are_refused_and_nothing_changes(paired):
     from fleet.models import OwnerPolicy
-    from marketplace.errors import ValidationFailed
+    from marketplace.core.errors import ValidationFailed
 
     vehicle, _ = paired
     with pytest.raises(ValidationFailed) as refused:

@@ -10,7 +10,7 @@ from hypothesis.extra.django import TestCase
 from fleet import services
 from fleet.models import Vehicle, WorkUnit
 from fleet.selectors import vehicle_decision
-from marketplace import corpus, services as market
+from marketplace import corpus, flows
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
@@ -28,11 +28,11 @@ class LeaseFollowsTheRule(TestCase):
                                                                   wifi_only, plugged_in_only, paused, temp, max_temp,
                                                                   seen_s_ago, zone, window_hours):
         buyer = BuyerFactory()
-        market.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+        flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                           precision="int8", max_price_micros=10**7, deadline=future(),
                           inputs=jsonl(corpus.documents(8)).splitlines(keepends=True))
         car = VehicleFactory(policy__reserve_price_micros=0)
-        market.auction_tick()  # the car is eligible now: it wins the capacity
+        flows.auction_tick()  # the car is eligible now: it wins the capacity
         windows = [] if window_hours is None else [
             {"weekday": d, "start": f"{window_hours[0]:02d}:00", "end": f"{(window_hours[0] + window_hours[1]) % 24:02d}:00"}
             for d in range(7)]
@@ -43,7 +43,7 @@ class LeaseFollowsTheRule(TestCase):
                                                  plugged_in=plugged_in, temp_c=temp,
                                                  last_seen_at=timezone.now() - timedelta(seconds=seen_s_ago))
 
-        units, reason = services.units_lease(vehicle_id=car.pk)
+        units, reason = flows.units_lease(vehicle_id=car.pk)
 
         decision = vehicle_decision(vehicle=Vehicle.objects.select_related("policy", "hardware").get(pk=car.pk),
                                     now=timezone.now())

@@ -3,9 +3,9 @@
 import pytest
 from rest_framework.test import APIClient
 
-from fleet.models import OwnerPolicy, Vehicle, WorkUnit
 from fleet import services
-from marketplace import services as market
+from fleet.models import OwnerPolicy, Vehicle, WorkUnit
+from marketplace import flows
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory
 
 pytestmark = pytest.mark.django_db
@@ -55,8 +55,8 @@ def test_limits_are_validated_merged_and_applied(owner, client_for):
 def test_blocking_a_buyer_withdraws_the_cars_leases_of_its_jobs(owner, client_for, make_job, buyer):
     vehicle = VehicleFactory(owner=owner)
     make_job(docs=8)
-    market.auction_tick()
-    (unit, *_), _ = services.units_lease(vehicle_id=vehicle.pk)
+    flows.auction_tick()
+    (unit, *_), _ = flows.units_lease(vehicle_id=vehicle.pk)
     response = client_for(owner).patch(f"/api/v1/vehicles/{vehicle.pk}/policy/",
                                        {"blocked_organisations": [buyer.organisation.slug]}, format="json")
     assert response.status_code == 200

@@ -14,7 +14,7 @@ from billing.models import MeterRecord
 from fleet import services
 from fleet.models import OwnerPolicy, Vehicle, WorkUnit
 from fleet.portal import energy_text
-from marketplace import services as market
+from marketplace import flows
 from tests.factories import BuyerFactory, OrganisationFactory, OwnerFactory, VehicleFactory
 
 pytestmark = pytest.mark.django_db
@@ -37,8 +37,8 @@ def owner_client(client, owner):
 
 
 def lease_one(vehicle) -> WorkUnit:
-    market.auction_tick()
-    units, why = services.units_lease(vehicle_id=vehicle.pk, max_units=1)
+    flows.auction_tick()
+    units, why = flows.units_lease(vehicle_id=vehicle.pk, max_units=1)
     assert units, why
     return units[0]
 
@@ -49,7 +49,7 @@ def complete(vehicle, unit: WorkUnit) -> None:
     for _ in unit.inputs:
         v = rng.normal(size=unit.job.ai_model.dims).astype("<f4")
         vectors.append(base64.b64encode((v / np.linalg.norm(v)).astype("<f4").tobytes()).decode())
-    accepted, why = services.unit_complete(vehicle_id=vehicle.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
+    accepted, why = flows.unit_complete(vehicle_id=vehicle.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
                                            embeddings_b64=vectors)
     assert accepted, why
 

@@ -13,9 +13,8 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from fleet.models import WorkUnit
-from marketplace import corpus, services
-from marketplace import services as market
-from marketplace.errors import ValidationFailed
+from marketplace import corpus, flows, services
+from marketplace.core.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory, future
@@ -232,7 +231,7 @@ def test_inputs_of_over_100_mb_are_read_with_bounded_memory_and_bad_lines_found_
     tracemalloc.start()
     try:
         with path.open("rb") as inputs, pytest.raises(ValidationFailed) as refused:
-            services.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
+            flows.job_create(organisation=buyer.organisation, user=buyer, model_slug="all-minilm-l6-v2",
                                 precision="int8", max_price_micros=1, deadline=future(), inputs=inputs)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -249,7 +248,7 @@ def test_inputs_of_over_100_mb_are_read_with_bounded_memory_and_bad_lines_found_
 def test_jobs_are_listed_newest_first_filtered_and_paginated(api, make_job):
     old, cancelled, fp32 = make_job(), make_job(), make_job(precision="fp32")
     Job.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=3))
-    services.job_cancel(job=cancelled)
+    flows.job_cancel(job=cancelled)
 
     def ids(query: str = "") -> list[int]:
         response = api.get(f"/api/v1/jobs/{query}")
@@ -290,7 +289,7 @@ def test_lowering_a_bid_gives_up_the_capacity_won_above_it(api, make_job):
     # Given a job that won a car's capacity at the round's clearing price,
     job = make_job(price=2_000_000)
     VehicleFactory()
-    market.auction_tick()
+    flows.auction_tick()
     allocation = Allocation.objects.get(job=job)
     assert allocation.remaining_mops > 0
     # when the buyer lowers the bid, first to the clearing price, then below it,
@@ -305,7 +304,7 @@ def test_lowering_a_bid_gives_up_the_capacity_won_above_it(api, make_job):
 
 def test_the_bid_of_a_closed_job_cannot_change(api, make_job):
     job = make_job()
-    services.job_cancel(job=job)
+    flows.job_cancel(job=job)
     assert_error(api.post(f"/api/v1/jobs/{job.pk}/bid/", {"max_price_micros": 5}, format="json"), 409, "job_closed")
 
 
@@ -344,8 +343,8 @@ def test_rounds_give_prices_and_volumes_and_never_a_bid_a_buyer_or_a_job(api, ma
     # Given two rounds where a job traded, and a round where nothing did,
     job = make_job(price=2_345_678)
     VehicleFactory()
-    (first,) = market.auction_tick()
-    (second,) = market.auction_tick()
+    (first,) = flows.auction_tick()
+    (second,) = flows.auction_tick()
     AuctionRound.objects.create(market="fp32", cleared_at=timezone.now(), interval_s=2.0)
     # then each round shows its price and volumes, and nothing else,
     response = api.get("/api/v1/rounds/")

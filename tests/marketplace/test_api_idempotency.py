@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.test import APIClient, APIRequestFactory
 
 from marketplace import idempotency, services, urls
-from marketplace.errors import Conflict
+from marketplace.core.errors import Conflict
 from marketplace.models import IdempotencyKey, Job
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory

@@ -15,10 +15,9 @@ import pytest
 from django.conf import settings as django_settings
 from django.utils import timezone
 
-from fleet import services as fleet
 from fleet.models import Vehicle
-from marketplace import services, tasks, webhooks
-from marketplace.models import Job, WebhookDelivery, WebhookEvent
+from marketplace import buyer_webhooks, flows, services, tasks
+from marketplace.models import Job, WebhookDelivery, BuyerWebhookEvent
 from tests.factories import BuyerFactory, VehicleFactory
 from tests.marketplace.test_api import assert_error, client_with
 
@@ -91,14 +90,14 @@ def endpoint_create(api, url: str, events=()) -> dict:
 def complete_units(job: Job, count: int) -> None:
     """``count`` more of the job's units computed by a car, through the fleet's real lease and result path."""
     car = Vehicle.objects.first() or VehicleFactory()
-    services.auction_tick()
-    units, why = fleet.units_lease(vehicle_id=car.pk, max_units=count)
+    flows.auction_tick()
+    units, why = flows.units_lease(vehicle_id=car.pk, max_units=count)
     assert len(units) == count, why
     rng = np.random.default_rng(0)
     for unit in units:
         vectors = [rng.normal(size=job.ai_model.dims).astype("<f4") for _ in unit.inputs]
         encoded = [base64.b64encode((v / np.linalg.norm(v)).astype("<f4").tobytes()).decode() for v in vectors]
-        accepted, why = fleet.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch, embeddings_b64=encoded)
+        accepted, why = flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch, embeddings_b64=encoded)
         assert accepted, why
 
 
@@ -178,7 +177,7 @@ def test_a_job_sends_signed_progress_then_completed_to_the_buyer(api, receiver, 
 def test_an_old_timestamp_fails_verification(api, receiver, make_job):
     endpoint = endpoint_create(api, receiver.url)
     body = b'{"id":"evt_1"}'
-    old = webhooks.signature(secret=endpoint["secret"], timestamp=int(time.time()) - 600, body=body)
+    old = buyer_webhooks.signature(secret=endpoint["secret"], timestamp=int(time.time()) - 600, body=body)
     assert not verify_signature(endpoint["secret"], old, body)
 
 
@@ -186,11 +185,11 @@ def test_progress_is_sent_at_most_once_a_minute_per_job(api, receiver, make_job)
     endpoint_create(api, receiver.url)
     job = make_job(docs=32)  # four units
     complete_units(job, 2)
-    assert list(WebhookEvent.objects.values_list("type", flat=True)) == ["job.progress"]
-    WebhookEvent.objects.update(created_at=timezone.now() - timedelta(seconds=61))
+    assert list(BuyerWebhookEvent.objects.values_list("type", flat=True)) == ["job.progress"]
+    BuyerWebhookEvent.objects.update(created_at=timezone.now() - timedelta(seconds=61))
     complete_units(job, 1)
     complete_units(job, 1)
-    assert sorted(WebhookEvent.objects.values_list("type", flat=True)) == ["job.completed", "job.progress", "job.progress"]
+    assert sorted(BuyerWebhookEvent.objects.values_list("type", flat=True)) == ["job.completed", "job.progress", "job.progress"]
 
 
 def test_a_cancelled_or_expired_job_sends_job_failed(api, receiver, make_job):
@@ -198,9 +197,9 @@ def test_a_cancelled_or_expired_job_sends_job_failed(api, receiver, make_job):
     cancelled, expired = make_job(), make_job()
     api.post(f"/api/v1/jobs/{cancelled.pk}/cancel/")
     Job.objects.filter(pk=expired.pk).update(deadline=timezone.now() - timedelta(seconds=1))
-    services.jobs_expire()
+    flows.jobs_expire()
     api.post(f"/api/v1/jobs/{cancelled.pk}/cancel/")  # a second cancel changes nothing, sends nothing
-    webhooks.deliveries_send()
+    buyer_webhooks.deliveries_send()
     assert sorted((e["type"], e["data"]["job"]["id"], e["data"]["job"]["state"]) for e in receiver.events()) == sorted(
         [("job.failed", cancelled.pk, "cancelled"), ("job.failed", expired.pk, "expired")])
 
@@ -208,10 +207,10 @@ def test_a_cancelled_or_expired_job_sends_job_failed(api, receiver, make_job):
 def test_an_endpoint_gets_only_the_events_it_asked_for_and_nobody_listening_costs_no_event(api, receiver, make_job):
     job = make_job(docs=16)
     complete_units(job, 1)
-    assert WebhookEvent.objects.count() == 0  # nobody listens yet
+    assert BuyerWebhookEvent.objects.count() == 0  # nobody listens yet
     endpoint_create(api, receiver.url, ["job.completed"])
     complete_units(job, 1)
-    webhooks.deliveries_send()
+    buyer_webhooks.deliveries_send()
     assert [e["type"] for e in receiver.events()] == ["job.completed"]
 
 
@@ -225,7 +224,7 @@ def test_failed_attempts_are_retried_with_exponential_backoff(api, receiver, mak
 
     def attempt() -> WebhookDelivery:
         before = timezone.now()
-        assert webhooks.deliveries_send() == 1
+        assert buyer_webhooks.deliveries_send() == 1
         delivery.refresh_from_db()
         return before
 
@@ -233,7 +232,7 @@ def test_failed_attempts_are_retried_with_exponential_backoff(api, receiver, mak
     before = attempt()
     assert (delivery.state, delivery.attempts, delivery.last_status_code) == ("pending", 1, 500)
     assert before + timedelta(seconds=29) < delivery.next_attempt_at < timezone.now() + timedelta(seconds=31)
-    assert webhooks.deliveries_send() == 0  # not due yet
+    assert buyer_webhooks.deliveries_send() == 0  # not due yet
     # the second after twice as long,
     WebhookDelivery.objects.update(next_attempt_at=timezone.now())
     before = attempt()
@@ -252,9 +251,9 @@ def test_an_unreachable_endpoint_is_given_up_after_the_last_attempt(api, make_jo
     closed.stop()  # nothing listens on its port any more
     endpoint = endpoint_create(api, closed.url)
     api.post(f"/api/v1/jobs/{make_job().pk}/cancel/")
-    webhooks.deliveries_send()
+    buyer_webhooks.deliveries_send()
     WebhookDelivery.objects.update(next_attempt_at=timezone.now())
-    webhooks.deliveries_send()
+    buyer_webhooks.deliveries_send()
     (logged,) = api.get(f"/api/v1/webhooks/{endpoint['id']}/deliveries/").json()["results"]
     assert (logged["state"], logged["attempts"], logged["last_status_code"], logged["next_attempt_at"]) == ("failed", 2, None, None)
     assert "ConnectError" in logged["last_error"]
@@ -264,21 +263,21 @@ def test_a_delivery_being_sent_is_not_due_for_another_sweep(api, receiver, make_
     endpoint_create(api, receiver.url)
     api.post(f"/api/v1/jobs/{make_job().pk}/cancel/")
     seen = []
-    real = webhooks._post_all
+    real = buyer_webhooks._post_all
 
     def spy(batch):
         seen.append(WebhookDelivery.objects.filter(state="pending", next_attempt_at__lte=timezone.now()).count())
         return real(batch)
 
     monkeypatch.setattr(webhooks, "_post_all", spy)
-    assert webhooks.deliveries_send() == 1 and seen == [0]
+    assert buyer_webhooks.deliveries_send() == 1 and seen == [0]
 
 
 def test_an_endpoint_no_longer_allowed_is_not_sent_to(api, receiver, make_job, settings):
     endpoint_create(api, receiver.url)
     api.post(f"/api/v1/jobs/{make_job().pk}/cancel/")
     settings.WEBHOOK_ALLOW_PRIVATE_URLS = False
-    webhooks.deliveries_send()
+    buyer_webhooks.deliveries_send()
     delivery = WebhookDelivery.objects.get()
     assert receiver.received == [] and delivery.last_error == "not sent: the URL must use https"
 
@@ -288,6 +287,6 @@ def test_a_deleted_endpoint_gets_nothing_more(api, receiver, make_job):
     api.post(f"/api/v1/jobs/{make_job().pk}/cancel/")
     assert api.delete(f"/api/v1/webhooks/{endpoint['id']}/").status_code == 204
     api.post(f"/api/v1/jobs/{make_job().pk}/cancel/")
-    assert webhooks.deliveries_send() == 0 and receiver.received == []
-    assert WebhookDelivery.objects.get().state == "failed" and WebhookEvent.objects.count() == 1
+    assert buyer_webhooks.deliveries_send() == 0 and receiver.received == []
+    assert WebhookDelivery.objects.get().state == "failed" and BuyerWebhookEvent.objects.count() == 1
     assert_error(api.get(f"/api/v1/webhooks/{endpoint['id']}/"), 404, "not_found")

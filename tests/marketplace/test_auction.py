@@ -7,9 +7,8 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from fleet import services as fleet
 from fleet.models import HardwareGeneration, WorkUnit
-from marketplace import services
+from marketplace import flows, services
 from marketplace.models import Allocation, AuctionRound, Job
 from tests.factories import VehicleFactory
 
@@ -32,7 +31,7 @@ def test_a_round_allocates_eligible_cars_capacity_to_bids_and_replays_exactly(ma
     VehicleFactory(policy__paused=True)
     VehicleFactory(policy__reserve_price_micros=5_000_000)  # reserve above every bid: offers, sells nothing
 
-    (auction_round,) = services.auction_tick()
+    (auction_round,) = flows.auction_tick()
 
     offers = {o["id"] for o in auction_round.journal["offers"]}
     assert offers == {cheap.pk, dear.pk, cheap.pk + 4}
@@ -52,7 +51,7 @@ def test_a_car_in_two_markets_sells_each_second_of_the_interval_once(make_job):
     make_job(docs=400, precision="fp32", price=2_000_000)
     car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 2_000})
 
-    rounds = services.auction_tick()
+    rounds = flows.auction_tick()
 
     assert [r.market for r in rounds] == ["int8", "fp32"]  # highest bid first
     assert {r.cleared_at for r in rounds} == {rounds[0].cleared_at}  # one joint clearing
@@ -70,7 +69,7 @@ def test_a_car_in_two_markets_sells_its_time_where_surplus_is_highest_not_to_the
     make_job(docs=400, precision="fp32", price=400_000)
     car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 10_000}, policy__reserve_price_micros=100_000)
 
-    rounds = {r.market: r for r in services.auction_tick()}
+    rounds = {r.market: r for r in flows.auction_tick()}
 
     # Then the whole interval goes to INT8 (clearing the highest bid's market first would have sold it FP32),
     (allocation,) = Allocation.objects.filter(vehicle=car)
@@ -88,16 +87,16 @@ def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
     low = make_job(docs=16, price=1_000_000)
     high = make_job(docs=16, price=2_000_000)
     car = VehicleFactory()
-    assert fleet.units_lease(vehicle_id=car.pk) == ([], "no_work")  # nothing sold yet
+    assert flows.units_lease(vehicle_id=car.pk) == ([], "no_work")  # nothing sold yet
 
-    services.auction_tick()
-    units, _ = fleet.units_lease(vehicle_id=car.pk)
+    flows.auction_tick()
+    units, _ = flows.units_lease(vehicle_id=car.pk)
     assert units and {u.job_id for u in units} == {high.pk} and {u.lease_epoch for u in units} == {1}
     assert {u.price_micros for u in units} == {AuctionRound.objects.get().clearing_price_micros}
     sold = Allocation.objects.get(vehicle=car, job=high)
     assert sum(u.mops for u in units[:-1]) < sold.mops <= sum(u.mops for u in units)  # leased while capacity was left
     assert low.units.filter(state=WorkUnit.State.LEASED).count() == 0
-    rest, _ = fleet.units_lease(vehicle_id=car.pk)  # the high bid's capacity is used up: the next job it won
+    rest, _ = flows.units_lease(vehicle_id=car.pk)  # the high bid's capacity is used up: the next job it won
     assert {u.job_id for u in rest} <= {low.pk}
     assert bool(rest) == Allocation.objects.filter(vehicle=car, job=low).exists()
 
@@ -105,11 +104,11 @@ def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
 def test_overdue_jobs_expire_and_their_leases_are_withdrawn(make_job):
     job = make_job(docs=16)
     car = VehicleFactory()
-    services.auction_tick()
-    (unit, *_), _ = fleet.units_lease(vehicle_id=car.pk)
+    flows.auction_tick()
+    (unit, *_), _ = flows.units_lease(vehicle_id=car.pk)
     Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
 
-    assert services.auction_tick() == []
+    assert flows.auction_tick() == []
 
     job.refresh_from_db()
     assert job.state == Job.State.EXPIRED
@@ -119,7 +118,7 @@ def test_overdue_jobs_expire_and_their_leases_are_withdrawn(make_job):
 
 def test_no_round_is_recorded_without_demand():
     VehicleFactory(hardware=HardwareGeneration.objects.get(code="HW3"))
-    assert services.auction_tick() == [] and AuctionRound.objects.count() == 0
+    assert flows.auction_tick() == [] and AuctionRound.objects.count() == 0
 
 
 def test_owners_consent_is_respected_by_the_auction_and_the_dispatcher(make_job, buyer):
@@ -129,12 +128,12 @@ def test_owners_consent_is_respected_by_the_auction_and_the_dispatcher(make_job,
     no_embeddings = VehicleFactory(policy__categories=["text-generation"])
     willing = VehicleFactory(policy__reserve_price_micros=200_000)
 
-    (auction_round,) = services.auction_tick()
+    (auction_round,) = flows.auction_tick()
 
     assert {a.vehicle_id for a in Allocation.objects.filter(round=auction_round)} == {willing.pk}
     assert sorted(auction_round.journal["refused"]) == sorted([[job.pk, picky.pk], [job.pk, no_embeddings.pk]])
     assert_replays(auction_round)
-    assert fleet.units_lease(vehicle_id=picky.pk) == ([], "no_work")
+    assert flows.units_lease(vehicle_id=picky.pk) == ([], "no_work")
     # Consent withdrawn after the round: the dispatcher checks again before leasing.
     willing.policy.blocked_organisations.add(buyer.organisation)
-    assert fleet.units_lease(vehicle_id=willing.pk) == ([], "no_work")
+    assert flows.units_lease(vehicle_id=willing.pk) == ([], "no_work")

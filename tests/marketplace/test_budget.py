@@ -6,13 +6,12 @@ from datetime import timedelta
 import pytest
 from django.urls import reverse
 from django.utils import timezone
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from billing.money import femto_per_minor
 from fleet.models import WorkUnit
-from marketplace import selectors, services
-from marketplace.errors import ApplicationError
+from marketplace import flows, selectors, services
+from marketplace.core.errors import ApplicationError
 from marketplace.models import Job, JobEvent
 from tests.factories import VehicleFactory
 
@@ -41,31 +40,31 @@ def test_budget_left_is_the_reservation_less_charges_and_leased_units_at_their_p
     per_minor = femto_per_minor("usd")
     assert left == {job.pk: 500 * per_minor - units[0].mops * 3_000_000,
                     other.pk: -(-other.mops_total * other.max_price_micros // per_minor) * per_minor}
-    services.job_cancel(job=other)  # released: it bids for nothing
+    flows.job_cancel(job=other)  # released: it bids for nothing
     assert selectors.jobs_budget_left_femto(job_ids=[other.pk]) == {other.pk: 0}
 
 
 def test_a_job_records_its_history_from_creation_to_cancellation(make_job, buyer):
     job = make_job(docs=8)
-    services.job_bid_update(job=job, max_price_micros=3_000_000, by=buyer)
-    services.job_budget_update(job=job, budget_cap_minor=1234, by=buyer)
-    services.job_cancel(job=job, by=buyer)
+    flows.job_bid_update(job=job, max_price_micros=3_000_000, by=buyer)
+    flows.job_budget_update(job=job, budget_cap_minor=1234, by=buyer)
+    flows.job_cancel(job=job, by=buyer)
     events = list(job.events.values_list("kind", "by"))
     assert events == [(JobEvent.Kind.CREATED, buyer.pk), (JobEvent.Kind.BID_CHANGED, buyer.pk),
                       (JobEvent.Kind.BUDGET_CHANGED, buyer.pk), (JobEvent.Kind.CANCELLED, buyer.pk)]
     assert job.events.get(kind=JobEvent.Kind.BUDGET_CHANGED).detail == "from none to 1234 minor units"
     with pytest.raises(ApplicationError):
-        services.job_budget_update(job=job, budget_cap_minor=10)  # closed
+        flows.job_budget_update(job=job, budget_cap_minor=10)  # closed
     assert job.events.count() == 4
 
 
 def test_budget_reached_is_noted_once_until_the_budget_changes(make_job, buyer):
     job = make_job(docs=8)
-    services.job_budget_update(job=job, budget_cap_minor=1)
+    flows.job_budget_update(job=job, budget_cap_minor=1)
     services.job_budget_reached(job_id=job.pk)
     services.job_budget_reached(job_id=job.pk)
     assert job.events.filter(kind=JobEvent.Kind.BUDGET_REACHED).count() == 1
-    services.job_budget_update(job=job, budget_cap_minor=2)
+    flows.job_budget_update(job=job, budget_cap_minor=2)
     services.job_budget_reached(job_id=job.pk)
     assert job.events.filter(kind=JobEvent.Kind.BUDGET_REACHED).count() == 2
 
@@ -123,12 +122,12 @@ def test_the_auction_bids_a_capped_job_only_for_what_its_budget_pays_and_notes_w
     per_minor = femto_per_minor("usd")
     cap = -(-(3 * largest * price + 5) // per_minor)  # three units' worth at the bid, and a little, in cents
     job = make_job(docs=80, price=price, budget_cap=cap)
-    services.job_cancel(job=Job.objects.exclude(pk=job.pk).get())
-    (round_,) = services.auction_tick()
+    flows.job_cancel(job=Job.objects.exclude(pk=job.pk).get())
+    (round_,) = flows.auction_tick()
     (bid,) = round_.journal["bids"]
     assert bid["quantity"] == cap * per_minor // price - largest < job.mops_total
     # a cap that cannot pay one more unit stops the bidding, and the history says so once
-    services.job_budget_update(job=job, budget_cap_minor=1)
-    assert services.auction_tick() == []
-    services.auction_tick()
+    flows.job_budget_update(job=job, budget_cap_minor=1)
+    assert flows.auction_tick() == []
+    flows.auction_tick()
     assert job.events.filter(kind=JobEvent.Kind.BUDGET_REACHED).count() == 1

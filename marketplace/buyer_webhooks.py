@@ -28,9 +28,17 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.utils.encoders import JSONEncoder
 
-from marketplace.errors import ValidationFailed
-from marketplace.models import (WEBHOOK_EVENT_TYPES, Job, Organisation, User, WebhookDelivery, WebhookEndpoint,
-                                WebhookEvent)
+from marketplace.core.errors import ValidationFailed
+from marketplace.models import (
+    WEBHOOK_EVENT_TYPES,
+    Job,
+    Organisation,
+    User,
+    WebhookDelivery,
+    WebhookEndpoint,
+    BuyerWebhookEvent,
+)
+from marketplace.selectors import job_public
 
 EVENT_TYPES = [event_type for event_type, _ in WEBHOOK_EVENT_TYPES]
 SIGNATURE_HEADER = "Marketplace-Signature"
@@ -104,7 +112,7 @@ def endpoint_disable(*, endpoint: WebhookEndpoint) -> None:
 
 # --- events --------------------------------------------------------------------------------------------
 
-def job_event_record(*, job: Job) -> WebhookEvent | None:
+def job_event_record(*, job: Job) -> BuyerWebhookEvent | None:
     """Record the event that a change of ``job`` calls for, if the organisation listens for it.
 
     Call it in the transaction that changed the job, with the job's row locked (``select_for_update``): the
@@ -117,17 +125,15 @@ def job_event_record(*, job: Job) -> WebhookEvent | None:
     if not endpoints:
         return None
     now = timezone.now()
-    earlier = WebhookEvent.objects.filter(job=job, type=event_type)
+    earlier = BuyerWebhookEvent.objects.filter(job=job, type=event_type)
     if event_type == "job.progress":
         earlier = earlier.filter(created_at__gt=now - timedelta(seconds=settings.WEBHOOK_PROGRESS_INTERVAL_S))
     if earlier.exists():
         return None
-    from marketplace.api import JobSerializer  # the event carries the job exactly as GET /api/v1/jobs/{id}/ shows it
-
     public_id = f"evt_{secrets.token_hex(12)}"
     body = json.dumps({"id": public_id, "type": event_type, "created": int(now.timestamp()),
-                       "data": {"job": JobSerializer(job).data}}, cls=JSONEncoder, separators=(",", ":"))
-    event = WebhookEvent.objects.create(public_id=public_id, organisation_id=job.organisation_id, job=job,
+                       "data": {"job": job_public(job)}}, cls=JSONEncoder, separators=(",", ":"))
+    event = BuyerWebhookEvent.objects.create(public_id=public_id, organisation_id=job.organisation_id, job=job,
                                         type=event_type, body=body, created_at=now)
     WebhookDelivery.objects.bulk_create(WebhookDelivery(event=event, endpoint=endpoint, next_attempt_at=now)
                                         for endpoint in endpoints)

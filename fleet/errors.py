@@ -1,5 +1,0 @@
-from marketplace.errors import ApplicationError
-
-
-class DispatchError(ApplicationError):
-    code = "dispatch_error"

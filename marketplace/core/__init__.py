@@ -1,0 +1,1 @@
+"""Foundations every app shares: modules here import no app (marketplace, fleet or billing)."""

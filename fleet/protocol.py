@@ -1,5 +1,5 @@
 """The vehicle websocket protocol, version 1: one schema per message type, used by the gateway
-(fleet.consumers) and the car's agent (fleet.agent) alike. See docs/vehicle-protocol.md.
+(fleet.gateway) and the car's agent (fleet.agent) alike. See docs/vehicle-protocol.md.
 
 Every message is a JSON object ``{"v": 1, "type": "<type>", ...fields}``. :func:`parse` validates an
 incoming object against the schema of its direction and returns a typed message or raises

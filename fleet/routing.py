@@ -1,5 +1,5 @@
 from django.urls import path
 
-from fleet.consumers import VehicleConsumer
+from fleet.gateway import VehicleConsumer
 
 websocket_urlpatterns = [path("ws/vehicle/", VehicleConsumer.as_asgi())]

@@ -101,7 +101,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis, channels, Celery ----------------------------------------------------------------------
 REDIS_URL = env("REDIS_URL", default="")
 # Per-channel queue size of the redis layer. channels-redis drops messages beyond it; our control messages
-# are repaired from the database on the car's next heartbeat (see fleet.consumers), never assumed delivered.
+# are repaired from the database on the car's next heartbeat (see fleet.gateway.session), never assumed delivered.
 CHANNEL_CAPACITY = env.int("CHANNEL_CAPACITY", default=2000)
 if REDIS_URL:
     CHANNEL_LAYERS = {

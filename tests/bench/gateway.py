@@ -1,4 +1,4 @@
-"""Benchmark: the vehicle gateway (fleet.consumers) as ONE uvicorn process, with real websockets.
+"""Benchmark: the vehicle gateway (fleet.gateway) as ONE uvicorn process, with real websockets.
 
 A throwaway database (PostgreSQL on 127.0.0.1 unless DATABASE_URL names another server; a temporary
 SQLite file only if PostgreSQL is unreachable) with N cars and their device tokens, then three phases, each
@@ -765,8 +765,8 @@ def _py_spy_wait(spy: subprocess.Popen | None) -> None:
 
 def _source_digest() -> str:
     h = hashlib.sha256()
-    for name in ("fleet/consumers.py", "fleet/services.py", "fleet/protocol.py"):
-        h.update((ROOT / name).read_bytes())
+    for path in [*sorted((ROOT / "fleet/gateway").glob("*.py")), ROOT / "fleet/services.py", ROOT / "fleet/protocol.py"]:
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -509,7 +509,7 @@ def test_telemetry_is_acknowledged_and_written_in_the_processs_batch(paired):
 def test_an_assignment_the_car_never_got_is_requeued_after_its_heartbeats_miss_it(paired, make_job, monkeypatch):
     import asyncio
 
-    from fleet.consumers import VehicleConsumer
+    from fleet.gateway import VehicleConsumer
 
     monkeypatch.setattr(VehicleConsumer, "UNCONFIRMED_TTLS", 0.5 / 30)  # half a second of the 30 s lease
     vehicle, token = paired

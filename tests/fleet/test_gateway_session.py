@@ -1,4 +1,4 @@
-"""The gateway's session machinery (fleet.consumers.DeviceConsumer, a plain ASGI application) and its pacing of
+"""The gateway's session machinery (fleet.gateway.DeviceConsumer, a plain ASGI application) and its pacing of
 the garbage collector: what the protocol tests in test_gateway.py take for granted."""
 
 import asyncio
@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 
 from fleet import services
-from fleet.consumers import CollectorPacing
+from fleet.gateway import CollectorPacing
 from fleet.models import Vehicle
 from tests.fleet.test_gateway import fresh_channel_layer, online, paired, receive_type, send  # noqa: F401 -- fixtures
 

@@ -1,9 +1,15 @@
-"""The vehicle websocket gateway. Database work goes through fleet.services; this module only speaks the
-protocol (fleet.protocol)."""
+"""A car's websocket session: DeviceConsumer (the handshake and the session loop, as a plain ASGI application)
+and VehicleConsumer (the protocol, fleet.protocol). Database work goes through fleet.services, or through
+marketplace.flows where it crosses apps; each car message that needs it makes one call, in its ``on_<type>``
+handler: ``hello`` fleet.services.vehicle_connected, ``work.request`` flows.units_lease, ``result``
+flows.unit_complete, ``release`` fleet.services.leases_withdraw.
+
+Whatever handling a car's message raises is answered with a protocol ``error`` and the session goes on: a
+ProtocolError or an ApplicationError (a service's rule, e.g. billing's ``reservation_released``) with its own
+code and message, anything else, logged, with ``internal_error``. Never a traceback."""
 
 import asyncio
 import collections
-import gc
 import logging
 import time
 
@@ -14,11 +20,15 @@ from django.conf import settings
 from django.utils import timezone
 
 from fleet import eligibility, protocol, selectors, services
+from fleet.gateway.batch import live_batch
+from fleet.gateway.collector import collector_pacing
 from fleet.selectors import GatewayView
 from marketplace import flows
+from marketplace.core.errors import ApplicationError
 
 log = logging.getLogger(__name__)
-SINGLE_WRITER = settings.DATABASES["default"]["ENGINE"].endswith("sqlite3")
+#: The answer to a message whose handling failed unexpectedly (the failure is logged; the car may try again).
+INTERNAL_ERROR = ("internal_error", "the gateway could not handle this message; the connection stays open")
 
 
 def _bearer_token(scope) -> str:
@@ -128,115 +138,6 @@ class DeviceConsumer:
         await self.channel_layer.group_discard(services.vehicle_group(self.vehicle_id), self.channel_name)
 
 
-class CollectorPacing:
-    """Keeps Python's garbage collector from pausing a busy gateway. Every connection's objects live long, and
-    a collection of the oldest generation scans all of them: with 8,000 cars on one process each such pass took
-    1.0-1.4 s, one came every 5-8 s while cars connected and every 30 s or so while they only sent telemetry,
-    and they alone made the telemetry round trip's p99 (tests/bench/gateway.py --diag). So every FREEZE_S
-    whatever is alive is frozen (gc.freeze: no longer scanned; it costs nothing, and reference counting still
-    frees what is let go), which leaves the collector only the objects of the last second to scan; and every
-    FULL_S everything is unfrozen and collected once, so that cyclic garbage (closed connections') is freed.
-    That one pass is the only long pause left: about a second an hour at 10,000 cars. One per process, started
-    by the first connection (on the running event loop: a test's new loop starts it again)."""
-
-    FREEZE_S = 1.0
-    FULL_S = 3600.0
-
-    def __init__(self):
-        self.task: asyncio.Task | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def ensure_running(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop or self.task is None or self.task.done():
-            self.loop, self.task = loop, loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        full_at = time.monotonic()
-        while True:
-            await asyncio.sleep(self.FREEZE_S)
-            if time.monotonic() - full_at >= self.FULL_S:
-                gc.unfreeze()
-                gc.collect()
-                full_at = time.monotonic()
-            gc.freeze()
-
-
-collector_pacing = CollectorPacing()
-
-
-class LiveBatch:
-    """One gateway process's batch of database writes that need not happen at once: telemetry that changed
-    no decision, and heartbeats (lease extension and reconciliation). Flushed every GATEWAY_FLUSH_S in one
-    transaction (fleet.services.vehicles_live_record), so a message costs no database round trip of its own."""
-
-    def __init__(self):
-        self.states: dict[int, dict] = {}
-        self.held_by: dict[int, list] = {}
-        self.lost_by: dict[int, list] = {}
-        self.waiters: dict[int, list[asyncio.Future]] = {}
-        self.task: asyncio.Task | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # a new event loop (a test's): what was pending belonged to the old one
-            self.states, self.held_by, self.lost_by, self.waiters, self.task = {}, {}, {}, {}, None
-        if self.task is None or self.task.done():
-            self.loop, self.task = loop, loop.create_task(self._run())
-
-    def state(self, vehicle_id: int, fields: dict) -> None:
-        self._start()
-        self.states[vehicle_id] = fields
-
-    def forget(self, vehicle_id: int) -> None:
-        """Drop a car's pending state (it was just written directly, and is newer)."""
-        self.states.pop(vehicle_id, None)
-
-    def heartbeat(self, vehicle_id: int, held: list, lost: list) -> asyncio.Future:
-        """Queue a heartbeat (with the leases sent to the car that it does not know); the future gives the
-        leases the car must drop."""
-        self._start()
-        self.held_by[vehicle_id] = held
-        self.lost_by.setdefault(vehicle_id, []).extend(lost)
-        future = self.loop.create_future()
-        self.waiters.setdefault(vehicle_id, []).append(future)
-        return future
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(settings.GATEWAY_FLUSH_S)
-            await self.flush()
-
-    async def flush(self) -> None:
-        states, held_by, lost_by, waiters = self.states, self.held_by, self.lost_by, self.waiters
-        self.states, self.held_by, self.lost_by, self.waiters = {}, {}, {}, {}
-        if not states and not held_by:
-            return
-        try:
-            # On PostgreSQL, off the process's shared database thread, which every car's own work queues on,
-            # so that the batch (every car's last_seen_at) does not wait behind it. SQLite has one writer: a
-            # second writing thread only fought the first for the lock and starved car work for 30 s at a time.
-            stale = await database_sync_to_async(services.vehicles_live_record, thread_sensitive=SINGLE_WRITER)(
-                states=states, held_by=held_by, lost_by=lost_by)
-        except Exception as exc:  # the next heartbeat tries again; telemetry is only a reading
-            log.exception("gateway: flushing %d states and %d heartbeats failed", len(states), len(held_by))
-            stale, error = {}, exc
-        else:
-            error = None
-        for vehicle_id, futures in waiters.items():
-            for future in futures:
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(stale.get(vehicle_id, []))
-
-
-live_batch = LiveBatch()
-
-
 class VehicleConsumer(DeviceConsumer):
     """One car's session. Every message is checked against fleet.protocol. Telemetry is decided in memory
     against a cached view of the car (fleet.selectors.GatewayView) and acknowledged at once; it is written
@@ -275,13 +176,10 @@ class VehicleConsumer(DeviceConsumer):
                 handler, argument = self.db_queue.popleft()
                 try:
                     await handler(argument)
-                except protocol.ProtocolError as exc:
-                    await self.send_message(protocol.Error(code=exc.code, message=exc.message))
-                except Exception:  # noqa: BLE001 -- one failed message must not end the car's session
+                except Exception as exc:  # noqa: BLE001 -- one failed message must not end the car's session
                     if self.closed:
                         return
-                    log.exception("gateway: vehicle %s: %s failed", self.vehicle_id,
-                                  getattr(handler, "__name__", handler))
+                    await self._answer_failure(exc, handler)
         finally:
             self.db_worker = None
             if not self.db_queue:
@@ -327,6 +225,7 @@ class VehicleConsumer(DeviceConsumer):
                 await self.send_message(protocol.Error(code="rate_limited", message=(
                     f"more than {protocol.RATE_PER_S:g} messages a second; this one was dropped")))
             return
+        handler = None
         try:
             if text_data is None:
                 raise protocol.ProtocolError("bad_message", "binary frames are not part of the protocol")
@@ -338,8 +237,31 @@ class VehicleConsumer(DeviceConsumer):
                 self._later(handler, message)
             else:
                 await handler(message)
-        except protocol.ProtocolError as exc:
-            await self.send_message(protocol.Error(code=exc.code, message=exc.message))
+        except OSError:  # the client is gone (uvicorn's ClientDisconnected): its disconnect comes next
+            raise
+        except Exception as exc:  # noqa: BLE001 -- one failed message must not end the car's session
+            await self._answer_failure(exc, handler)
+
+    async def _answer_failure(self, exc: Exception, handler) -> None:
+        """Answer the car whose message (or the database work it queued) raised ``exc``, with a protocol error
+        that fits fleet.protocol.Error: a refusal (ProtocolError, ApplicationError) with its own code and message,
+        anything else with INTERNAL_ERROR after logging it. An OSError means the client is gone: logged, not
+        answered."""
+        if isinstance(exc, protocol.ProtocolError | ApplicationError):
+            if isinstance(exc, ApplicationError):  # a service refused: the car is told why, the operator too
+                log.warning("gateway: vehicle %s: %s refused: %s: %s", self.vehicle_id,
+                            getattr(handler, "__name__", handler), exc.code, exc.message)
+            code, message = exc.code, exc.message
+        else:
+            log.error("gateway: vehicle %s: %s failed", self.vehicle_id, getattr(handler, "__name__", handler),
+                      exc_info=exc)
+            if isinstance(exc, OSError):
+                return
+            code, message = INTERNAL_ERROR
+        try:
+            await self.send_message(protocol.Error(code=str(code)[:64], message=str(message)[:512]))
+        except OSError:  # the client is gone: its disconnect comes next
+            pass
 
     # --- car -> gateway ----------------------------------------------------------------------------
     async def on_hello(self, msg: protocol.Hello):

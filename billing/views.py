@@ -32,7 +32,7 @@ from billing.errors import BillingError
 from billing.forms import AutoTopUpForm, CardDetailsForm, ElectricityPriceForm, TopUpForm
 from billing.models import ConnectedAccount, StripeEventFailure, TopUp
 from billing.reconcile import reconciliation_run
-from billing.money import MICROS_PER_MAJOR, format_major, format_minor
+from billing.money import MICROS_PER_MAJOR, currency_symbol, format_major, format_minor, minor_to_major
 from billing.services import AlreadyClaimed, owner_electricity_price_set
 from marketplace.selectors import organisation_of
 
@@ -90,7 +90,7 @@ def owner_earnings(request):
             new = None if "clear" in request.POST else price_form.cleaned_data["price"]
             owner_electricity_price_set(owner=owner, micros_per_kwh=None if new is None else int(new * MICROS_PER_MAJOR))
             messages.success(request, "Electricity price cleared." if new is None else
-                             f"Electricity price set to {new} $/kWh: the costs below use it.")
+                             f"Electricity price set to {new} {currency_symbol(currency)}/kWh: the costs below use it.")
             return redirect("billing:owner-earnings")
     else:
         price_form = ElectricityPriceForm(initial={"price": price})
@@ -117,7 +117,7 @@ def owner_earnings(request):
         "units_30d": sum(d["units"] for d in daily),
         "cost_30d": None if cost_30d is None else format_major(cost_30d, currency, places=4),
         "net_30d": None if cost_30d is None else format_major(earned_30d_major - cost_30d, currency, places=4),
-        "price": price, "price_form": price_form, "cars": cars,
+        "price": price, "price_unit": f"{currency_symbol(currency)}/kWh", "price_form": price_form, "cars": cars,
         "upcoming": upcoming, "next_at": next_at, "holdback_days": settings.STRIPE_PAYOUT_HOLDBACK_DAYS,
         "payouts": reports.owner_payouts(owner=owner),
         "connected": ConnectedAccount.objects.filter(owner=owner).first(),
@@ -197,8 +197,8 @@ def _buyer_page(request, organisation, **forms):
         "card_form": forms.get("card_form") or CardDetailsForm(),
         "auto_form": forms.get("auto_form") or AutoTopUpForm(organisation=organisation, initial={
             "enabled": rule.enabled if rule else True,
-            "threshold": reports.minor_decimal(rule.threshold_minor, currency) if rule else Decimal("10.00"),
-            "amount": reports.minor_decimal(rule.amount_minor, currency) if rule else Decimal("50.00"),
+            "threshold": minor_to_major(rule.threshold_minor, currency) if rule else Decimal("10.00"),
+            "amount": minor_to_major(rule.amount_minor, currency) if rule else Decimal("50.00"),
             "card": rule.card_id if rule else None}),
         "local_peer": settings.STRIPE_IS_LOCAL_PEER,
         "spend_jobs": reports.buyer_spend_per_job(organisation=organisation, currency=currency),

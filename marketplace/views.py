@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing.money import MICROS_PER_MAJOR, mops_for_tokens, price_per_million_tokens_micros
+from billing.money import MICROS_PER_MAJOR, minor_to_major, mops_for_tokens, price_per_million_tokens_micros
 from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet.models import Vehicle
 from marketplace import market, selectors, services
@@ -171,7 +171,7 @@ def job_detail(request, pk):
 def _terms_form(job: Job, data=None) -> JobTermsForm:
     per_mtok = price_per_million_tokens_micros(price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token)
     initial = {"max_price_per_mtok": Decimal(per_mtok) / MICROS_PER_MAJOR,
-               "budget_cap": None if job.budget_cap_minor is None else Decimal(job.budget_cap_minor) / 100}
+               "budget_cap": None if job.budget_cap_minor is None else minor_to_major(job.budget_cap_minor, job.currency)}
     return JobTermsForm(data, ai_model=job.ai_model, initial=initial)
 
 

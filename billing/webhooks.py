@@ -7,13 +7,16 @@ nothing; the handler's outcome is stored on the event. Network reads a handler n
 transaction; if they fail the event is not stored and the view answers 503, so Stripe delivers it again.
 """
 
+import logging
 from collections.abc import Callable
 
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 
 from billing import payments, payouts
-from billing.models import ConnectedAccount, Payout, Refund, TopUp, WebhookEvent
+from billing.models import ConnectedAccount, Payout, Refund, StripeEventFailure, TopUp, WebhookEvent
+
+log = logging.getLogger(__name__)
 
 def _id(value) -> str:
     return value.get("id", "") if isinstance(value, dict) else (value or "")
@@ -169,3 +172,15 @@ def event_process(*, event: dict) -> WebhookEvent:
         if record is None:
             raise
         return record
+
+
+def event_failure_record(*, event: dict, error: Exception) -> StripeEventFailure | None:
+    """Record for the operators that ``event`` could not be processed now (its delivery is answered 503, so
+    Stripe delivers it again); called after the failed transaction rolled back. None when the database itself
+    is what failed: then the log line is all we can keep."""
+    try:
+        return StripeEventFailure.objects.create(event_id=event["id"][:100], type=event["type"][:60],
+                                                 error=f"{type(error).__name__}: {error}"[:500])
+    except DatabaseError:
+        log.warning("could not record the failure of stripe event %s", event["id"], exc_info=True)
+        return None

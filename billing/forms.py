@@ -1,18 +1,19 @@
-"""Forms of the billing pages. Amounts are typed in the currency's major unit (dollars) and leave the form as
-integer minor units (``*_minor``); nothing here talks to Stripe or writes."""
+"""Forms of the billing pages. Amounts are typed in the major unit of ``settings.CURRENCY`` (dollars), with
+its decimals, and leave the form as integer minor units (``*_minor``, billing.money.major_to_minor); nothing
+here talks to Stripe or writes."""
 
 from datetime import date
 from decimal import Decimal
 
 from django import forms
+from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 
 from billing.models import SavedCard
+from billing.money import MINOR_EXPONENT, major_to_minor, minor_to_major
 from billing.payments import MAX_TOP_UP_MINOR, MIN_TOP_UP_MINOR
 
-
-def _to_minor(value: Decimal) -> int:
-    return int((value * 100).to_integral_value())
+CURRENCY = settings.CURRENCY
 
 
 class CardChoiceField(forms.ModelChoiceField):
@@ -22,17 +23,21 @@ class CardChoiceField(forms.ModelChoiceField):
 
 
 def _money_field(label: str, *, minimum: Decimal, maximum: Decimal, help_text: str = "") -> forms.DecimalField:
-    return forms.DecimalField(label=label, max_digits=10, decimal_places=2, min_value=minimum, max_value=maximum,
-                              help_text=help_text, widget=forms.NumberInput(attrs={"step": "0.01", "inputmode": "decimal"}))
+    """An amount of the currency's major unit, labelled with the currency and allowing only its decimals."""
+    places = MINOR_EXPONENT[CURRENCY.lower()]
+    return forms.DecimalField(label=f"{label} ({CURRENCY.upper()})", max_digits=10, decimal_places=places,
+                              min_value=minimum, max_value=maximum, help_text=help_text,
+                              widget=forms.NumberInput(attrs={"step": str(minor_to_major(1, CURRENCY)),
+                                                              "inputmode": "decimal"}))
 
 
-MIN_DOLLARS = Decimal(MIN_TOP_UP_MINOR) / 100
-MAX_DOLLARS = Decimal(MAX_TOP_UP_MINOR) / 100
+MIN_TOP_UP = minor_to_major(MIN_TOP_UP_MINOR, CURRENCY)
+MAX_TOP_UP = minor_to_major(MAX_TOP_UP_MINOR, CURRENCY)
 
 
 class TopUpForm(forms.Form):
-    amount = _money_field("Amount (USD)", minimum=MIN_DOLLARS, maximum=MAX_DOLLARS,
-                          help_text=f"From {MIN_DOLLARS:,.2f} to {MAX_DOLLARS:,.2f}. Your card is charged at once.")
+    amount = _money_field("Amount", minimum=MIN_TOP_UP, maximum=MAX_TOP_UP,
+                          help_text=f"From {MIN_TOP_UP:,} to {MAX_TOP_UP:,}. Your card is charged at once.")
     card = CardChoiceField(queryset=SavedCard.objects.none(), empty_label=None, label="Card")
 
     def __init__(self, *args, organisation, **kwargs):
@@ -41,13 +46,13 @@ class TopUpForm(forms.Form):
 
     @property
     def amount_minor(self) -> int:
-        return _to_minor(self.cleaned_data["amount"])
+        return major_to_minor(self.cleaned_data["amount"], CURRENCY)
 
 
 class AutoTopUpForm(forms.Form):
     enabled = forms.BooleanField(label="Top up automatically", required=False)
-    threshold = _money_field("When the balance falls under (USD)", minimum=Decimal("0"), maximum=MAX_DOLLARS)
-    amount = _money_field("Top up by (USD)", minimum=MIN_DOLLARS, maximum=MAX_DOLLARS)
+    threshold = _money_field("When the balance falls under", minimum=Decimal("0"), maximum=MAX_TOP_UP)
+    amount = _money_field("Top up by", minimum=MIN_TOP_UP, maximum=MAX_TOP_UP)
     card = CardChoiceField(queryset=SavedCard.objects.none(), empty_label=None, label="With card")
 
     def __init__(self, *args, organisation, **kwargs):
@@ -56,11 +61,11 @@ class AutoTopUpForm(forms.Form):
 
     @property
     def threshold_minor(self) -> int:
-        return _to_minor(self.cleaned_data["threshold"])
+        return major_to_minor(self.cleaned_data["threshold"], CURRENCY)
 
     @property
     def amount_minor(self) -> int:
-        return _to_minor(self.cleaned_data["amount"])
+        return major_to_minor(self.cleaned_data["amount"], CURRENCY)
 
 
 def luhn_ok(number: str) -> bool:
@@ -112,7 +117,8 @@ class CardDetailsForm(forms.Form):
 class ElectricityPriceForm(forms.Form):
     """The owner's electricity price for the earnings page's estimate (kept on their account)."""
 
-    price = forms.DecimalField(label="Your electricity price (USD per kWh)", max_digits=6, decimal_places=4,
+    price = forms.DecimalField(label=f"Your electricity price ({CURRENCY.upper()} per kWh)",
+                               max_digits=6, decimal_places=4,
                                validators=[MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("10"))],
                                widget=forms.NumberInput(attrs={"step": "0.0001", "inputmode": "decimal",
                                                                "placeholder": "0.15"}))

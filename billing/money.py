@@ -9,6 +9,8 @@
   (:func:`femto_to_minor_ceil`); an owner's or the platform's share goes through
   :func:`femto_to_minor_with_carry`, which keeps the sub-cent remainder on the account (its ``carry``) so
   nothing is lost. Ledger posting books whatever rounding leaves over to the platform's rounding account.
+- What a person types (a top-up, a budget cap, a grant) is an amount of the major unit; it becomes minor units
+  only through :func:`major_to_minor`, exactly or not at all, and is shown back through :func:`minor_to_major`.
 """
 
 from decimal import ROUND_HALF_UP, Decimal
@@ -21,6 +23,38 @@ BPS = 10_000
 
 # ISO 4217 minor-unit exponents of the currencies we accept.
 MINOR_EXPONENT = {"usd": 2, "eur": 2, "gbp": 2, "jpy": 0}
+
+
+def major_to_minor(amount: Decimal | int, currency: str) -> int:
+    """An amount of the major unit, as a person types it, in whole minor units: 12.34 dollars are 1234 cents,
+    1500 yen are 1500 (the yen has no minor unit). Exact or refused, never rounded: an amount finer than the
+    currency's minor unit (0.001 dollars, 0.5 yen), NaN or infinity raises ValueError, a float TypeError.
+    Forms allow only the currency's decimals, so there the error never arises."""
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | int):
+        raise TypeError(f"an amount of money is a Decimal or an int, not {type(amount).__name__}")
+    amount, exponent = Decimal(amount), MINOR_EXPONENT[currency.lower()]
+    if not amount.is_finite():
+        raise ValueError(f"{amount} is not an amount of money")
+    sign, digits, places = amount.as_tuple()  # amount == (-1)**sign * coefficient * 10**places
+    coefficient, shift = int("".join(map(str, digits))), places + exponent
+    if shift >= 0:
+        minor = coefficient * 10**shift
+    else:
+        minor, finer = divmod(coefficient, 10**-shift)
+        if finer:
+            raise ValueError(f"{amount} is finer than the minor unit of {currency.upper()} "
+                             f"({exponent} decimals at most)")
+    return -minor if sign else minor
+
+
+def minor_to_major(amount_minor: int, currency: str) -> Decimal:
+    """Whole minor units as a Decimal of the major unit with the currency's decimals, exactly: 1234 cents are
+    Decimal("12.34"), 1500 cents Decimal("15.00"), 1500 yen Decimal("1500"). The inverse of
+    :func:`major_to_minor`."""
+    if isinstance(amount_minor, bool) or not isinstance(amount_minor, int):
+        raise TypeError(f"minor units are an int, not {type(amount_minor).__name__}")
+    sign, digits, _ = Decimal(amount_minor).as_tuple()
+    return Decimal((sign, digits, -MINOR_EXPONENT[currency.lower()]))
 
 
 def femto_per_minor(currency: str) -> int:
@@ -93,6 +127,11 @@ def format_major(value: Decimal, currency: str, places: int | None = None, round
     return f"-{symbol}{-value:,}" if value < 0 else f"{symbol}{value:,}"
 
 
+def currency_symbol(currency: str) -> str:
+    """How prices per unit name the currency (``$/kWh``): its symbol, else its ISO code."""
+    return CURRENCY_SYMBOL.get(currency.lower(), currency.upper())
+
+
 def format_minor(minor: int, currency: str) -> str:
     """Whole minor units as people read them: ``format_minor(123456, "usd") == "$1,234.56"``."""
-    return format_major(Decimal(int(minor)).scaleb(-MINOR_EXPONENT[currency.lower()]), currency)
+    return format_major(minor_to_major(int(minor), currency), currency)

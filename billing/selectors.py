@@ -1,8 +1,11 @@
+from decimal import Decimal
+
 from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
 from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee
+from billing.money import FEMTO_PER_MAJOR
 
 
 def account_balance_minor(*, account: LedgerAccount) -> int:
@@ -38,6 +41,13 @@ def owner_earnings_femto(*, owner, currency: str) -> int:
     """The owner's exact share of everything their cars computed (removed cars included), in femto-units.
     The ledger books it in whole minor units, the remainder waiting on the account's carry."""
     return MeterRecord.objects.filter(owner=owner, currency=currency).aggregate(total=Sum("owner_femto"))["total"] or 0
+
+
+def owner_net_earnings(*, earned_femto: int, energy_cost: Decimal | None) -> Decimal | None:
+    """What an owner keeps of what their cars earned (``earned_femto``, their exact share) once the energy it
+    took is paid for (``energy_cost``, from billing.reports.energy_cost), in the major unit, exact; None while
+    the owner has set no electricity price."""
+    return None if energy_cost is None else Decimal(earned_femto) / FEMTO_PER_MAJOR - energy_cost
 
 
 def vehicle_earnings_femto(*, vehicle) -> int:

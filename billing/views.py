@@ -7,8 +7,8 @@
   member's own organisation (another organisation's receipt: 404).
 - Operator: platform revenue, payables due, failures, reconciliation. Staff (``is_staff``) only: 403.
 
-Views read through billing.reports and change things only through billing.payments, billing.payouts and
-billing.reconcile."""
+Views read through billing.reports and billing.selectors and change things only through billing.payments,
+billing.payouts, billing.reconcile, billing.webhooks and billing.services."""
 
 import csv
 import logging
@@ -27,12 +27,12 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from billing import payments, payouts, reports, stripe_api, webhooks
+from billing import payments, payouts, reports, selectors, stripe_api, webhooks
 from billing.errors import BillingError
 from billing.forms import AutoTopUpForm, CardDetailsForm, ElectricityPriceForm, TopUpForm
-from billing.models import ConnectedAccount, StripeEventFailure, TopUp
+from billing.models import ConnectedAccount, TopUp
 from billing.reconcile import reconciliation_run
-from billing.money import MICROS_PER_MAJOR, format_major, format_minor
+from billing.money import MICROS_PER_MAJOR, currency_symbol, format_major, format_minor, minor_to_major
 from billing.services import AlreadyClaimed, owner_electricity_price_set
 from marketplace.selectors import organisation_of
 
@@ -58,11 +58,7 @@ def stripe_webhook(request):
         record = webhooks.event_process(event=event)
     except (stripe_api.StripeUnavailable, DatabaseError) as error:
         log.warning("stripe event %s could not be processed now", event["id"], exc_info=True)
-        try:
-            StripeEventFailure.objects.create(event_id=event["id"][:100], type=event["type"][:60],
-                                              error=f"{type(error).__name__}: {error}"[:500])
-        except DatabaseError:  # the database itself is what failed: the log line above is all we can keep
-            log.warning("could not record the failure of stripe event %s", event["id"], exc_info=True)
+        webhooks.event_failure_record(event=event, error=error)
         return JsonResponse({"error": {"code": "try_again"}}, status=503)
     return JsonResponse({"id": record.event_id, "status": record.status, "outcome": record.outcome})
 
@@ -90,7 +86,7 @@ def owner_earnings(request):
             new = None if "clear" in request.POST else price_form.cleaned_data["price"]
             owner_electricity_price_set(owner=owner, micros_per_kwh=None if new is None else int(new * MICROS_PER_MAJOR))
             messages.success(request, "Electricity price cleared." if new is None else
-                             f"Electricity price set to {new} $/kWh: the costs below use it.")
+                             f"Electricity price set to {new} {currency_symbol(currency)}/kWh: the costs below use it.")
             return redirect("billing:owner-earnings")
     else:
         price_form = ElectricityPriceForm(initial={"price": price})
@@ -99,16 +95,16 @@ def owner_earnings(request):
     earned_30d = sum(d["earned_femto"] for d in daily)
     energy_30d = sum(d["energy_mwh"] for d in daily)
     cost_30d = reports.energy_cost(energy_mwh=energy_30d, price_per_kwh=price)
-    earned_30d_major = Decimal(earned_30d) / reports.FEMTO_PER_MAJOR
+    net_30d = selectors.owner_net_earnings(earned_femto=earned_30d, energy_cost=cost_30d)
     cars = []
     for car in reports.owner_cars(owner=owner, now=now, currency=currency):
         cost = reports.energy_cost(energy_mwh=car.energy_mwh, price_per_kwh=price)
+        net = selectors.owner_net_earnings(earned_femto=car.earned_femto, energy_cost=cost)
         cars.append({"car": car, "earned": reports.femto_money(car.earned_femto, currency),
                      "earned_30d": reports.femto_money(car.earned_30d_femto, currency),
                      "energy": reports.energy_text(car.energy_mwh), "energy_30d": reports.energy_text(car.energy_30d_mwh),
                      "cost": None if cost is None else format_major(cost, currency, places=4),
-                     "net": None if cost is None else format_major(
-                         Decimal(car.earned_femto) / reports.FEMTO_PER_MAJOR - cost, currency, places=4)})
+                     "net": None if net is None else format_major(net, currency, places=4)})
     upcoming, next_at = reports.owner_upcoming(owner=owner, now=now, currency=currency)
     return render(request, "billing/owner_earnings.html", {
         "currency": currency, "chart": [p.as_json() for p in chart], "chart_days": chart, "has_earnings": earned_30d > 0,
@@ -116,8 +112,8 @@ def owner_earnings(request):
         "earned_30d": reports.femto_money(earned_30d, currency), "energy_30d": reports.energy_text(energy_30d),
         "units_30d": sum(d["units"] for d in daily),
         "cost_30d": None if cost_30d is None else format_major(cost_30d, currency, places=4),
-        "net_30d": None if cost_30d is None else format_major(earned_30d_major - cost_30d, currency, places=4),
-        "price": price, "price_form": price_form, "cars": cars,
+        "net_30d": None if net_30d is None else format_major(net_30d, currency, places=4),
+        "price": price, "price_unit": f"{currency_symbol(currency)}/kWh", "price_form": price_form, "cars": cars,
         "upcoming": upcoming, "next_at": next_at, "holdback_days": settings.STRIPE_PAYOUT_HOLDBACK_DAYS,
         "payouts": reports.owner_payouts(owner=owner),
         "connected": ConnectedAccount.objects.filter(owner=owner).first(),
@@ -197,8 +193,8 @@ def _buyer_page(request, organisation, **forms):
         "card_form": forms.get("card_form") or CardDetailsForm(),
         "auto_form": forms.get("auto_form") or AutoTopUpForm(organisation=organisation, initial={
             "enabled": rule.enabled if rule else True,
-            "threshold": reports.minor_decimal(rule.threshold_minor, currency) if rule else Decimal("10.00"),
-            "amount": reports.minor_decimal(rule.amount_minor, currency) if rule else Decimal("50.00"),
+            "threshold": minor_to_major(rule.threshold_minor, currency) if rule else Decimal("10.00"),
+            "amount": minor_to_major(rule.amount_minor, currency) if rule else Decimal("50.00"),
             "card": rule.card_id if rule else None}),
         "local_peer": settings.STRIPE_IS_LOCAL_PEER,
         "spend_jobs": reports.buyer_spend_per_job(organisation=organisation, currency=currency),

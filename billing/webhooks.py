@@ -7,20 +7,16 @@ nothing; the handler's outcome is stored on the event. Network reads a handler n
 transaction; if they fail the event is not stored and the view answers 503, so Stripe delivers it again.
 """
 
-from django.db import IntegrityError, transaction
+import logging
+from collections.abc import Callable
+
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 
 from billing import payments, payouts
-from billing.models import ConnectedAccount, Payout, Refund, TopUp, WebhookEvent
+from billing.models import ConnectedAccount, Payout, Refund, StripeEventFailure, TopUp, WebhookEvent
 
-HANDLED_TYPES = frozenset({"payment_intent.succeeded", "payment_intent.payment_failed", "charge.refunded",
-                           "charge.dispute.created", "account.updated"})
-HANDLED_PREFIXES = ("transfer.",)
-
-
-def is_handled(event_type: str) -> bool:
-    return event_type in HANDLED_TYPES or event_type.startswith(HANDLED_PREFIXES)
-
+log = logging.getLogger(__name__)
 
 def _id(value) -> str:
     return value.get("id", "") if isinstance(value, dict) else (value or "")
@@ -129,6 +125,7 @@ def _transfer_event(obj: dict, context: dict) -> str:
     return f"payout {payout.pk} agrees"
 
 
+#: The event types we act on, each with its handler ...
 HANDLERS = {
     "payment_intent.succeeded": _payment_intent_succeeded,
     "payment_intent.payment_failed": _payment_intent_failed,
@@ -136,6 +133,16 @@ HANDLERS = {
     "charge.dispute.created": _charge_dispute_created,
     "account.updated": _account_updated,
 }
+#: ... and the families of types handled alike (``transfer.created``, ``transfer.reversed``, ...).
+PREFIX_HANDLERS = {"transfer.": _transfer_event}
+
+
+def handler_for(event_type: str) -> Callable[[dict, dict], str] | None:
+    """The handler of an event type, or None for a type we do not act on (stored as ignored): the two tables
+    above are the fixed list of accepted types."""
+    if event_type in HANDLERS:
+        return HANDLERS[event_type]
+    return next((handler for prefix, handler in PREFIX_HANDLERS.items() if event_type.startswith(prefix)), None)
 
 
 def event_process(*, event: dict) -> WebhookEvent:
@@ -144,14 +151,14 @@ def event_process(*, event: dict) -> WebhookEvent:
     existing = WebhookEvent.objects.filter(event_id=event["id"]).first()
     if existing:
         return existing
-    if not is_handled(event_type):
+    handler = handler_for(event_type)
+    if handler is None:
         record, _ = WebhookEvent.objects.get_or_create(
             event_id=event["id"], defaults={"type": event_type, "payload": event,
                                             "status": WebhookEvent.Status.IGNORED, "outcome": "type not handled"})
         return record
     obj = (event.get("data") or {}).get("object") or {}
     context = _prefetch(event_type, obj)  # may raise StripeUnavailable: nothing stored, Stripe retries
-    handler = HANDLERS.get(event_type, _transfer_event)
     try:
         with transaction.atomic():
             record = WebhookEvent.objects.create(event_id=event["id"], type=event_type, payload=event,
@@ -165,3 +172,15 @@ def event_process(*, event: dict) -> WebhookEvent:
         if record is None:
             raise
         return record
+
+
+def event_failure_record(*, event: dict, error: Exception) -> StripeEventFailure | None:
+    """Record for the operators that ``event`` could not be processed now (its delivery is answered 503, so
+    Stripe delivers it again); called after the failed transaction rolled back. None when the database itself
+    is what failed: then the log line is all we can keep."""
+    try:
+        return StripeEventFailure.objects.create(event_id=event["id"][:100], type=event["type"][:60],
+                                                 error=f"{type(error).__name__}: {error}"[:500])
+    except DatabaseError:
+        log.warning("could not record the failure of stripe event %s", event["id"], exc_info=True)
+        return None

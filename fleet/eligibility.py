@@ -37,6 +37,11 @@ REASONS = {
     DATA_BUDGET: "The owner's daily data budget is used up",
 }
 
+#: An owner's battery limits until they set their own (OwnerPolicy's defaults come from here): stop work at or
+#: below the floor, and once stopped resume only above the resume level.
+DEFAULT_BATTERY_FLOOR_PCT = 30
+DEFAULT_BATTERY_RESUME_PCT = 35
+
 #: How far ahead the departure check looks: longer than any lease, and than the gap between two checks.
 DEPARTURE_LOOKAHEAD = timedelta(minutes=10)
 #: Departures further ahead than this are not considered (the weekly schedule repeats).
@@ -71,8 +76,8 @@ class OneOffDeparture:
 @dataclass(frozen=True)
 class Policy:
     paused: bool = False
-    battery_floor_pct: float = 30.0
-    battery_resume_pct: float = 35.0
+    battery_floor_pct: float = float(DEFAULT_BATTERY_FLOOR_PCT)
+    battery_resume_pct: float = float(DEFAULT_BATTERY_RESUME_PCT)
     wifi_only: bool = True
     plugged_in_only: bool = False
     timezone: str = "UTC"

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.db import models
 
+from fleet.eligibility import DEFAULT_BATTERY_FLOOR_PCT, DEFAULT_BATTERY_RESUME_PCT
 from marketplace.models import PRECISION_CHOICES
 
 
@@ -90,8 +91,10 @@ class OwnerPolicy(models.Model):
 
     vehicle = models.OneToOneField(Vehicle, on_delete=models.CASCADE, related_name="policy")
     paused = models.BooleanField(default=False)
-    battery_floor_pct = models.PositiveSmallIntegerField(default=30, help_text="Stop work at or below this charge.")
-    battery_resume_pct = models.PositiveSmallIntegerField(default=35, help_text="After stopping, resume only above this charge.")
+    battery_floor_pct = models.PositiveSmallIntegerField(default=DEFAULT_BATTERY_FLOOR_PCT,
+                                                         help_text="Stop work at or below this charge.")
+    battery_resume_pct = models.PositiveSmallIntegerField(default=DEFAULT_BATTERY_RESUME_PCT,
+                                                          help_text="After stopping, resume only above this charge.")
     wifi_only = models.BooleanField(default=True)
     plugged_in_only = models.BooleanField(default=False)
     timezone = models.CharField(max_length=64, default="UTC", help_text="The owner's time zone (IANA name).")

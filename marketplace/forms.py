@@ -1,9 +1,11 @@
 from decimal import Decimal
 
 from django import forms
+from django.conf import settings
 from django.utils import timezone
 
-from billing.money import MICROS_PER_MAJOR, price_micros_for_per_million_tokens
+from billing.money import (MICROS_PER_MAJOR, MINOR_EXPONENT, major_to_minor, minor_to_major,
+                           price_micros_for_per_million_tokens)
 from marketplace.models import PRECISION_CHOICES, AIModel, User
 
 CHARS_PER_TOKEN = 4  # English text under a WordPiece or BPE tokenizer, for estimates only
@@ -30,16 +32,20 @@ class SignupForm(forms.Form):
 
 
 class BudgetField(forms.DecimalField):
-    """An optional budget cap in dollars, cleaned to minor units (cents): ``None`` when left empty."""
+    """An optional budget cap in the major unit of ``settings.CURRENCY`` (dollars), cleaned to minor units
+    (cents): ``None`` when left empty."""
 
     def __init__(self, **kwargs):
+        self.currency = settings.CURRENCY
         kwargs.setdefault("label", "Budget cap")
-        kwargs.setdefault("help_text", "Optional, in dollars: the most the job may spend. It stops short of the cap.")
-        super().__init__(required=False, min_value=Decimal("0.01"), max_digits=14, decimal_places=2, **kwargs)
+        kwargs.setdefault("help_text", f"Optional, in {self.currency.upper()}: the most the job may spend. "
+                                       "It stops short of the cap.")
+        super().__init__(required=False, min_value=minor_to_major(1, self.currency), max_digits=14,
+                         decimal_places=MINOR_EXPONENT[self.currency.lower()], **kwargs)
 
     def clean(self, value):
-        dollars = super().clean(value)
-        return None if dollars is None else int(dollars * 100)
+        amount = super().clean(value)
+        return None if amount is None else major_to_minor(amount, self.currency)
 
 
 def bid_micros(*, ai_model: AIModel, per_mtok: Decimal) -> int:
@@ -57,7 +63,8 @@ class JobForm(forms.Form):
                                   help_text="Number format the cars compute in: INT8 is cheapest, FP32 the most exact.")
     max_price_per_mtok = forms.DecimalField(
         label="Maximum price per million tokens", min_value=Decimal("0.000001"), max_digits=12, decimal_places=6,
-        help_text="In dollars: your sealed bid. Every round's single clearing price is at most this, often less.")
+        help_text=f"In {settings.CURRENCY.upper()}: your sealed bid. Every round's single clearing price is at most "
+                  "this, often less.")
     deadline = forms.DateTimeField(widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                    help_text="UTC. The job expires then; finished units stay paid.")
     budget_cap = BudgetField()
@@ -84,8 +91,9 @@ class JobTermsForm(forms.Form):
     """Change an open job's bid (per million tokens of its model) and budget cap."""
 
     max_price_per_mtok = forms.DecimalField(label="Maximum price per million tokens", min_value=Decimal("0.000001"),
-                                            max_digits=12, decimal_places=6, help_text="In dollars.")
-    budget_cap = BudgetField(help_text="In dollars; empty: no cap.")
+                                            max_digits=12, decimal_places=6,
+                                            help_text=f"In {settings.CURRENCY.upper()}.")
+    budget_cap = BudgetField(help_text=f"In {settings.CURRENCY.upper()}; empty: no cap.")
 
     def __init__(self, *args, ai_model: AIModel, **kwargs):
         super().__init__(*args, **kwargs)

@@ -13,6 +13,12 @@ from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_millio
 from fleet.models import WorkUnit
 from marketplace.models import AIModel, ApiKey, AuctionRound, Job, Organisation, WebhookDelivery, WebhookEndpoint
 
+#: The new-job form suggests a bid this much above the market's last clearing price (docs/examples/submit_job.py
+#: bids the same margin by default)...
+SUGGESTED_BID_MARGIN_PCT = 25
+#: ... or, before any round of the market has cleared, this price per compute unit.
+SUGGESTED_BID_FALLBACK_MICROS = 1_000_000
+
 
 def organisation_of(request) -> Organisation | None:
     """The buyer organisation a request acts for: its API key's, else the signed-in member's."""
@@ -69,6 +75,13 @@ def webhook_deliveries_for(*, endpoint: WebhookEndpoint) -> QuerySet[WebhookDeli
 def last_clearing_price(*, precision: str) -> int | None:
     return (AuctionRound.objects.filter(market=precision, clearing_price_micros__isnull=False)
             .order_by("-cleared_at").values_list("clearing_price_micros", flat=True).first())
+
+
+def suggested_bid_micros(*, precision: str) -> int:
+    """The bid the new-job form suggests in a market, per compute unit: its last clearing price plus
+    SUGGESTED_BID_MARGIN_PCT (rounded down), or SUGGESTED_BID_FALLBACK_MICROS before any round has cleared."""
+    price = last_clearing_price(precision=precision)
+    return price * (100 + SUGGESTED_BID_MARGIN_PCT) // 100 if price else SUGGESTED_BID_FALLBACK_MICROS
 
 
 def model_prices(*, ai_model: AIModel) -> dict[str, int | None]:

@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing.money import MICROS_PER_MAJOR, mops_for_tokens, price_per_million_tokens_micros
+from billing.money import MICROS_PER_MAJOR, minor_to_major, mops_for_tokens, price_per_million_tokens_micros
 from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet.models import Vehicle
 from marketplace import flows, market, selectors, services
@@ -19,10 +19,6 @@ from marketplace.core.errors import ApplicationError
 from marketplace.forms import ApiKeyForm, EstimateForm, JobForm, JobTermsForm, MemberAddForm, bid_micros
 from marketplace.models import PRECISION_CHOICES, AIModel, ApiKey, AuctionRound, Job, User
 
-#: The new-job form suggests a bid this much above the last clearing price (the API example uses the same).
-DEFAULT_BID_MARGIN_PCT = 25
-#: ... or, before any round has cleared, this price per compute unit.
-DEFAULT_BID_MICROS = 1_000_000
 MARKET_HISTORY_HOURS = 6
 MARKET_HISTORY_ROUNDS = 2000
 
@@ -78,10 +74,10 @@ def _catalogue() -> list[dict]:
 
 
 def _default_bid_per_mtok(ai_model: AIModel | None, precision: str) -> Decimal:
-    """The form's suggested bid: the last clearing price with the documented margin, else a starting price."""
-    price = selectors.last_clearing_price(precision=precision) if ai_model else None
-    price = price * (100 + DEFAULT_BID_MARGIN_PCT) // 100 if price else DEFAULT_BID_MICROS
-    per_mtok = price_per_million_tokens_micros(price_micros=price, ops_per_token=ai_model.ops_per_token) if ai_model else 0
+    """The form's suggested bid (selectors.suggested_bid_micros) per million tokens of the model, in the major
+    unit; 0 without a model."""
+    per_mtok = 0 if ai_model is None else price_per_million_tokens_micros(
+        price_micros=selectors.suggested_bid_micros(precision=precision), ops_per_token=ai_model.ops_per_token)
     return (Decimal(per_mtok) / MICROS_PER_MAJOR).quantize(Decimal("0.000001"))
 
 
@@ -119,7 +115,8 @@ def job_new(request):
         form = JobForm(initial={"model": ai_model, "precision": precision,
                                 "max_price_per_mtok": _default_bid_per_mtok(ai_model, precision)})
     return render(request, "marketplace/job_new.html", {
-        "organisation": organisation, "form": form, "catalogue": _catalogue(), "bid_margin_pct": DEFAULT_BID_MARGIN_PCT,
+        "organisation": organisation, "form": form, "catalogue": _catalogue(),
+        "bid_margin_pct": selectors.SUGGESTED_BID_MARGIN_PCT,
         "balance_minor": buyer_balance_minor(organisation=organisation)})
 
 
@@ -171,7 +168,7 @@ def job_detail(request, pk):
 def _terms_form(job: Job, data=None) -> JobTermsForm:
     per_mtok = price_per_million_tokens_micros(price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token)
     initial = {"max_price_per_mtok": Decimal(per_mtok) / MICROS_PER_MAJOR,
-               "budget_cap": None if job.budget_cap_minor is None else Decimal(job.budget_cap_minor) / 100}
+               "budget_cap": None if job.budget_cap_minor is None else minor_to_major(job.budget_cap_minor, job.currency)}
     return JobTermsForm(data, ai_model=job.ai_model, initial=initial)
 
 

@@ -48,3 +48,75 @@ def test_money_reads_as_people_write_it():
     assert format_minor(123456, "usd") == "$1,234.56" and format_minor(-5, "eur") == "-€0.05"
     assert format_minor(1500, "jpy") == "¥1,500" and format_minor(0, "gbp") == "£0.00"
     assert format_major(Decimal("7.76549"), "usd", places=4) == "$7.7655"
+
+
+# --- what a person types: the major unit, exactly, in minor units and back -----------------------------
+
+@pytest.mark.parametrize(("typed", "currency", "minor"), [
+    ("12.34", "usd", 1234), ("12.3", "eur", 1230), ("12", "gbp", 1200), ("0.01", "usd", 1), ("1.230", "usd", 123),
+    ("1E+2", "usd", 10_000), ("-0.05", "eur", -5), ("1500", "jpy", 1500), ("1500.00", "jpy", 1500), ("0", "jpy", 0),
+])
+def test_a_typed_amount_becomes_exact_minor_units_of_its_currency(typed, currency, minor):
+    from decimal import Decimal
+
+    from billing.money import major_to_minor
+
+    assert major_to_minor(Decimal(typed), currency) == minor
+
+
+@pytest.mark.parametrize(("typed", "currency"), [("0.001", "usd"), ("12.345", "eur"), ("0.5", "jpy"),
+                                                 ("1500.01", "jpy"), ("NaN", "usd"), ("Infinity", "usd")])
+def test_an_amount_finer_than_the_minor_unit_is_refused_never_rounded(typed, currency):
+    from decimal import Decimal
+
+    from billing.money import major_to_minor
+
+    with pytest.raises(ValueError):
+        major_to_minor(Decimal(typed), currency)
+
+
+def test_floats_are_not_money():
+    from billing.money import major_to_minor, minor_to_major
+
+    with pytest.raises(TypeError):
+        major_to_minor(12.34, "usd")
+    with pytest.raises(TypeError):
+        minor_to_major(12.0, "usd")
+
+
+def test_minor_units_read_back_with_the_currency_decimals():
+    from decimal import Decimal
+
+    from billing.money import minor_to_major
+
+    assert str(minor_to_major(1234, "usd")) == "12.34" and str(minor_to_major(1500, "eur")) == "15.00"
+    assert str(minor_to_major(0, "gbp")) == "0.00" and str(minor_to_major(-5, "usd")) == "-0.05"
+    assert str(minor_to_major(1500, "jpy")) == "1500" and minor_to_major(1500, "jpy") == Decimal(1500)
+    assert str(minor_to_major(10**30 + 1, "usd")) == "1" + "0" * 28 + ".01"  # exact beyond 28 digits
+
+
+def test_a_three_decimal_currency_follows_its_exponent(monkeypatch):
+    # money.py accepts no three-decimal currency yet (KWD, BHD): the pair follows the exponent table
+    from decimal import Decimal
+
+    from billing import money
+
+    monkeypatch.setitem(money.MINOR_EXPONENT, "kwd", 3)
+    assert money.major_to_minor(Decimal("1.234"), "KWD") == 1234 and str(money.minor_to_major(1234, "kwd")) == "1.234"
+    with pytest.raises(ValueError):
+        money.major_to_minor(Decimal("1.2345"), "kwd")
+
+
+@given(st.integers(-10**20, 10**20), st.sampled_from(["usd", "eur", "gbp", "jpy"]))
+def test_minor_to_major_and_back_is_the_identity(minor, currency):
+    from billing.money import major_to_minor, minor_to_major
+
+    assert major_to_minor(minor_to_major(minor, currency), currency) == minor
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-10**12, max_value=10**12))
+def test_cents_typed_in_dollars_are_a_hundred_times_the_dollars(amount):
+    from billing.money import major_to_minor, minor_to_major
+
+    minor = major_to_minor(amount, "usd")
+    assert minor == amount * 100 and minor_to_major(minor, "usd") == amount

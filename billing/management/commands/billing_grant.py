@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from billing.errors import BillingError
-from billing.money import format_minor
+from billing.money import MINOR_EXPONENT, format_minor, major_to_minor
 from billing.selectors import buyer_balance_minor
 from billing.services import balance_grant
 from marketplace.models import Organisation
@@ -25,18 +25,19 @@ class Command(BaseCommand):
                             or Organisation.objects.filter(members__email__iexact=organisation).first())
         if organisation_row is None:
             raise CommandError(f"No organisation with the slug or a member with the email {organisation!r}.")
+        currency = settings.CURRENCY
         try:
-            cents = Decimal(amount) * 100
-        except InvalidOperation:
-            cents = None
-        if cents is None or cents != cents.to_integral_value() or cents <= 0:
-            raise CommandError(f"{amount!r} is not a positive amount with at most two decimals.")
-        minor = int(cents)
+            minor = major_to_minor(Decimal(amount), currency)
+        except (InvalidOperation, ValueError):
+            minor = None
+        if minor is None or minor <= 0:
+            raise CommandError(f"{amount!r} is not a positive amount of {currency.upper()} with at most "
+                               f"{MINOR_EXPONENT[currency.lower()]} decimals.")
         try:
             balance_grant(organisation=organisation_row, amount_minor=minor, note=note,
                           reference=reference and f"grant:{reference}")
         except BillingError as error:
             raise CommandError(error.message)
         balance = buyer_balance_minor(organisation=organisation_row)
-        self.stdout.write(f"Granted {format_minor(minor, settings.CURRENCY)} to {organisation_row.name}; "
-                          f"balance now {format_minor(balance, settings.CURRENCY)}.")
+        self.stdout.write(f"Granted {format_minor(minor, currency)} to {organisation_row.name}; "
+                          f"balance now {format_minor(balance, currency)}.")

@@ -1,9 +1,27 @@
 from django.contrib import admin
 
-from billing.models import (AutoTopUp, ConnectedAccount, Dispute, LedgerAccount, LedgerEntry, LedgerTransaction,
-                            MeterRecord, Payout, PayoutReversal, PlatformFee, ReconciliationRun, Refund, Reservation,
-                            SavedCard, SettlementRun, StripeCustomer, StripeEventFailure, StripeRequest, TopUp,
-                            WebhookEvent)
+from billing.models import (
+    AutoTopUp,
+    ConnectedAccount,
+    Dispute,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransaction,
+    MeterRecord,
+    Payout,
+    PayoutReversal,
+    PlatformFee,
+    ReconciliationRun,
+    Refund,
+    Reservation,
+    SavedCard,
+    SettlementRun,
+    StripeCustomer,
+    StripeEvent,
+    StripeEventFailure,
+    StripeRequest,
+    TopUp,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -101,7 +119,7 @@ class PayoutReversalAdmin(ReadOnlyAdmin):
     list_display = ["id", "payout", "amount_minor", "reason", "stripe_reversal_id", "created_at"]
 
 
-@admin.register(WebhookEvent)
+@admin.register(StripeEvent)
 class WebhookEventAdmin(ReadOnlyAdmin):
     list_display = ["event_id", "type", "status", "outcome", "received_at"]
     list_filter = ["status", "type"]

@@ -355,7 +355,7 @@ class PayoutReversal(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
 
-class WebhookEvent(models.Model):
+class StripeEvent(models.Model):
     """A Stripe event we received. The unique event id, written in the same transaction as the event's
     work, is what makes every event act at most once."""
 

@@ -26,11 +26,11 @@ from billing.models import (
     ReconciliationRun,
     SavedCard,
     SettlementRun,
+    StripeEvent,
     StripeEventFailure,
     TopUp,
-    WebhookEvent,
 )
-from billing.money import FEMTO_PER_MAJOR, MINOR_EXPONENT, femto_per_minor, format_major, format_minor
+from billing.money import FEMTO_PER_MAJOR, femto_per_minor, format_major, format_minor, minor_to_major
 from billing.payouts import owner_payable_minor, payout_due, settlement_key
 from billing.selectors import account_balance_minor, buyer_balance_minor
 from fleet.models import OwnerPolicy, Vehicle
@@ -44,11 +44,6 @@ CHART_DAYS = 30
 def femto_money(femto: int, currency: str, places: int = 4) -> str:
     """An exact femto amount as money with ``places`` decimals, rounded down: 7_765_000_000_000 → "$7.7650"."""
     return format_major(Decimal(femto) / FEMTO_PER_MAJOR, currency, places, rounding=ROUND_DOWN)
-
-
-def minor_decimal(minor: int, currency: str) -> Decimal:
-    """Minor units as a Decimal of the major unit: 12345 → Decimal("123.45")."""
-    return Decimal(int(minor)).scaleb(-MINOR_EXPONENT[currency.lower()])
 
 
 def energy_kwh(mwh: int) -> Decimal:
@@ -318,7 +313,7 @@ def statement_rows(*, organisation, month: date, currency: str) -> Iterable[list
     names = {LedgerAccount.Kind.BUYER: "balance", LedgerAccount.Kind.BUYER_RESERVED: "reserved"}
     running = {a.pk: LedgerEntry.objects.filter(account=a, transaction__created_at__lt=start)
                .aggregate(t=Sum("amount_minor"))["t"] or 0 for a in accounts}
-    money = lambda minor: str(minor_decimal(minor, currency))  # noqa: E731
+    money = lambda minor: str(minor_to_major(int(minor), currency))  # noqa: E731
     by_kind = {a.kind: running[a.pk] for a in accounts}
     header = ["date_utc", "transaction", "kind", "description", "job", "account", "amount", "account_balance",
               "balance", "reserved", "total", "currency"]
@@ -388,7 +383,7 @@ def failed_buyer_webhooks(limit: int = 50) -> list:
 def stripe_event_failures(limit: int = 50) -> list[dict]:
     """Recent Stripe events that could not be processed, with whether a later delivery processed them."""
     failures = list(StripeEventFailure.objects.all()[:limit])
-    done = set(WebhookEvent.objects.filter(event_id__in=[f.event_id for f in failures]).values_list("event_id", flat=True))
+    done = set(StripeEvent.objects.filter(event_id__in=[f.event_id for f in failures]).values_list("event_id", flat=True))
     return [{"failure": f, "repaired": f.event_id in done} for f in failures]
 
 

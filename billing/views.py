@@ -8,7 +8,7 @@
 - Operator: platform revenue, payables due, failures, reconciliation. Staff (``is_staff``) only: 403.
 
 Views read through billing.reports and billing.selectors and change things only through billing.payments,
-billing.payouts, billing.reconcile, billing.webhooks and billing.services."""
+billing.payouts, billing.reconcile, billing.stripe_webhooks and billing.services."""
 
 import csv
 import logging
@@ -27,12 +27,12 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from billing import payments, payouts, reports, selectors, stripe_api, webhooks
+from billing import payments, payouts, reports, selectors, stripe_api, stripe_webhooks
 from billing.errors import BillingError
 from billing.forms import AutoTopUpForm, CardDetailsForm, ElectricityPriceForm, TopUpForm
 from billing.models import ConnectedAccount, TopUp
-from billing.reconcile import reconciliation_run
 from billing.money import MICROS_PER_MAJOR, currency_symbol, format_major, format_minor, minor_to_major
+from billing.reconcile import reconciliation_run
 from billing.services import AlreadyClaimed, owner_electricity_price_set
 from marketplace.selectors import organisation_of
 
@@ -55,10 +55,10 @@ def stripe_webhook(request):
     except stripe_api.WebhookSignatureInvalid as error:
         return JsonResponse({"error": {"code": error.code, "message": error.message}}, status=400)
     try:
-        record = webhooks.event_process(event=event)
+        record = stripe_webhooks.event_process(event=event)
     except (stripe_api.StripeUnavailable, DatabaseError) as error:
         log.warning("stripe event %s could not be processed now", event["id"], exc_info=True)
-        webhooks.event_failure_record(event=event, error=error)
+        stripe_webhooks.event_failure_record(event=event, error=error)
         return JsonResponse({"error": {"code": "try_again"}}, status=503)
     return JsonResponse({"id": record.event_id, "status": record.status, "outcome": record.outcome})
 

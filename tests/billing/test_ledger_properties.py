@@ -13,7 +13,7 @@ from django.db.models import Sum
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from billing import payments, payouts, webhooks
+from billing import payments, payouts, stripe_webhooks
 from billing.errors import BillingError
 from billing.models import Dispute, LedgerAccount, MeterRecord, Payout, Refund, Reservation, TopUp
 from billing.money import femto_per_minor
@@ -134,7 +134,7 @@ def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_p
                 except BillingError as error:
                     assert error.code == "refund_too_large"
             else:
-                webhooks.event_process(event={
+                stripe_webhooks.event_process(event={
                     "id": f"evt_{example}_{time.monotonic_ns()}", "type": "charge.dispute.created",
                     "data": {"object": {"id": f"dp_{example}_{time.monotonic_ns()}", "object": "dispute",
                                         "amount": amount, "charge": top_up.charge_id,

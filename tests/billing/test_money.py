@@ -1,8 +1,13 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from billing.money import (charge_femto, femto_per_minor, femto_to_minor_with_carry,
-                           price_per_million_tokens_micros, split_revenue)
+from billing.money import (
+    charge_femto,
+    femto_per_minor,
+    femto_to_minor_with_carry,
+    price_per_million_tokens_micros,
+    split_revenue,
+)
 
 pytestmark = pytest.mark.pure  # no database, layer or broker: the same code in every profile
 

@@ -33,7 +33,7 @@ from billing.selectors import account_balance_minor
 from billing.services import usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, flows
-from marketplace.models import User, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from marketplace.models import BuyerWebhookEvent, User, WebhookDelivery, WebhookEndpoint
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory, future
 
@@ -349,7 +349,7 @@ def test_the_operator_sees_revenue_payables_failures_and_runs_the_reconciliation
     # and a buyer webhook delivery that gave up
     endpoint = WebhookEndpoint.objects.create(organisation=buyer.organisation, url="https://buyer.example/hook",
                                               secret="whsec_x")
-    event = WebhookEvent.objects.create(public_id="evt_gaveup", organisation=buyer.organisation, type="job.completed",
+    event = BuyerWebhookEvent.objects.create(public_id="evt_gaveup", organisation=buyer.organisation, type="job.completed",
                                         body="{}", created_at=timezone.now())
     WebhookDelivery.objects.create(event=event, endpoint=endpoint, state=WebhookDelivery.State.FAILED, attempts=8,
                                    last_status_code=500, last_error="server error", last_attempt_at=timezone.now())

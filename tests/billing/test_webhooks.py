@@ -8,7 +8,7 @@ import pytest
 from django.test import Client
 
 from billing import payments, payouts, stripe_api
-from billing.models import ConnectedAccount, LedgerAccount, LedgerTransaction, Refund, TopUp, WebhookEvent
+from billing.models import ConnectedAccount, LedgerAccount, LedgerTransaction, Refund, StripeEvent, TopUp
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 from tests.factories import BuyerFactory, OwnerFactory
 
@@ -46,7 +46,7 @@ def test_a_tampered_signature_a_wrong_secret_a_stale_or_future_timestamp_are_ref
     assert deliver(event("evt_6", "payment_intent.succeeded", obj), timestamp=time.time() - 250).status_code == 200
     unsigned = Client().post(URL, data=b"{}", content_type="application/json")
     assert unsigned.status_code == 400
-    assert set(WebhookEvent.objects.values_list("event_id", flat=True)) == {"evt_ok", "evt_5", "evt_6"}
+    assert set(StripeEvent.objects.values_list("event_id", flat=True)) == {"evt_ok", "evt_5", "evt_6"}
 
 
 def test_an_unhandled_type_is_answered_200_and_stored_as_ignored(stripe_peer):
@@ -65,7 +65,7 @@ def test_a_transient_stripe_failure_answers_503_and_stores_nothing_so_stripe_ret
     monkeypatch.setattr(payments, "_fee_minor", unavailable)
     obj = {"id": "pi_transient", "object": "payment_intent", "status": "succeeded", "latest_charge": "ch_t"}
     assert deliver(event("evt_t", "payment_intent.succeeded", obj)).status_code == 503
-    assert not WebhookEvent.objects.exists() and TopUp.objects.get(pk=top_up.pk).status == TopUp.Status.CREATED
+    assert not StripeEvent.objects.exists() and TopUp.objects.get(pk=top_up.pk).status == TopUp.Status.CREATED
     monkeypatch.undo()
 
 
@@ -107,8 +107,8 @@ def test_every_event_delivered_two_to_five_times_in_shuffled_order_has_one_effec
     assert LedgerTransaction.objects.filter(kind="top_up").count() == 1
     assert LedgerTransaction.objects.filter(kind="dispute").count() == 1
     assert ConnectedAccount.objects.get().can_receive_transfers
-    assert WebhookEvent.objects.count() == len(events)
-    assert WebhookEvent.objects.get(event_id="evt_unknown_pi").outcome.startswith("not ours")
+    assert StripeEvent.objects.count() == len(events)
+    assert StripeEvent.objects.get(event_id="evt_unknown_pi").outcome.startswith("not ours")
     assert unbalanced_transaction_ids() == []
 
     # and a refund whose answer was lost is confirmed by charge.refunded, however often it arrives
@@ -136,7 +136,7 @@ def test_the_peer_s_own_signed_deliveries_are_verified_and_processed_once(stripe
     top_up = payments.top_up_create(organisation=org, amount_minor=900, payment_method_id="pm_card_visa")
     deadline = time.monotonic() + 15
     # (the peer may still be delivering events of earlier tests' top-ups: this one's is awaited by its id)
-    ours = WebhookEvent.objects.filter(type="payment_intent.succeeded",
+    ours = StripeEvent.objects.filter(type="payment_intent.succeeded",
                                        payload__data__object__id=top_up.payment_intent_id)
     while not ours.exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -14,7 +14,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 
 from billing import payments, payouts
-from billing.models import ConnectedAccount, Payout, Refund, StripeEventFailure, TopUp, WebhookEvent
+from billing.models import ConnectedAccount, Payout, Refund, StripeEvent, StripeEventFailure, TopUp
 
 log = logging.getLogger(__name__)
 
@@ -145,30 +145,30 @@ def handler_for(event_type: str) -> Callable[[dict, dict], str] | None:
     return next((handler for prefix, handler in PREFIX_HANDLERS.items() if event_type.startswith(prefix)), None)
 
 
-def event_process(*, event: dict) -> WebhookEvent:
+def event_process(*, event: dict) -> StripeEvent:
     """Act on a verified event at most once; return the stored event (its status and outcome)."""
     event_type = event["type"]
-    existing = WebhookEvent.objects.filter(event_id=event["id"]).first()
+    existing = StripeEvent.objects.filter(event_id=event["id"]).first()
     if existing:
         return existing
     handler = handler_for(event_type)
     if handler is None:
-        record, _ = WebhookEvent.objects.get_or_create(
+        record, _ = StripeEvent.objects.get_or_create(
             event_id=event["id"], defaults={"type": event_type, "payload": event,
-                                            "status": WebhookEvent.Status.IGNORED, "outcome": "type not handled"})
+                                            "status": StripeEvent.Status.IGNORED, "outcome": "type not handled"})
         return record
     obj = (event.get("data") or {}).get("object") or {}
     context = _prefetch(event_type, obj)  # may raise StripeUnavailable: nothing stored, Stripe retries
     try:
         with transaction.atomic():
-            record = WebhookEvent.objects.create(event_id=event["id"], type=event_type, payload=event,
-                                                 status=WebhookEvent.Status.PROCESSED)
+            record = StripeEvent.objects.create(event_id=event["id"], type=event_type, payload=event,
+                                                 status=StripeEvent.Status.PROCESSED)
             record.outcome = handler(obj, context)[:300]
             record.save(update_fields=["outcome"])
             return record
     except IntegrityError:
         # Delivered twice at the same moment: the other delivery's transaction did the work.
-        record = WebhookEvent.objects.filter(event_id=event["id"]).first()
+        record = StripeEvent.objects.filter(event_id=event["id"]).first()
         if record is None:
             raise
         return record

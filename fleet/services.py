@@ -281,13 +281,15 @@ def _requeue(unit: WorkUnit, *, outcome: str, reason: str, now: datetime) -> Non
 
 def leases_withdraw(*, vehicle_id: int, reason: str, notify: bool, outcome: str = Lease.Outcome.WITHDRAWN,
                     only: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """Take back a car's active leases (or only the listed ones) and requeue their units."""
+    """Take back a car's active leases (or only the listed ones) and requeue their units. The units are locked
+    in id order (docs/concurrency.md), and only those listed when a list is given."""
     now = timezone.now()
     with transaction.atomic():
-        units = list(WorkUnit.objects.select_for_update().filter(leased_to_id=vehicle_id, state=WorkUnit.State.LEASED))
+        units = WorkUnit.objects.select_for_update().filter(leased_to_id=vehicle_id, state=WorkUnit.State.LEASED)
         if only is not None:
             wanted = set(only)
-            units = [u for u in units if (u.pk, u.lease_epoch) in wanted]
+            units = units.filter(pk__in=sorted({pk for pk, _ in wanted}))
+        units = [u for u in units.order_by("pk") if only is None or (u.pk, u.lease_epoch) in wanted]
         withdrawn = [(u.pk, u.lease_epoch) for u in units]
         for unit in units:
             _requeue(unit, outcome=outcome, reason=reason, now=now)
@@ -399,8 +401,25 @@ def leases_reconcile(*, held_by: dict[int, list[tuple[int, int]]], lost_by: dict
             if lost:
                 leases_withdraw(vehicle_id=vehicle_id, reason="not_held", notify=False, only=sorted(lost))
             stale[vehicle_id] = sorted(held_set - current[vehicle_id])
-        active.update(lease_expires_at=now + timedelta(seconds=settings.LEASE_TTL_S))
+        _leases_extend(vehicle_ids=sorted(held_by), until=now + timedelta(seconds=settings.LEASE_TTL_S))
     return stale
+
+
+# Extend the cars' current leases. On PostgreSQL the units are taken with SKIP LOCKED: a unit that another
+# transaction holds (its result being booked, its job closing) is about to end anyway, and a heartbeat must
+# never wait for, nor deadlock with, a job's flows (docs/concurrency.md). Should that transaction roll back,
+# the car's next heartbeat, well within the lease's TTL, extends it.
+_EXTEND_SQL = """
+UPDATE fleet_workunit SET lease_expires_at = %s
+WHERE id IN (SELECT id FROM fleet_workunit WHERE leased_to_id = ANY(%s) AND state = %s FOR UPDATE SKIP LOCKED)"""
+
+
+def _leases_extend(*, vehicle_ids: list[int], until: datetime) -> None:
+    if connection.vendor != "postgresql":  # SQLite: one writer, nothing to skip
+        WorkUnit.objects.filter(leased_to_id__in=vehicle_ids, state=WorkUnit.State.LEASED).update(lease_expires_at=until)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(_EXTEND_SQL, [until, vehicle_ids, WorkUnit.State.LEASED])
 
 
 def leases_sweep(*, batch: int = 500) -> int:

@@ -13,7 +13,7 @@ from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.test import APIClient, APIRequestFactory
 
-from marketplace import idempotency, services, urls
+from marketplace import flows, idempotency, services, urls
 from marketplace.core.errors import Conflict
 from marketplace.models import IdempotencyKey, Job
 from tests.conftest import jsonl
@@ -151,7 +151,7 @@ def test_a_server_error_releases_the_key_so_that_a_retry_runs(api, make_job, mon
     def broken(**kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "job_cancel", broken)
+    monkeypatch.setattr(flows, "job_cancel", broken)
     with pytest.raises(RuntimeError):
         api.post(f"/api/v1/jobs/{job.pk}/cancel/", HTTP_IDEMPOTENCY_KEY="c-1")
     assert IdempotencyKey.objects.count() == 0

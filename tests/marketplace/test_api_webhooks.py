@@ -269,7 +269,7 @@ def test_a_delivery_being_sent_is_not_due_for_another_sweep(api, receiver, make_
         seen.append(WebhookDelivery.objects.filter(state="pending", next_attempt_at__lte=timezone.now()).count())
         return real(batch)
 
-    monkeypatch.setattr(webhooks, "_post_all", spy)
+    monkeypatch.setattr(buyer_webhooks, "_post_all", spy)
     assert buyer_webhooks.deliveries_send() == 1 and seen == [0]
 
 

@@ -13,7 +13,7 @@ from fleet.models import WorkUnit
 from marketplace import flows, selectors, services
 from marketplace.core.errors import ApplicationError
 from marketplace.models import Job, JobEvent
-from tests.factories import VehicleFactory
+from tests.factories import VehicleFactory, future
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +34,8 @@ def test_budget_left_is_the_reservation_less_charges_and_leased_units_at_their_p
     job = make_job(docs=24, budget_cap=500)
     units = list(WorkUnit.objects.filter(job=job).order_by("seq"))
     car = VehicleFactory()
-    WorkUnit.objects.filter(pk=units[0].pk).update(state=WorkUnit.State.LEASED, leased_to=car, price_micros=3_000_000)
+    WorkUnit.objects.filter(pk=units[0].pk).update(state=WorkUnit.State.LEASED, leased_to=car, price_micros=3_000_000,
+                                                    lease_expires_at=future())
     other = make_job(docs=8)  # no cap: it reserved the cost of all its work at its bid
     left = selectors.jobs_budget_left_femto(job_ids=[job.pk, other.pk])
     per_minor = femto_per_minor("usd")

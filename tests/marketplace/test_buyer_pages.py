@@ -16,7 +16,7 @@ from fleet.models import WorkUnit
 from marketplace import corpus, market
 from marketplace.models import AIModel, AuctionRound, Job, User
 from tests.conftest import jsonl
-from tests.factories import BuyerFactory, PolicyFactory, VehicleFactory
+from tests.factories import BuyerFactory, PolicyFactory, VehicleFactory, future
 
 pytestmark = pytest.mark.django_db
 
@@ -118,7 +118,7 @@ def test_the_job_page_shows_units_tokens_and_cars_working(signed_in, make_job):
     car = VehicleFactory()
     units = list(WorkUnit.objects.filter(job=job).order_by("seq"))
     WorkUnit.objects.filter(pk=units[0].pk).update(state=WorkUnit.State.DONE)
-    WorkUnit.objects.filter(pk=units[1].pk).update(state=WorkUnit.State.LEASED, leased_to=car)
+    WorkUnit.objects.filter(pk=units[1].pk).update(state=WorkUnit.State.LEASED, leased_to=car, lease_expires_at=future())
     job.units_done = 1
     job.save(update_fields=["units_done"])
     response = signed_in.get(reverse("job-detail", args=[job.pk]), {"fragment": "1"})

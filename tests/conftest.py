@@ -1,9 +1,19 @@
 import json
+from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 
 from marketplace import corpus, services
 from tests.factories import BuyerFactory, VehicleFactory, future
+
+
+def pytest_configure(config):
+    # The SQLite test database is a file (the live-server and end-to-end tests' processes open it too), by
+    # default under VAR_DIR, which the settings no longer create on import: its directory is made here.
+    database = django_settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        Path(database["TEST"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture

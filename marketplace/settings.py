@@ -3,7 +3,9 @@
 Embedded profile (no variables set): SQLite, in-memory channel layer, Celery tasks executed in process and
 an in-process periodic scheduler. Services profile: set ``DATABASE_URL`` (PostgreSQL) and ``REDIS_URL``
 (Celery broker and channels-redis layer). Production also sets ``DJANGO_DEBUG=false`` and
-``DJANGO_SECRET_KEY``; a missing production secret fails at start.
+``DJANGO_SECRET_KEY``; a missing production secret fails at start. With ``DJANGO_DEBUG=false`` the HTTPS
+settings (redirect, HSTS, secure cookies) default to their secure values; the embedded profile serves plain
+http. Importing this module creates nothing: whoever opens a file under ``VAR_DIR`` makes the directory.
 """
 
 from datetime import timedelta
@@ -13,10 +15,12 @@ from urllib.parse import urlsplit
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"  # embedded profile's files: SQLite database, collected static files
-VAR_DIR.mkdir(exist_ok=True)
-
 env = environ.Env()
+
+# The embedded profile's files (SQLite database, the local Stripe peer's log) and production's collected static
+# files. Not created here: `run_embedded` makes it, the test suite makes its test database's directory
+# (tests/conftest.py), collectstatic makes STATIC_ROOT.
+VAR_DIR = Path(env("VAR_DIR", default=str(BASE_DIR / "var")))
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 if DEBUG:
@@ -25,6 +29,29 @@ else:
     SECRET_KEY = env("DJANGO_SECRET_KEY")  # raises ImproperlyConfigured when missing
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS ----------------------------------------------------------------------------------------
+# Production is served only over HTTPS, through a TLS-terminating proxy (docs/deploy.md): with DEBUG off these
+# default to the secure values and `manage.py check --deploy` has nothing to say. The embedded profile (`make
+# run`, the tests and the processes they start) serves plain http on loopback: DEBUG on, all of them off.
+# The header in which the proxy says the client's request came over https. The proxy must set it on every
+# request, replacing whatever the client sent. Empty: trust no header (a proxy on the same host can rely on
+# uvicorn's --proxy-headers instead, which sets the scheme from it for 127.0.0.1 only).
+_PROXY_SSL_HEADER = env("DJANGO_SECURE_PROXY_SSL_HEADER", default="" if DEBUG else "X-Forwarded-Proto")
+SECURE_PROXY_SSL_HEADER = ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+# Load balancers and orchestrators probe a process directly, over http and without the proxy's header: the
+# health check answers them rather than redirecting them to an https address the process does not serve.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 365 * 24 * 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+# Preloading is an opt-in: asking browsers to ship the domain as HTTPS-only binds every subdomain of the whole
+# registered domain and takes months to undo, a decision about the domain rather than this deployment. Left
+# off, check --deploy's reminder of it (W021) is silenced as a choice made here; set true to preload.
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -229,9 +256,11 @@ SPECTACULAR_SETTINGS = {
 # --- Static, i18n ---------------------------------------------------------------------------------
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
-WHITENOISE_USE_FINDERS = DEBUG  # production runs collectstatic
+# Production runs collectstatic (which creates STATIC_ROOT) and WhiteNoise serves what it collected. The embedded
+# profile serves the files where they are (finders) and has no STATIC_ROOT, so WhiteNoise looks for no
+# directory that was never collected (it warns about a missing one).
+STATIC_ROOT = None if DEBUG else VAR_DIR / "static"
+WHITENOISE_USE_FINDERS = DEBUG
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

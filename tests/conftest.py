@@ -1,9 +1,38 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
+from hypothesis import settings as hypothesis_settings
 
 from marketplace import corpus, flows, services
 from tests.factories import BuyerFactory, VehicleFactory, future
+
+# Hypothesis profiles: `make test` runs "fast"; CI exports HYPOTHESIS_PROFILE=thorough (.ci/run), for its
+# embedded and its services run alike. Tests set no max_examples of their own; the profile decides. No
+# deadline: on these shared 2-core machines one slow example is noise, not a finding (most property tests
+# already turned it off). The thorough run prints the blob that replays a failure (@reproduce_failure) and
+# stays random, so that each CI run explores new examples.
+hypothesis_settings.register_profile("fast", max_examples=1000, deadline=None)
+hypothesis_settings.register_profile("thorough", max_examples=4000, deadline=None, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# Relative cost, decided here rather than per test: an example of a pure rule (clearing, eligibility, money)
+# takes 1-20 ms, an example that builds a world in the database (a job, a fleet, the Stripe peer: the lease
+# rule, usage booking, the ledger interleavings) about a second, a hundred times more, and those run again in
+# the services profile. They take `@settings(SLOW_EXAMPLES, ...)`: an eightieth of the profile's examples
+# (12 fast, 50 thorough), so that each costs about what a pure test costs rather than a hundred times more.
+# The profile's count scales both.
+SLOW_EXAMPLES = hypothesis_settings(max_examples=max(1, hypothesis_settings.default.max_examples // 80))
+
+
+def pytest_configure(config):
+    # The SQLite test database is a file (the live-server and end-to-end tests' processes open it too), by
+    # default under VAR_DIR, which the settings no longer create on import: its directory is made here.
+    database = django_settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        Path(database["TEST"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ def main(jobs: int, concurrency: int, lines: int, max_seconds: float) -> dict:
         # Production settings (no DEBUG), which want every secret: the local Stripe peer's will do.
         env = {"STRIPE_SECRET_KEY": "sk_test_local_peer", "STRIPE_WEBHOOK_SECRET": "whsec_local_peer", **os.environ,
                "DATABASE_URL": f"sqlite:///{tmp}/bench.sqlite3", "PYTHONUNBUFFERED": "1", "DJANGO_DEBUG": "false",
+               "DJANGO_SECURE_SSL_REDIRECT": "false",
                "DJANGO_SECRET_KEY": "bench-api-not-a-secret-" + "x" * 32, "API_THROTTLE_RATE": "1000000/min"}
         env.pop("REDIS_URL", None)
         manage = [sys.executable, "manage.py"]

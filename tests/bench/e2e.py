@@ -87,7 +87,8 @@ def _product(profile: str, env: dict, port: int, cars: int, tmp: str, logs) -> l
 def main(cars: int, docs: int, profile: str = "services", timeout: float = 600) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _database(profile, tmp) as database_url:
         env = {**os.environ, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
-               "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": "bench-e2e-not-a-secret-" + "x" * 32}
+               "DJANGO_DEBUG": "false", "DJANGO_SECURE_SSL_REDIRECT": "false",
+               "DJANGO_SECRET_KEY": "bench-e2e-not-a-secret-" + "x" * 32}
         if profile == "services":
             import redis
 

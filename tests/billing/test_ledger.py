@@ -12,7 +12,7 @@ from billing.selectors import account_balance_minor, job_spend_minor, unbalanced
 from billing.services import Posting, account_get, ledger_post, usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, flows
-from tests.conftest import jsonl
+from tests.conftest import SLOW_EXAMPLES, jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
 pytestmark = pytest.mark.django_db
@@ -41,7 +41,7 @@ def test_ledger_rows_are_append_only():
 
 
 class UsageBookingTests(HypothesisTestCase):
-    @settings(max_examples=15, deadline=None)
+    @settings(SLOW_EXAMPLES, deadline=None)
     @given(prices=st.lists(st.integers(1, 50_000_000), min_size=1, max_size=12))
     def test_the_job_pays_the_round_up_of_its_exact_charge_owners_the_floor_of_their_accrual_each_balanced(self, prices):
         buyer = BuyerFactory()

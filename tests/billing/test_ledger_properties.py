@@ -22,7 +22,7 @@ from billing.services import usage_record
 from fleet.models import WorkUnit
 from marketplace import corpus, flows
 from marketplace.models import Job
-from tests.conftest import jsonl
+from tests.conftest import SLOW_EXAMPLES, jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
 pytestmark = pytest.mark.django_db
@@ -60,8 +60,8 @@ def check_invariants():
         assert reservation.drawn_minor == job_spend_minor(job=reservation.job)
 
 
-@hsettings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@hsettings(SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
 @given(ops=operations)
 def test_any_interleaving_keeps_the_ledger_balanced_non_negative_and_each_unit_paid_once(ops, stripe_peer, settings):
     settings.STRIPE_MIN_PAYOUT_MINOR, settings.STRIPE_PAYOUT_HOLDBACK_DAYS = 1, 0

@@ -159,7 +159,7 @@ def violations(policy, state, usage, now, hold) -> set[str]:
     return found
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(deadline=None)
 @given(policies(), states, usages, instants, st.integers(0, 40), st.booleans())
 def test_work_is_allowed_exactly_when_no_limit_is_violated(policy, state, usage, now, age_s, hold):
     state = with_(state, last_seen_at=now - timedelta(seconds=age_s))
@@ -169,7 +169,7 @@ def test_work_is_allowed_exactly_when_no_limit_is_violated(policy, state, usage,
     assert decision.reason is None or decision.reason in found
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(deadline=None)
 @given(st.floats(0, 90), st.floats(0.5, 10), st.lists(st.floats(-3, 3), min_size=1, max_size=200), st.floats(0, 100))
 def test_the_battery_hysteresis_never_flip_flops(floor, gap, steps, start):
     policy = with_(POLICY, battery_floor_pct=floor, battery_resume_pct=min(100.0, floor + gap))
@@ -185,7 +185,7 @@ def test_the_battery_hysteresis_never_flip_flops(floor, gap, steps, start):
         blocked_before = blocked
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(deadline=None)
 @given(start_pct=st.floats(0, 100), need_pct=st.floats(0, 100), hours=st.floats(0.1, 48),
        charging_kw=st.floats(0, 11), plugged=st.booleans(), work_kw=st.floats(0.05, 1.5),
        step_min=st.floats(0.5, 10), zone=st.sampled_from(ZONES), now=instants)
@@ -215,7 +215,7 @@ def test_working_never_leaves_less_charge_at_departure_than_the_owner_needs(star
 minute_times = st.builds(time, st.integers(0, 23), st.integers(0, 59))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.builds(el.Window, st.integers(0, 6), minute_times, minute_times), min_size=1, max_size=6),
        st.lists(st.integers(0, 7 * 1440 - 1), min_size=20, max_size=20))
 def test_merging_windows_keeps_the_same_availability_without_overlaps(windows, minutes):

@@ -11,14 +11,14 @@ from fleet import services
 from fleet.models import Vehicle, WorkUnit
 from fleet.selectors import vehicle_decision
 from marketplace import corpus, flows
-from tests.conftest import jsonl
+from tests.conftest import SLOW_EXAMPLES, jsonl
 from tests.factories import BuyerFactory, VehicleFactory, future
 
 maybe = lambda s: st.one_of(st.none(), s)  # noqa: E731
 
 
 class LeaseFollowsTheRule(TestCase):
-    @settings(max_examples=30, deadline=None)  # about a second each (a job and a fleet per example)
+    @settings(SLOW_EXAMPLES, deadline=None)  # about a second each (a job and a fleet per example)
     @given(battery=st.floats(0, 100), floor=st.integers(0, 60), driving=st.booleans(), on_wifi=st.booleans(),
            plugged_in=st.booleans(), wifi_only=st.booleans(), plugged_in_only=st.booleans(), paused=st.booleans(),
            temp=maybe(st.floats(0, 60)), max_temp=maybe(st.floats(20, 50)), seen_s_ago=st.integers(0, 40),

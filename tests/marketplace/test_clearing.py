@@ -91,7 +91,7 @@ def assert_market_clearing(book: Book, cleared) -> None:
                         and (book.offer_price[idle] < p[market] - tol[market]).any())
 
 
-@settings(max_examples=400, deadline=None)
+@settings(deadline=None)
 @given(rounds(), st.sampled_from([600, 0]))
 def test_joint_clearing_is_voluntary_feasible_market_clearing_and_as_good_as_the_lp(round_, lp_below):
     # Given a random round (lp_below=0 drives the estimate-and-box path that large rounds take),
@@ -106,7 +106,7 @@ def test_joint_clearing_is_voluntary_feasible_market_clearing_and_as_good_as_the
     assert surplus(book, cleared) == pytest.approx(best, rel=REL, abs=1e-6)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(rounds(), st.randoms(use_true_random=False))
 def test_clearing_is_deterministic_whatever_the_input_order(round_, rng: random.Random):
     bids, offers = round_
@@ -172,7 +172,7 @@ def _walk_surplus(bids: list[Bid], offers: list[Offer]) -> float:
     return total
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(rounds(max_markets=1))
 def test_one_market_clears_like_the_classic_sorted_walk(round_):
     bids, offers = round_
@@ -227,7 +227,7 @@ def test_worked_example_of_three_markets_from_docs_auction_md():
     assert surplus(book, clear_book(book)) == lp_reference(book) == 360_000
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(rounds(), st.data())
 def test_with_refusals_every_trade_is_consented_voluntary_and_capacity_is_not_oversold(round_, data):
     bids, offers = round_

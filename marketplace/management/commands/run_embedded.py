@@ -29,6 +29,9 @@ class Command(BaseCommand):
     def handle(self, host, port, cars, sim_processes, no_seed, **options):
         if settings.REDIS_URL:
             self.stderr.write("REDIS_URL is set: run_embedded is the embedded profile; see docs/deploy.md for services.")
+        # The profile's files: the local Stripe peer's log and the default SQLite database, which migrate opens
+        # first (SQLite creates the file, not its directory). Made here, not when the settings are imported.
+        settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=0)
         if not no_seed:
             call_command("seed_demo")

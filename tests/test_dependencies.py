@@ -1,7 +1,7 @@
 """The apps depend one way (docs/concurrency.md, "Who calls whom"): only the orchestration layer
 (marketplace.flows) calls more than one app's services; fleet and billing never import another app's
-services; services and flows never import the API layer; and no module imports another app inside a
-function to dodge an import cycle. Read from the source with ``ast``, so nothing has to be imported.
+services; services never import the API layer; no module imports another app inside a function to dodge an
+import cycle, and there is no import cycle among the apps' modules at all. Read from the source with ``ast``, so nothing has to be imported.
 
 ``python -m tests.test_dependencies [ROOT]`` prints the import sites between the apps (for an issue note)."""
 
@@ -119,8 +119,45 @@ def violations(imports: list[Import]) -> list[str]:
     return problems
 
 
+def import_cycles(imports: list[Import]) -> list[list[str]]:
+    """The groups of the apps' modules that import each other at module level, directly or not (Tarjan)."""
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        if not imp.in_function and app_of(imp.target):
+            graph.setdefault(imp.module, set()).add(imp.target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while (member := stack.pop()) != node:
+                group.append(member)
+            if group:
+                cycles.append(sorted([node, *group]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
 def test_only_the_flows_call_more_than_one_apps_services_and_dependencies_run_one_way():
     assert violations(all_imports()) == []
+
+
+def test_no_module_imports_itself_back_through_other_modules():
+    assert import_cycles(all_imports()) == []
 
 
 def test_the_checker_catches_what_it_is_meant_to(tmp_path):
@@ -149,6 +186,10 @@ def test_the_checker_catches_what_it_is_meant_to(tmp_path):
     assert "fleet.views:1 imports billing.services: fleet never calls another app's services" in found
     assert "fleet.views uses the services of billing, fleet" in found
     assert "billing.services:2 imports marketplace.models: inside a function" in found
+    assert import_cycles(all_imports(tmp_path)) == []
+    (tmp_path / "billing/models.py").write_text("from fleet import views\n")
+    (tmp_path / "fleet/services.py").write_text("from billing import models\n")
+    assert import_cycles(all_imports(tmp_path)) == [["billing.models", "fleet.services", "fleet.views"]]
     assert "marketplace.flows.__init__" not in found and "marketplace.flows uses" not in found  # it may call them all
 
 

@@ -23,6 +23,8 @@ REFERENCE_UNIT_MOPS = 24_000
 REFERENCE_UNIT_VALUES = 8 * 384
 #: Uplink assumed for a car that did not report one (a slow home line).
 DEFAULT_UPLINK_KBPS = 5_000
+#: A lease lives at most this many times the time its car needs for the work it holds (lease_lifetime_s).
+LEASE_LIFETIME_FACTOR = 4.0
 
 
 def unit_seconds(*, unit_mops: int, values: int, mops_per_s: int, uplink_kbps: int | None) -> float:
@@ -34,6 +36,19 @@ def unit_seconds(*, unit_mops: int, values: int, mops_per_s: int, uplink_kbps: i
 def inflight_limit(*, unit_s: float, max_inflight: int) -> int:
     """How many leases the car may hold at once: PIPELINE_S of work, at least one, at most ``max_inflight``."""
     return max(1, min(max_inflight, math.ceil(PIPELINE_S / max(unit_s, 1e-9))))
+
+
+def lease_lifetime_s(*, work_s: float, ttl_s: float, max_s: float) -> float:
+    """How long a lease may live at most, whatever the car's heartbeats say: LEASE_LIFETIME_FACTOR times the
+    ``work_s`` the car needs for everything it holds with this lease, at its own rate, plus one heartbeat
+    TTL of grace; never more than ``max_s`` (the operator's LEASE_MAX_LIFETIME_S), never less than ``ttl_s``."""
+    return max(ttl_s, min(max_s, LEASE_LIFETIME_FACTOR * work_s + ttl_s))
+
+
+def inflight_after_strikes(*, limit: int, strikes: int) -> int:
+    """A car whose leases ran out without a result may hold fewer: the limit halves per recent strike (down
+    to one lease), so a car that hoards work soon holds one unit at a time."""
+    return max(1, limit >> min(max(0, strikes), 5))
 
 
 def batch_size(*, limit: int, held: int, unit_s: float, time_left_s: float | None) -> int:

@@ -78,6 +78,10 @@ class Vehicle(models.Model):
     uplink_kbps = models.PositiveIntegerField(null=True, blank=True, help_text="Uplink the agent reported at hello.")
     ineligible_reason = models.CharField(max_length=32, blank=True)
     channel_name = models.CharField(max_length=200, blank=True, help_text="The gateway connection holding the car.")
+    lease_strikes = models.PositiveSmallIntegerField(
+        default=0, help_text="Leases that ran out without a result since lease_strike_at's memory began "
+                             "(fleet.dispatch.inflight_after_strikes).")
+    lease_strike_at = models.DateTimeField(null=True, blank=True, help_text="When a lease of the car last ran out.")
 
     class Meta:
         ordering = ["name"]
@@ -156,6 +160,8 @@ class WorkUnit(models.Model):
     lease_epoch = models.PositiveIntegerField(default=0)
     leased_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_deadline_at = models.DateTimeField(
+        null=True, blank=True, help_text="The lease's end whatever the car says: heartbeats extend it up to here.")
     allocation = models.ForeignKey("marketplace.Allocation", null=True, blank=True, on_delete=models.SET_NULL)
     price_micros = models.PositiveBigIntegerField(null=True, blank=True, help_text="Clearing price of the current lease.")
     result = models.JSONField(null=True, blank=True)

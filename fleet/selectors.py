@@ -4,6 +4,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db.models import Q, QuerySet, Sum
+from django.utils import timezone
 
 from billing.models import MeterRecord
 from fleet import dispatch, eligibility
@@ -103,13 +104,22 @@ def vehicle_gateway_view(*, vehicle: Vehicle, now: datetime, reason: str | None 
 
 def vehicle_inflight_limit(*, vehicle: Vehicle) -> int:
     """The car's in-flight lease limit (fleet.dispatch) for the reference unit at its fastest precision (of
-    those it measured, if it reported any), within
-    the operator's MAX_INFLIGHT_PER_CAR. Announced in the welcome and enforced by the dispatcher."""
+    those it measured, if it reported any), within the operator's MAX_INFLIGHT_PER_CAR, halved for each of its
+    recent leases that ran out without a result. Announced in the welcome and enforced by the dispatcher."""
     precisions = list(vehicle.throughput_mops) or [t.precision for t in vehicle.hardware.throughputs.all()]
     rates = [vehicle_mops_per_s(vehicle=vehicle, precision=p) for p in precisions]
     unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
                                    mops_per_s=max(rates, default=1), uplink_kbps=vehicle.uplink_kbps)
-    return dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
+    limit = dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
+    return dispatch.inflight_after_strikes(limit=limit, strikes=vehicle_recent_strikes(vehicle=vehicle))
+
+
+def vehicle_recent_strikes(*, vehicle: Vehicle) -> int:
+    """Leases of the car that ran out without a result within the last LEASE_STRIKE_MEMORY_S."""
+    if vehicle.lease_strike_at is None:
+        return 0
+    recent = timezone.now() - vehicle.lease_strike_at < timedelta(seconds=settings.LEASE_STRIKE_MEMORY_S)
+    return vehicle.lease_strikes if recent else 0
 
 
 def vehicle_mops_per_s(*, vehicle: Vehicle, precision: str) -> int:

@@ -15,7 +15,8 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Subquery
+from django.db.models import Case, F, Subquery, Value, When
+from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
 from fleet import dispatch, tokens
@@ -273,10 +274,11 @@ def _requeue(unit: WorkUnit, *, outcome: str, reason: str, now: datetime) -> Non
     _lease_end(unit, outcome=outcome, reason=reason, now=now)
     unit.state = WorkUnit.State.QUEUED
     unit.leased_to = None
-    unit.leased_at = unit.lease_expires_at = None
+    unit.leased_at = unit.lease_expires_at = unit.lease_deadline_at = None
     unit.allocation = None
     unit.price_micros = None
-    unit.save(update_fields=["state", "leased_to", "leased_at", "lease_expires_at", "allocation", "price_micros"])
+    unit.save(update_fields=["state", "leased_to", "leased_at", "lease_expires_at", "lease_deadline_at", "allocation",
+                             "price_micros"])
 
 
 def leases_withdraw(*, vehicle_id: int, reason: str, notify: bool, outcome: str = Lease.Outcome.WITHDRAWN,
@@ -313,23 +315,26 @@ def _current_allocations(*, vehicle: Vehicle):
 # each other nor lease a unit twice; SQLite has a single writer (transactions are IMMEDIATE) and no row locks.
 _CLAIM_SQL = """
 UPDATE fleet_workunit SET state = %s, leased_to_id = %s, lease_epoch = lease_epoch + 1, leased_at = %s,
-    lease_expires_at = %s, allocation_id = %s, price_micros = %s, attempts = attempts + 1
+    lease_expires_at = %s, lease_deadline_at = %s, allocation_id = %s, price_micros = %s, attempts = attempts + 1
 WHERE id IN (SELECT id FROM fleet_workunit WHERE job_id = %s AND state = %s ORDER BY seq LIMIT %s {lock})
 RETURNING id, seq, lease_epoch, inputs, mops, tokens"""
 
 
-def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Allocation, now: datetime) -> list[WorkUnit]:
+def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Allocation, now: datetime,
+                 lifetime_s: float) -> list[WorkUnit]:
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     inputs_field = WorkUnit._meta.get_field("inputs")
-    expires = now + timedelta(seconds=settings.LEASE_TTL_S)
+    deadline = now + timedelta(seconds=lifetime_s)
+    expires = min(deadline, now + timedelta(seconds=settings.LEASE_TTL_S))
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_SQL.format(lock=lock), [
-            WorkUnit.State.LEASED, vehicle_id, now, expires, allocation.pk, allocation.price_micros, job_id,
+            WorkUnit.State.LEASED, vehicle_id, now, expires, deadline, allocation.pk, allocation.price_micros, job_id,
             WorkUnit.State.QUEUED, count])
         rows = cursor.fetchall()
     units = [WorkUnit(pk=pk, job_id=job_id, seq=seq, lease_epoch=epoch, mops=mops, tokens=tokens,
                       inputs=inputs_field.from_db_value(inputs, None, connection), state=WorkUnit.State.LEASED,
-                      leased_to_id=vehicle_id, leased_at=now, lease_expires_at=expires, allocation=allocation,
+                      leased_to_id=vehicle_id, leased_at=now, lease_expires_at=expires, lease_deadline_at=deadline,
+                      allocation=allocation,
                       price_micros=allocation.price_micros)
              for pk, seq, epoch, inputs, mops, tokens in rows]
     return sorted(units, key=lambda u: u.seq)
@@ -370,7 +375,11 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
                 return [], "leaving_soon"
             # The allocation is this car's own: the car's row lock above serialises its use.
             count = min(count, max_units or count, -(-allocation.remaining_mops // unit_mops))
-            units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now)
+            # Its leases live at most a few times what the car needs for all it will hold (fleet.dispatch).
+            lifetime = dispatch.lease_lifetime_s(work_s=(held + count) * unit_s, ttl_s=settings.LEASE_TTL_S,
+                                                 max_s=settings.LEASE_MAX_LIFETIME_S)
+            units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now,
+                                 lifetime_s=lifetime)
             if not units:
                 continue
             Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
@@ -410,20 +419,24 @@ def leases_reconcile(*, held_by: dict[int, list[tuple[int, int]]], lost_by: dict
 # never wait for, nor deadlock with, a job's flows (docs/concurrency.md). Should that transaction roll back,
 # the car's next heartbeat, well within the lease's TTL, extends it.
 _EXTEND_SQL = """
-UPDATE fleet_workunit SET lease_expires_at = %s
+UPDATE fleet_workunit SET lease_expires_at = LEAST(%s, COALESCE(lease_deadline_at, %s))
 WHERE id IN (SELECT id FROM fleet_workunit WHERE leased_to_id = ANY(%s) AND state = %s FOR UPDATE SKIP LOCKED)"""
 
 
 def _leases_extend(*, vehicle_ids: list[int], until: datetime) -> None:
+    """Extend the cars' current leases to ``until``, but never past a lease's deadline."""
     if connection.vendor != "postgresql":  # SQLite: one writer, nothing to skip
-        WorkUnit.objects.filter(leased_to_id__in=vehicle_ids, state=WorkUnit.State.LEASED).update(lease_expires_at=until)
+        WorkUnit.objects.filter(leased_to_id__in=vehicle_ids, state=WorkUnit.State.LEASED).update(
+            lease_expires_at=Least(Value(until), Coalesce(F("lease_deadline_at"), Value(until))))
         return
     with connection.cursor() as cursor:
-        cursor.execute(_EXTEND_SQL, [until, vehicle_ids, WorkUnit.State.LEASED])
+        cursor.execute(_EXTEND_SQL, [until, until, vehicle_ids, WorkUnit.State.LEASED])
 
 
 def leases_sweep(*, batch: int = 500) -> int:
-    """Requeue expired leases and mark silent cars offline. The database, not a timer, is the truth."""
+    """Requeue expired leases and mark silent cars offline. The database, not a timer, is the truth. A lease
+    that ran out (no heartbeat for it, or its deadline reached however the car heartbeats) is a strike against
+    its car (vehicle_strikes_add)."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.VEHICLE_STALE_AFTER_S)
     with transaction.atomic():
@@ -431,16 +444,32 @@ def leases_sweep(*, batch: int = 500) -> int:
         Vehicle.objects.filter(pk__in=silent).update(connected=False, channel_name="")
         expired = list(WorkUnit.objects.select_for_update(skip_locked=True)
                        .filter(state=WorkUnit.State.LEASED, lease_expires_at__lt=now)[:batch])
-        by_vehicle: dict[int, list] = {}
+        by_car_and_reason: dict[tuple[int, str], list] = defaultdict(list)
         for unit in expired:
-            by_vehicle.setdefault(unit.leased_to_id, []).append((unit.pk, unit.lease_epoch))
-            _requeue(unit, outcome=Lease.Outcome.EXPIRED, reason="lease_expired", now=now)
+            at_deadline = unit.lease_deadline_at is not None and unit.lease_expires_at >= unit.lease_deadline_at
+            reason = "lease_deadline" if at_deadline else "lease_expired"
+            by_car_and_reason[unit.leased_to_id, reason].append((unit.pk, unit.lease_epoch))
+            _requeue(unit, outcome=Lease.Outcome.EXPIRED, reason=reason, now=now)
+        strikes: dict[int, int] = defaultdict(int)
+        for (vehicle_id, _), refs in by_car_and_reason.items():
+            strikes[vehicle_id] += len(refs)
+        for vehicle_id, count in sorted(strikes.items()):
+            vehicle_strikes_add(vehicle_id=vehicle_id, strikes=count, now=now)
         for vehicle_id in silent:
             leases_withdraw(vehicle_id=vehicle_id, reason="offline", notify=False)
-        for vehicle_id, refs in by_vehicle.items():
-            message = {"type": "vehicle.withdraw", "leases": refs, "reason": "lease_expired"}
+        for (vehicle_id, reason), refs in by_car_and_reason.items():
+            message = {"type": "vehicle.withdraw", "leases": refs, "reason": reason}
             transaction.on_commit(lambda v=vehicle_id, m=message: vehicle_notify(vehicle_id=v, message=m))
     return len(expired)
+
+
+def vehicle_strikes_add(*, vehicle_id: int, strikes: int, now: datetime) -> None:
+    """Count leases of the car that ran out without a result; strikes older than LEASE_STRIKE_MEMORY_S are
+    forgotten when a new one comes (fleet.selectors.vehicle_recent_strikes reads them)."""
+    forgotten = now - timedelta(seconds=settings.LEASE_STRIKE_MEMORY_S)
+    Vehicle.objects.filter(pk=vehicle_id).update(
+        lease_strikes=Case(When(lease_strike_at__gte=forgotten, then=F("lease_strikes") + strikes), default=strikes),
+        lease_strike_at=now)
 
 
 # --- results -------------------------------------------------------------------------------------------
@@ -497,8 +526,9 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
     unit.completed_by = vehicle
     unit.completed_at = now
     unit.leased_to = None
-    unit.lease_expires_at = None
-    unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at"])
+    unit.lease_expires_at = unit.lease_deadline_at = None
+    unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at",
+                             "lease_deadline_at"])
     rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
     return Completion(vehicle=vehicle, energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts),
                       duration_ms=max(0, int((now - unit.leased_at).total_seconds() * 1000))), ""
@@ -509,8 +539,8 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
 def units_create(*, job: Job, units) -> None:
     """Save a new job's units, in order, from ``units``: (tokens, mega-ops, documents) each."""
     batch: list[WorkUnit] = []
-    for seq, (tokens, mops, docs) in enumerate(units):
-        batch.append(WorkUnit(job=job, seq=seq, inputs=docs, tokens=tokens, mops=mops))
+    for seq, (token_count, mops, docs) in enumerate(units):
+        batch.append(WorkUnit(job=job, seq=seq, inputs=docs, tokens=token_count, mops=mops))
         if len(batch) == 500:
             WorkUnit.objects.bulk_create(batch)
             batch = []

@@ -1,0 +1,129 @@
+"""A car is a stranger: whatever a dishonest or broken client sends, the gateway answers with the protocol's
+``error`` or closes with the documented code (docs/vehicle-protocol.md), logs no traceback, and goes on serving
+that car or the others. Over channels' WebsocketCommunicator against the ASGI application."""
+
+import json
+import logging
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from fleet import protocol
+from fleet.models import Vehicle
+from tests.fleet.test_gateway import (  # noqa: F401 -- fresh_channel_layer and paired are fixtures
+    communicator, fresh_channel_layer, online, paired, receive, send)
+from tests.fleet.test_gateway_errors import still_answered
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HELLO = {"agent_version": "test", "runtimes": ["all-minilm-l6-v2"], "throughput_mops": {"int8": 200_000}}
+
+
+def assert_no_traceback(caplog) -> None:
+    assert "Traceback" not in caplog.text
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+
+
+def nested(depth: int) -> str:
+    """A JSON value of arrays nested ``depth`` deep."""
+    return "[" * depth + "]" * depth
+
+
+# --- bad input over the ASGI application ------------------------------------------------------------------
+
+@pytest.mark.parametrize("frame", [
+    nested(30_000),  # deeper than the JSON parser recurses: its RecursionError was a traceback and internal_error
+    nested(protocol.MAX_DEPTH + 1),  # parsed, but past the protocol's bound
+    '{"v":1,"type":"heartbeat","leases":' + nested(200) + "}",  # deep inside a field
+], ids=["30000-deep", "over-max-depth", "deep-field"])
+def test_json_nested_too_deep_gets_bad_json_and_the_session_goes_on(paired, caplog, frame):
+    vehicle, token = paired
+
+    async def scenario():
+        # Given a car online, when it sends JSON nested too deep
+        comm = await online(token)
+        await comm.send_to(text_data=frame)
+        # then it hears bad_json and goes on,
+        answer = await receive(comm)
+        assert (answer["type"], answer["code"]) == ("error", "bad_json"), answer
+        assert str(protocol.MAX_DEPTH) in answer["message"]
+        await still_answered(comm, seq=1)
+        # while nesting up to the bound is left to the schema (here: a lease must be [unit_id, epoch]).
+        await comm.send_to(text_data='{"v":1,"type":"heartbeat","leases":' + nested(protocol.MAX_DEPTH - 1) + "}")
+        assert (await receive(comm))["code"] == "bad_field"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+LONE_SURROGATES_BEFORE_HELLO = [
+    r'{"v":1,"type":"hello","agent_version":"\udc00","runtimes":[],"throughput_mops":{}}',
+    r'{"v":1,"type":"hello","agent_version":"t","runtimes":["all-\ud800"],"throughput_mops":{}}',
+    r'{"v":1,"type":"hello","agent_version":"t","runtimes":[],"throughput_mops":{"\ud800":1}}',
+    r'{"v":1,"type":"hello","agent_version":"\ud83d","runtimes":[],"throughput_mops":{}}',  # a pair's first half
+]
+LONE_SURROGATES_AFTER_HELLO = [
+    r'{"v":1,"type":"\ud800"}',
+    r'{"v":1,"type":"release","unit_id":1,"epoch":1,"reason":"\ud800"}',
+    r'{"v":1,"type":"result","unit_id":1,"epoch":1,"embeddings_b64":["AAAA\udfff"]}',
+    r'{"v":1,"type":"telemetry","battery_pct":50,"driving":false,"plugged_in":true,"on_wifi":true,"\udbff":0}',
+    '{"v":1,"type":"release","unit_id":1,"epoch":1,"reason":"\ud800"}',  # not escaped: a str with the surrogate
+]
+
+
+@pytest.mark.parametrize("frame", LONE_SURROGATES_BEFORE_HELLO)
+def test_a_lone_surrogate_in_a_hello_gets_bad_json_and_the_car_may_say_hello_again(paired, caplog, frame):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = communicator(token)
+        assert (await comm.connect())[0]
+        # Given a hello whose strings are not Unicode text (it could be neither stored nor sent on)
+        await comm.send_to(text_data=frame)
+        # then it is refused as bad JSON, not stored (which failed with a traceback and internal_error),
+        assert (await receive(comm))["code"] == "bad_json"
+        # and a proper hello is welcomed.
+        await send(comm, "hello", **HELLO)
+        assert (await receive(comm))["type"] == "welcome"
+        await still_answered(comm, seq=2)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+    assert Vehicle.objects.get(pk=vehicle.pk).agent_version == "test"
+
+
+@pytest.mark.parametrize("frame", LONE_SURROGATES_AFTER_HELLO)
+def test_a_lone_surrogate_anywhere_in_a_message_gets_bad_json_and_a_surrogate_pair_is_text(paired, caplog, frame):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        await comm.send_to(text_data=frame)
+        answer = await receive(comm)
+        assert (answer["type"], answer["code"]) == ("error", "bad_json"), answer
+        protocol.parse(answer, protocol.SERVER_MESSAGES)  # the agent reads it (no surrogate echoed back)
+        # A surrogate pair is one character (here an emoji): a release with it is no error.
+        await comm.send_to(text_data=r'{"v":1,"type":"release","unit_id":1,"epoch":1,"reason":"\ud83d\ude97"}')
+        await still_answered(comm, seq=3)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+def test_the_size_limit_counts_utf8_bytes_not_characters(paired):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        # 40,000 characters, 80,000 bytes on the wire: over MAX_MESSAGE_BYTES (it was parsed as if under it)
+        reason = "é" * 40_000
+        await comm.send_to(text_data=json.dumps({"v": 1, "type": "release", "unit_id": 1, "epoch": 1, "reason": reason},
+                                                ensure_ascii=False))
+        assert (await receive(comm))["code"] == "too_large"
+        await still_answered(comm, seq=4)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

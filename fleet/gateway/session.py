@@ -6,7 +6,8 @@ flows.unit_complete, ``release`` fleet.services.leases_withdraw.
 
 Whatever handling a car's message raises is answered with a protocol ``error`` and the session goes on: a
 ProtocolError or an ApplicationError (a service's rule, e.g. billing's ``reservation_released``) with its own
-code and message, anything else, logged, with ``internal_error``. Never a traceback."""
+code and message, anything else, logged, with ``internal_error``. Never a traceback. Once the gateway has closed
+a session it sends nothing more, and frames still arriving are dropped unanswered."""
 
 import asyncio
 import collections
@@ -50,9 +51,12 @@ class DeviceConsumer:
     ``await_many_dispatch``, which creates a task and runs an ``asyncio.wait`` over two tasks for every frame:
     with telemetry that cost as much as the rest of the gateway's work on a message (tests/bench/gateway.py).
     The methods a subclass uses keep channels' names and meanings (``connect``, ``accept``, ``receive``,
-    ``send``, ``close``, ``disconnect``, ``channel_layer``, ``channel_name``, ``scope``)."""
+    ``send``, ``close``, ``disconnect``, ``channel_layer``, ``channel_name``, ``scope``). A session closes once:
+    after its close, ``close`` and ``send`` do nothing (an ASGI server refuses any message after a close with
+    an exception) and frames from the device that were already on their way are dropped."""
 
     vehicle_id: int | None = None
+    close_sent = False
     channel_layer_alias = DEFAULT_CHANNEL_LAYER
 
     @classmethod
@@ -81,6 +85,8 @@ class DeviceConsumer:
                 message = await receive()
                 kind = message["type"]
                 if kind == "websocket.receive":
+                    if self.close_sent:  # the gateway closed this session: what the device still sent goes unread
+                        continue
                     try:
                         await self.receive(text_data=message.get("text"), bytes_data=message.get("bytes"))
                     except OSError:  # the client is gone (uvicorn's ClientDisconnected): its disconnect comes next
@@ -129,9 +135,13 @@ class DeviceConsumer:
         await self.base_send({"type": "websocket.accept"})
 
     async def send(self, text_data: str):
-        await self.base_send({"type": "websocket.send", "text": text_data})
+        if not self.close_sent:
+            await self.base_send({"type": "websocket.send", "text": text_data})
 
     async def close(self, code: int | None = None):
+        if self.close_sent:
+            return
+        self.close_sent = True
         await self.base_send({"type": "websocket.close"} if code is None else {"type": "websocket.close", "code": code})
 
     async def disconnect(self, code):
@@ -154,6 +164,8 @@ class VehicleConsumer(DeviceConsumer):
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
     async def send_message(self, message: protocol.Message) -> None:
+        if self.close_sent:  # closing: what it would have been told is reconciled at its next hello
+            return
         text = protocol.encode(protocol.dump(message))
         self.unmetered_bytes += len(text)
         await self.base_send({"type": "websocket.send", "text": text})

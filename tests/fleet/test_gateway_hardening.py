@@ -6,12 +6,12 @@ import json
 import logging
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 
-from fleet import protocol
+from fleet import protocol, services
 from fleet.models import Vehicle
 from tests.fleet.test_gateway import (  # noqa: F401 -- fresh_channel_layer and paired are fixtures
-    communicator, fresh_channel_layer, online, paired, receive, send)
+    HEALTHY, communicator, fresh_channel_layer, online, paired, receive, send)
 from tests.fleet.test_gateway_errors import still_answered
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -124,6 +124,41 @@ def test_the_size_limit_counts_utf8_bytes_not_characters(paired):
                                                 ensure_ascii=False))
         assert (await receive(comm))["code"] == "too_large"
         await still_answered(comm, seq=4)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_after_its_protocol_close_a_flooding_car_hears_nothing_more(paired, caplog):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        for _ in range(2 * (protocol.RATE_BURST + protocol.RATE_STRIKES)):
+            await send(comm, "teleport")
+        while (output := await comm.receive_output(timeout=10))["type"] != "websocket.close":
+            pass
+        assert output["code"] == protocol.CLOSE_PROTOCOL_VIOLATION
+        # Frames on their way after the close are dropped: no second close (an ASGI server raises on one), no answer.
+        for _ in range(20):
+            await send(comm, "telemetry", **HEALTHY, seq=5)
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+def test_after_its_token_is_revoked_a_car_hears_nothing_more_than_its_close(paired):
+    vehicle, token = paired
+
+    async def scenario():
+        comm = await online(token)
+        await sync_to_async(services.vehicle_token_revoke)(vehicle=vehicle)
+        assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": protocol.CLOSE_TOKEN_REVOKED}
+        await send(comm, "telemetry", **HEALTHY, seq=6)  # sent before the car read its close
+        await send(comm, "work.request")
+        assert await comm.receive_nothing(timeout=0.5)
         await comm.disconnect()
 
     async_to_sync(scenario)()

@@ -1,15 +1,27 @@
 """A car is a stranger: whatever a dishonest or broken client sends, the gateway answers with the protocol's
 ``error`` or closes with the documented code (docs/vehicle-protocol.md), logs no traceback, and goes on serving
-that car or the others. Over channels' WebsocketCommunicator against the ASGI application."""
+that car or the others. Over channels' WebsocketCommunicator against the ASGI application, and, for what only a
+real server shows (frames that are not UTF-8 or over its size limit, a refused handshake, a close and what comes
+after it), over real websockets to uvicorn in this process, configured as docs/deploy.md runs it."""
 
+import asyncio
 import json
 import logging
+import threading
+import time
 
 import pytest
+import uvicorn
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import HttpCommunicator, WebsocketCommunicator
+from django.db import connections
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
+from billing.localpeer import free_port
 from fleet import protocol, services
 from fleet.models import Vehicle
+from marketplace.asgi import application
 from tests.fleet.test_gateway import (  # noqa: F401 -- fresh_channel_layer and paired are fixtures
     HEALTHY, communicator, fresh_channel_layer, online, paired, receive, send)
 from tests.fleet.test_gateway_errors import still_answered
@@ -162,3 +174,72 @@ def test_after_its_token_is_revoked_a_car_hears_nothing_more_than_its_close(pair
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_websocket_to_an_unknown_path_is_refused_and_an_unknown_page_is_still_djangos_404(paired, caplog):
+    vehicle, token = paired
+
+    async def scenario():
+        stray = WebsocketCommunicator(application, "/ws/nowhere/",
+                                      headers=[(b"authorization", f"Bearer {token}".encode())])
+        assert (await stray.connect()) == (False, 1000)  # refused before accept: HTTP 403 on the handshake
+        page = await HttpCommunicator(application, "GET", "/no/such/page/", headers=[(b"host", b"testserver")]).get_response()
+        assert page["status"] == 404
+        comm = await online(token)  # and the gateway's own path serves as before
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+# --- over real websockets, to uvicorn in this process ----------------------------------------------------
+
+@pytest.fixture
+def gateway_server():
+    """uvicorn in this process as docs/deploy.md runs it (websockets-sansio, frames up to 128 KiB, no deflate),
+    its log records going to the root logger (caplog). Database work runs on the server's thread (the outer
+    sync context), whose connection is closed when the server stops."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        application, host="127.0.0.1", port=port, ws="websockets-sansio", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
+        ws_per_message_deflate=False, lifespan="off", log_config=None))
+
+    def serve():
+        try:
+            async_to_sync(server.serve)()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"ws://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def talk(ws, message: dict | str | bytes, *, text: bool | None = None) -> dict:
+    await ws.send(message if isinstance(message, str | bytes) else json.dumps(message), text=text)
+    return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+
+def test_an_unknown_websocket_path_is_refused_with_403_not_500(gateway_server, paired, caplog):
+    vehicle, token = paired
+
+    async def scenario():
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"{gateway_server}/ws/nowhere/", additional_headers=bearer(token)):
+                pass
+        assert refused.value.response.status_code == 403
+        async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:
+            assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)

@@ -270,9 +270,12 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"client_faults": {"()": "marketplace.log_filters.ClientFaultFilter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}, "celery.app.trace": {"level": "WARNING"}},
+    "loggers": {"django.channels.server": {"level": "WARNING"}, "celery.app.trace": {"level": "WARNING"},
+                # a client's bad frame (not UTF-8) is a warning, not an exception with a traceback
+                "uvicorn.error": {"filters": ["client_faults"]}},
 }
 
 # --- Stripe (billing) --------------------------------------------------------------------------------

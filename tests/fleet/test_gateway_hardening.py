@@ -16,12 +16,13 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.db import connections
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from billing.localpeer import free_port
 from fleet import protocol, services
-from fleet.models import Vehicle
+from fleet.models import HardwareGeneration, Vehicle
 from marketplace.asgi import application
+from tests.factories import OwnerFactory
 from tests.fleet.test_gateway import (  # noqa: F401 -- fresh_channel_layer and paired are fixtures
     HEALTHY, communicator, fresh_channel_layer, online, paired, receive, send)
 from tests.fleet.test_gateway_errors import still_answered
@@ -228,6 +229,90 @@ def bearer(token: str) -> dict:
 async def talk(ws, message: dict | str | bytes, *, text: bool | None = None) -> dict:
     await ws.send(message if isinstance(message, str | bytes) else json.dumps(message), text=text)
     return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+
+async def acknowledged(ws, seq: int) -> None:
+    """The session goes on: a telemetry with ``seq`` is acknowledged (nothing else arrives before)."""
+    assert await talk(ws, {"v": 1, "type": "telemetry", **HEALTHY, "seq": seq}) == {"v": 1, "type": "ack", "seq": seq}
+
+
+async def closed_with(ws) -> int:
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    return ws.close_code
+
+
+def second_car() -> str:
+    vehicle, code = services.vehicle_create(owner=OwnerFactory(), name="Other car",
+                                            hardware=HardwareGeneration.objects.get(code="HW4"))
+    return services.vehicle_pair(code=code)[1]
+
+
+def test_bad_frames_over_a_real_websocket_get_their_error_and_the_session_goes_on(gateway_server, paired, caplog):
+    vehicle, token = paired
+
+    async def scenario():
+        async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:
+            assert (await talk(ws, r'{"v":1,"type":"hello","agent_version":"\ud800","runtimes":[],"throughput_mops":{}}')
+                    )["code"] == "bad_json"
+            assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+            for seq, (frame, code) in enumerate([
+                    (nested(30_000), "bad_json"), (r'{"v":1,"type":"\udfff"}', "bad_json"), (b"\x00\x01", "bad_message"),
+                    ("x" * (protocol.MAX_MESSAGE_BYTES + 1), "too_large")]):
+                answer = await talk(ws, frame)
+                assert (answer["type"], answer["code"]) == ("error", code), (frame[:20], answer)
+                await acknowledged(ws, seq=seq)
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+def test_a_frame_not_utf8_or_over_the_servers_limit_closes_only_its_own_socket(gateway_server, paired, caplog):
+    vehicle, token = paired
+    other = second_car()
+
+    async def scenario():
+        async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(other)) as bystander:
+            assert (await talk(bystander, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+            # A text frame that is not UTF-8 is closed by the server with 1007 (invalid frame payload data),
+            async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:
+                assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+                await ws.send(b"{\xff\xfe}", text=True)
+                assert await closed_with(ws) == 1007
+            # a frame over the server's limit (twice MAX_MESSAGE_BYTES) with 1009 (message too big): the server
+            # closes as soon as it reads the frame's length, so a client still sending may see its connection
+            # reset instead (1006).
+            async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:
+                assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+                await ws.send("x" * (2 * protocol.MAX_MESSAGE_BYTES + 1))
+                assert await closed_with(ws) in (1009, 1006)
+            # and the other car's session goes on.
+            await acknowledged(bystander, seq=9)
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+    assert "Invalid UTF-8 sequence received from client" in caplog.text  # a warning, in one line
+
+
+def test_a_flooding_car_is_closed_once_over_a_real_websocket_and_the_server_goes_on(gateway_server, paired, caplog):
+    vehicle, token = paired
+
+    async def scenario():
+        async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:
+            assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+            try:
+                for _ in range(2 * (protocol.RATE_BURST + protocol.RATE_STRIKES)):
+                    await ws.send('{"v":1,"type":"teleport"}')
+            except ConnectionClosed:
+                pass
+            assert await closed_with(ws) == protocol.CLOSE_PROTOCOL_VIOLATION
+        async with connect(f"{gateway_server}/ws/vehicle/", additional_headers=bearer(token)) as ws:  # back, after backoff
+            assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
+            await acknowledged(ws, seq=10)
+
+    async_to_sync(scenario)()
+    assert_no_traceback(caplog)  # the second close after 4002 was uvicorn's "Unexpected ASGI message" traceback
 
 
 def test_an_unknown_websocket_path_is_refused_with_403_not_500(gateway_server, paired, caplog):

@@ -24,6 +24,10 @@ MAX_INFLIGHT = 32
 CLOSE_TOKEN_REVOKED = 4001
 CLOSE_PROTOCOL_VIOLATION = 4002
 CLOSE_REPLACED = 4003
+#: No hello within GATEWAY_HELLO_TIMEOUT_S of the handshake.
+CLOSE_HELLO_TIMEOUT = 4004
+#: After hello, no frame at all (telemetry, heartbeat, anything) for GATEWAY_IDLE_TIMEOUT_S.
+CLOSE_IDLE = 4005
 
 
 #: Per-connection message rate: a bucket of RATE_BURST messages refilled at RATE_PER_S. A car's agent sends a
@@ -36,7 +40,7 @@ RATE_STRIKES = 200
 
 
 class RateLimiter:
-    """A token bucket (pure; the caller passes the clock)."""
+    """A token bucket (pure; the caller passes the clock). ``stamp`` is the time of the last ``allow`` call."""
 
     def __init__(self, *, rate_per_s: float = RATE_PER_S, burst: int = RATE_BURST):
         self.rate, self.burst = rate_per_s, burst

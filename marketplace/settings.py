@@ -173,6 +173,10 @@ MAX_INFLIGHT_PER_CAR = min(32, env.int("MAX_INFLIGHT_PER_CAR", default=32))
 # re-reads each car's policy and usage at least this often (and at once when the owner changes the policy).
 GATEWAY_FLUSH_S = env.float("GATEWAY_FLUSH_S", default=1.0)
 GATEWAY_VIEW_REFRESH_S = env.float("GATEWAY_VIEW_REFRESH_S", default=60.0)
+# A gateway closes a connection that sends no hello this long after its handshake (4004), and a car that sends
+# nothing at all this long after its hello (4005): four of its heartbeats, or of the agent's 5 s telemetry.
+GATEWAY_HELLO_TIMEOUT_S = env.float("GATEWAY_HELLO_TIMEOUT_S", default=10.0)
+GATEWAY_IDLE_TIMEOUT_S = env.float("GATEWAY_IDLE_TIMEOUT_S", default=4.0 * max(HEARTBEAT_INTERVAL_S, 5))
 DOCS_PER_UNIT = env.int("DOCS_PER_UNIT", default=8)
 PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each charge goes to the platform
 CURRENCY = env("CURRENCY", default="usd")

@@ -23,6 +23,7 @@ from django.utils import timezone
 from fleet import eligibility, protocol, selectors, services
 from fleet.gateway.batch import live_batch
 from fleet.gateway.collector import collector_pacing
+from fleet.gateway.liveness import liveness
 from fleet.selectors import GatewayView
 from marketplace import flows
 from marketplace.core.errors import ApplicationError
@@ -178,6 +179,26 @@ class VehicleConsumer(DeviceConsumer):
         # most of the time, have none (an empty deque alone is about 760 bytes a car).
         self.db_queue: collections.deque | None = None
         self.db_worker: asyncio.Task | None = None
+        liveness.connected(self)  # closed with CLOSE_HELLO_TIMEOUT unless its hello comes in time
+
+    @property
+    def last_seen(self) -> float:
+        """When the car's last frame arrived (monotonic): every frame passes the rate limiter, which stamps it."""
+        return self.limiter.stamp
+
+    def expire(self, code: int) -> None:
+        """Close the session for its silence (fleet.gateway.liveness), without holding up the caller."""
+        self._spawn(self._expire(code))
+
+    async def _expire(self, code: int) -> None:
+        if self.close_sent:  # closed already (flooding, revoked, replaced): its disconnect comes next
+            return
+        log.info("gateway: vehicle %s: closing with %s (%s)", self.vehicle_id, code,
+                 "no hello in time" if code == protocol.CLOSE_HELLO_TIMEOUT else "silent")
+        try:
+            await self.close(code=code)
+        except OSError:  # the client is gone already: its disconnect comes next
+            pass
 
     async def _db_work(self):
         """This car's database-bound work (leasing, results, releases, decisions that changed), one at a time
@@ -207,6 +228,7 @@ class VehicleConsumer(DeviceConsumer):
 
     async def disconnect(self, code):
         self.closed = True
+        liveness.forget(self)
         for task in getattr(self, "tasks", ()):
             task.cancel()
         if self.vehicle_id is not None:
@@ -284,6 +306,7 @@ class VehicleConsumer(DeviceConsumer):
             runtimes=msg.runtimes, throughput_mops=msg.throughput_mops, uplink_kbps=msg.uplink_kbps,
             held=list(msg.leases))
         self.hello_received = True
+        liveness.hello(self)
         self._set_view(view)
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
                                                  lease_ttl_s=settings.LEASE_TTL_S, max_inflight=view.max_inflight))

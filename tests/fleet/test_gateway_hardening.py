@@ -2,7 +2,8 @@
 ``error`` or closes with the documented code (docs/vehicle-protocol.md), logs no traceback, and goes on serving
 that car or the others. Over channels' WebsocketCommunicator against the ASGI application, and, for what only a
 real server shows (frames that are not UTF-8 or over its size limit, a refused handshake, a close and what comes
-after it), over real websockets to uvicorn in this process, configured as docs/deploy.md runs it."""
+after it), over real websockets to uvicorn in this process, configured as docs/deploy.md runs it. Then the
+liveness timeouts: no hello in time, and a car gone silent."""
 
 import asyncio
 import json
@@ -327,4 +328,58 @@ def test_an_unknown_websocket_path_is_refused_with_403_not_500(gateway_server, p
             assert (await talk(ws, {"v": 1, "type": "hello", **HELLO}))["type"] == "welcome"
 
     async_to_sync(scenario)()
+    assert_no_traceback(caplog)
+
+
+# --- liveness --------------------------------------------------------------------------------------------
+
+def test_a_connection_that_sends_no_hello_in_time_is_closed_with_4004(paired, settings, caplog):
+    vehicle, token = paired
+    settings.GATEWAY_HELLO_TIMEOUT_S, settings.GATEWAY_IDLE_TIMEOUT_S = 0.4, 60.0
+
+    async def scenario():
+        # Given a car that says hello at once: it outlives the hello timeout
+        talker = communicator(token)
+        assert (await talker.connect())[0]
+        await send(talker, "hello", **HELLO)
+        assert (await receive(talker))["type"] == "welcome"
+        await asyncio.sleep(0.8)
+        await still_answered(talker, seq=7)
+        await talker.disconnect()
+        # When a connection sends anything but a hello (which does not count)
+        comm = communicator(token)
+        connected_at = time.monotonic()
+        assert (await comm.connect())[0]
+        await send(comm, "telemetry", **HEALTHY)
+        assert (await receive(comm))["code"] == "hello_first"
+        # then it is closed with 4004 once the hello timeout has passed.
+        assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": protocol.CLOSE_HELLO_TIMEOUT}
+        assert time.monotonic() - connected_at >= 0.4
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert not Vehicle.objects.get(pk=vehicle.pk).connected
+    assert "no hello in time" in caplog.text
+    assert_no_traceback(caplog)
+
+
+def test_a_car_silent_after_its_hello_is_closed_with_4005_and_a_talking_one_is_not(paired, settings, caplog):
+    vehicle, token = paired
+    settings.GATEWAY_HELLO_TIMEOUT_S, settings.GATEWAY_IDLE_TIMEOUT_S = 60.0, 0.6
+
+    async def scenario():
+        comm = await online(token)
+        # Given a car that heartbeats (every 0.2 s) for three idle timeouts: it stays
+        for _ in range(9):
+            await send(comm, "heartbeat", leases=[])
+            await asyncio.sleep(0.2)
+        await still_answered(comm, seq=8)
+        # When it goes silent, then it is closed with 4005 once the idle timeout has passed.
+        silent_at = time.monotonic()
+        assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": protocol.CLOSE_IDLE}
+        assert time.monotonic() - silent_at >= 0.6
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+    assert not Vehicle.objects.get(pk=vehicle.pk).connected
     assert_no_traceback(caplog)

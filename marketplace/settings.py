@@ -222,7 +222,13 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_CLASSES": ["marketplace.authentication.ApiKeyRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_THROTTLE_RATE", default="600/min")},
+    # Failed pairing attempts (fleet.api.PairApi), per client address and per code prefix: an agent pairs once.
+    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_THROTTLE_RATE", default="600/min"),
+                               "pairing_client": env("PAIRING_THROTTLE_RATE_CLIENT", default="10/min"),
+                               "pairing_code": env("PAIRING_THROTTLE_RATE_CODE", default="5/min")},
+    # A client's address is REMOTE_ADDR alone; a trusted proxy's X-Forwarded-For reaches it through uvicorn's
+    # --proxy-headers (--forwarded-allow-ips), never a header the client could write itself.
+    "NUM_PROXIES": 0,
 }
 # Throttle counts: shared by every process through Redis in the services profile; one process's memory in
 # the embedded profile (where there is one process).

@@ -1,22 +1,26 @@
 """The owner API (cars, limits, credentials) and the agent's pairing endpoint. Every owner endpoint is
 scoped to the requesting owner's cars: another owner's car id is a 404."""
 
+import ipaddress
 from zoneinfo import available_timezones
 
 from django.conf import settings
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiExample, extend_schema
-from rest_framework import permissions, serializers, status
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from rest_framework import exceptions, parsers, permissions, serializers, status, throttling
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from billing.money import femto_per_minor
 from billing.selectors import vehicle_earnings_femto
-from fleet import services
+from fleet import services, tokens
 from fleet.eligibility import next_departure
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
+from marketplace.api import ErrorSerializer
+from marketplace.core.errors import ValidationFailed
 from marketplace.idempotency import idempotent
 from marketplace.models import WORKLOAD_CATEGORIES, Organisation
 
@@ -147,17 +151,112 @@ class VehicleDetailSerializer(VehicleSerializer):
         return None if found is None else {"at": found[0].isoformat(), "charge_pct": found[1]}
 
 
+class PairingThrottle(throttling.SimpleRateThrottle):
+    """Failed pairing attempts, at most ``DEFAULT_THROTTLE_RATES[scope]`` (read per request, so settings changes
+    apply) in a sliding window; while they reach it every attempt is refused, a right code too (429, with
+    Retry-After until the oldest failure leaves the window). Only failures count, because only guesses fail: a
+    depot, or the simulator, pairs many cars from one address. The counts live in the cache: the process's
+    memory in the embedded profile (one process), Redis in the services profile, shared by every process."""
+
+    key = None
+
+    def get_rate(self):
+        return api_settings.DEFAULT_THROTTLE_RATES[self.scope]
+
+    def allow_request(self, request, view):
+        self.key = self.get_cache_key(request, view) if self.rate is not None else None
+        if self.key is None:
+            return True
+        self.now = self.timer()
+        self.history = [at for at in self.cache.get(self.key, []) if at > self.now - self.duration]
+        if len(self.history) >= self.num_requests:
+            return self.throttle_failure()
+        return True
+
+    def attempt_failed(self) -> None:
+        """Count the attempt this throttle let through, which failed (read again: others may have failed since)."""
+        if self.key is not None:
+            history = [at for at in self.cache.get(self.key, []) if at > self.now - self.duration]
+            self.cache.set(self.key, [self.now, *history][:self.num_requests], self.duration)
+
+
+class PairingClientThrottle(PairingThrottle):
+    """Attempts per client address (REMOTE_ADDR: uvicorn sets it from a trusted proxy's X-Forwarded-For, and
+    NUM_PROXIES trusts no header of the client's); an IPv6 client per /64 network, which one host usually holds
+    whole, so that it cannot take a new address for each guess."""
+
+    scope = "pairing_client"
+
+    def get_cache_key(self, request, view):
+        ident = self.get_ident(request)
+        try:
+            address = ipaddress.ip_address(ident)
+        except ValueError:
+            pass
+        else:
+            if address.version == 6:
+                ident = str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+class PairingCodeThrottle(PairingThrottle):
+    """Attempts per code prefix (the code's first half, PREFIX characters): whoever saw half a code cannot try
+    the other half from many addresses. A body without a string code, or a prefix that no issued code has, is
+    left to the client's count."""
+
+    scope = "pairing_code"
+    PREFIX = 4
+
+    def get_cache_key(self, request, view):
+        data = request.data
+        code = data.get("code") if isinstance(data, dict) else None
+        if not isinstance(code, str):
+            return None
+        prefix = tokens.pairing_code_normalise(code)[:self.PREFIX]
+        if len(prefix) < self.PREFIX or not set(prefix) <= set(tokens.PAIRING_ALPHABET):
+            return None
+        return self.cache_format % {"scope": self.scope, "ident": tokens.digest(prefix)[:16]}
+
+
+class PairingJSONParser(parsers.JSONParser):
+    """DRF's JSON parser, but a body nested deeper than the interpreter recurses is a 400 as any other bad JSON
+    (DRF turns only a ValueError into one: the RecursionError was a 500 with a traceback)."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
+
+
 class PairApi(APIView):
-    """The car's agent exchanges a one-time pairing code for its device token."""
+    """The car's agent exchanges a one-time pairing code for its device token. Attempts are throttled per client
+    address and per code prefix (429 with Retry-After; docs/vehicle-protocol.md)."""
 
     permission_classes = [permissions.AllowAny]
     authentication_classes = []
+    parser_classes = [PairingJSONParser]
+    throttle_classes = [PairingClientThrottle, PairingCodeThrottle]
 
-    @extend_schema(request=PairInputSerializer, responses={201: PairOutputSerializer})
+    def get_throttles(self):
+        self.throttles = super().get_throttles()  # kept, to count a failed attempt on them
+        return self.throttles
+
+    @extend_schema(request=PairInputSerializer, responses={
+        201: PairOutputSerializer,
+        400: OpenApiResponse(ErrorSerializer, description="Code pairing_invalid: the code is unknown, used or expired "
+                                                          "(or invalid: the body is not valid)."),
+        429: OpenApiResponse(ErrorSerializer, description="Code throttled: too many attempts from this address or for "
+                                                          "this code; wait Retry-After seconds.")})
     def post(self, request):
         data = PairInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        vehicle, token = services.vehicle_pair(code=data.validated_data["code"])
+        try:
+            vehicle, token = services.vehicle_pair(code=data.validated_data["code"])
+        except ValidationFailed:  # pairing_invalid: a wrong, used or expired code
+            for throttle in self.throttles:
+                throttle.attempt_failed()
+            raise
         return Response({"vehicle_id": vehicle.pk, "token": token}, status=status.HTTP_201_CREATED)
 
 

@@ -73,7 +73,7 @@ def pairing_code_issue(*, vehicle: Vehicle) -> str:
 
 def vehicle_pair(*, code: str) -> tuple[Vehicle, str]:
     """Exchange a pairing code for a new device token. The code works once; any older token stops working."""
-    normalised = code.strip().upper().replace("-", "")
+    normalised = tokens.pairing_code_normalise(code)
     with transaction.atomic():
         vehicle = (Vehicle.objects.select_for_update()
                    .filter(pairing_code_hash=tokens.digest(normalised), removed_at=None).first())

@@ -30,3 +30,8 @@ def prefix_of(token: str, kind: str) -> str | None:
 
 def new_pairing_code() -> str:
     return "".join(secrets.choice(PAIRING_ALPHABET) for _ in range(8))
+
+
+def pairing_code_normalise(code: str) -> str:
+    """A pairing code as typed (any case, spaces around it, a dash between its halves) as it was issued."""
+    return code.strip().upper().replace("-", "")

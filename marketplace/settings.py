@@ -178,6 +178,10 @@ MAX_INFLIGHT_PER_CAR = min(32, env.int("MAX_INFLIGHT_PER_CAR", default=32))
 # re-reads each car's policy and usage at least this often (and at once when the owner changes the policy).
 GATEWAY_FLUSH_S = env.float("GATEWAY_FLUSH_S", default=1.0)
 GATEWAY_VIEW_REFRESH_S = env.float("GATEWAY_VIEW_REFRESH_S", default=60.0)
+# A gateway closes a connection that sends no hello this long after its handshake (4004), and a car that sends
+# nothing at all this long after its hello (4005): four of its heartbeats, or of the agent's 5 s telemetry.
+GATEWAY_HELLO_TIMEOUT_S = env.float("GATEWAY_HELLO_TIMEOUT_S", default=10.0)
+GATEWAY_IDLE_TIMEOUT_S = env.float("GATEWAY_IDLE_TIMEOUT_S", default=4.0 * max(HEARTBEAT_INTERVAL_S, 5))
 DOCS_PER_UNIT = env.int("DOCS_PER_UNIT", default=8)
 PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each charge goes to the platform
 CURRENCY = env("CURRENCY", default="usd")
@@ -223,7 +227,13 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_CLASSES": ["marketplace.authentication.ApiKeyRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_THROTTLE_RATE", default="600/min")},
+    # Failed pairing attempts (fleet.api.PairApi), per client address and per code prefix: an agent pairs once.
+    "DEFAULT_THROTTLE_RATES": {"api_key": env("API_THROTTLE_RATE", default="600/min"),
+                               "pairing_client": env("PAIRING_THROTTLE_RATE_CLIENT", default="10/min"),
+                               "pairing_code": env("PAIRING_THROTTLE_RATE_CODE", default="5/min")},
+    # A client's address is REMOTE_ADDR alone; a trusted proxy's X-Forwarded-For reaches it through uvicorn's
+    # --proxy-headers (--forwarded-allow-ips), never a header the client could write itself.
+    "NUM_PROXIES": 0,
 }
 # Throttle counts: shared by every process through Redis in the services profile; one process's memory in
 # the embedded profile (where there is one process).
@@ -275,9 +285,12 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"client_faults": {"()": "marketplace.log_filters.ClientFaultFilter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}, "celery.app.trace": {"level": "WARNING"}},
+    "loggers": {"django.channels.server": {"level": "WARNING"}, "celery.app.trace": {"level": "WARNING"},
+                # a client's bad frame (not UTF-8) is a warning, not an exception with a traceback
+                "uvicorn.error": {"filters": ["client_faults"]}},
 }
 
 # --- Stripe (billing) --------------------------------------------------------------------------------

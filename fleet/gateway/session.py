@@ -6,7 +6,8 @@ flows.unit_complete, ``release`` fleet.services.leases_withdraw.
 
 Whatever handling a car's message raises is answered with a protocol ``error`` and the session goes on: a
 ProtocolError or an ApplicationError (a service's rule, e.g. billing's ``reservation_released``) with its own
-code and message, anything else, logged, with ``internal_error``. Never a traceback."""
+code and message, anything else, logged, with ``internal_error``. Never a traceback. Once the gateway has closed
+a session it sends nothing more, and frames still arriving are dropped unanswered."""
 
 import asyncio
 import collections
@@ -22,6 +23,7 @@ from django.utils import timezone
 from fleet import eligibility, protocol, selectors, services
 from fleet.gateway.batch import live_batch
 from fleet.gateway.collector import collector_pacing
+from fleet.gateway.liveness import liveness
 from fleet.selectors import GatewayView
 from marketplace import flows
 from marketplace.core.errors import ApplicationError
@@ -50,9 +52,12 @@ class DeviceConsumer:
     ``await_many_dispatch``, which creates a task and runs an ``asyncio.wait`` over two tasks for every frame:
     with telemetry that cost as much as the rest of the gateway's work on a message (tests/bench/gateway.py).
     The methods a subclass uses keep channels' names and meanings (``connect``, ``accept``, ``receive``,
-    ``send``, ``close``, ``disconnect``, ``channel_layer``, ``channel_name``, ``scope``)."""
+    ``send``, ``close``, ``disconnect``, ``channel_layer``, ``channel_name``, ``scope``). A session closes once:
+    after its close, ``close`` and ``send`` do nothing (an ASGI server refuses any message after a close with
+    an exception) and frames from the device that were already on their way are dropped."""
 
     vehicle_id: int | None = None
+    close_sent = False
     channel_layer_alias = DEFAULT_CHANNEL_LAYER
 
     @classmethod
@@ -81,6 +86,8 @@ class DeviceConsumer:
                 message = await receive()
                 kind = message["type"]
                 if kind == "websocket.receive":
+                    if self.close_sent:  # the gateway closed this session: what the device still sent goes unread
+                        continue
                     try:
                         await self.receive(text_data=message.get("text"), bytes_data=message.get("bytes"))
                     except OSError:  # the client is gone (uvicorn's ClientDisconnected): its disconnect comes next
@@ -129,9 +136,13 @@ class DeviceConsumer:
         await self.base_send({"type": "websocket.accept"})
 
     async def send(self, text_data: str):
-        await self.base_send({"type": "websocket.send", "text": text_data})
+        if not self.close_sent:
+            await self.base_send({"type": "websocket.send", "text": text_data})
 
     async def close(self, code: int | None = None):
+        if self.close_sent:
+            return
+        self.close_sent = True
         await self.base_send({"type": "websocket.close"} if code is None else {"type": "websocket.close", "code": code})
 
     async def disconnect(self, code):
@@ -154,6 +165,8 @@ class VehicleConsumer(DeviceConsumer):
     unmetered_bytes = 0  # traffic with the car not yet added to its daily data usage
 
     async def send_message(self, message: protocol.Message) -> None:
+        if self.close_sent:  # closing: what it would have been told is reconciled at its next hello
+            return
         text = protocol.encode(protocol.dump(message))
         self.unmetered_bytes += len(text)
         await self.base_send({"type": "websocket.send", "text": text})
@@ -166,6 +179,26 @@ class VehicleConsumer(DeviceConsumer):
         # most of the time, have none (an empty deque alone is about 760 bytes a car).
         self.db_queue: collections.deque | None = None
         self.db_worker: asyncio.Task | None = None
+        liveness.connected(self)  # closed with CLOSE_HELLO_TIMEOUT unless its hello comes in time
+
+    @property
+    def last_seen(self) -> float:
+        """When the car's last frame arrived (monotonic): every frame passes the rate limiter, which stamps it."""
+        return self.limiter.stamp
+
+    def expire(self, code: int) -> None:
+        """Close the session for its silence (fleet.gateway.liveness), without holding up the caller."""
+        self._spawn(self._expire(code))
+
+    async def _expire(self, code: int) -> None:
+        if self.close_sent:  # closed already (flooding, revoked, replaced): its disconnect comes next
+            return
+        log.info("gateway: vehicle %s: closing with %s (%s)", self.vehicle_id, code,
+                 "no hello in time" if code == protocol.CLOSE_HELLO_TIMEOUT else "silent")
+        try:
+            await self.close(code=code)
+        except OSError:  # the client is gone already: its disconnect comes next
+            pass
 
     async def _db_work(self):
         """This car's database-bound work (leasing, results, releases, decisions that changed), one at a time
@@ -195,6 +228,7 @@ class VehicleConsumer(DeviceConsumer):
 
     async def disconnect(self, code):
         self.closed = True
+        liveness.forget(self)
         for task in getattr(self, "tasks", ()):
             task.cancel()
         if self.vehicle_id is not None:
@@ -272,6 +306,7 @@ class VehicleConsumer(DeviceConsumer):
             runtimes=msg.runtimes, throughput_mops=msg.throughput_mops, uplink_kbps=msg.uplink_kbps,
             held=list(msg.leases))
         self.hello_received = True
+        liveness.hello(self)
         self._set_view(view)
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
                                                  lease_ttl_s=settings.LEASE_TTL_S, max_inflight=view.max_inflight))

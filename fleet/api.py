@@ -8,7 +8,7 @@ from django.conf import settings
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
-from rest_framework import exceptions, parsers, permissions, serializers, status, throttling
+from rest_framework import permissions, serializers, status, throttling
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
@@ -218,24 +218,12 @@ class PairingCodeThrottle(PairingThrottle):
         return self.cache_format % {"scope": self.scope, "ident": tokens.digest(prefix)[:16]}
 
 
-class PairingJSONParser(parsers.JSONParser):
-    """DRF's JSON parser, but a body nested deeper than the interpreter recurses is a 400 as any other bad JSON
-    (DRF turns only a ValueError into one: the RecursionError was a 500 with a traceback)."""
-
-    def parse(self, stream, media_type=None, parser_context=None):
-        try:
-            return super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
-
-
 class PairApi(APIView):
     """The car's agent exchanges a one-time pairing code for its device token. Attempts are throttled per client
     address and per code prefix (429 with Retry-After; docs/vehicle-protocol.md)."""
 
     permission_classes = [permissions.AllowAny]
     authentication_classes = []
-    parser_classes = [PairingJSONParser]
     throttle_classes = [PairingClientThrottle, PairingCodeThrottle]
 
     def get_throttles(self):

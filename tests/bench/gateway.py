@@ -796,7 +796,10 @@ def main(args) -> dict:
         _log(f"database {db_kind} ready with {needed} cars in {time.monotonic() - started:.1f} s")
         env = {**os.environ, "DATABASE_URL": db_url, "DJANGO_DEBUG": "false",
                "DJANGO_SECRET_KEY": "bench-gateway-not-secret-" + "x" * 32, "LOG_LEVEL": "WARNING",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1",
+               # The bench's cars say hello and then wait, silent, until the whole fleet is connected (and send
+               # no heartbeats): the idle timeout real cars never meet would close them.
+               "GATEWAY_IDLE_TIMEOUT_S": "3600"}
         env.pop("REDIS_URL", None)
         if args.redis:
             env["REDIS_URL"] = REDIS_BENCH_URL

@@ -375,3 +375,10 @@ def test_the_catalogue_is_public_and_marks_the_default_embedding_model(client):
     models = client.get("/api/v1/models/").json()
     assert [m["slug"] for m in models if m["default"]] == ["all-minilm-l6-v2"]
     assert set(models[0]["price_per_million_tokens_micros"]) == {"int8", "fp32"}
+
+
+def test_a_body_nested_too_deep_is_a_400_in_the_apis_error_shape_not_a_500(api, make_job):
+    job = make_job(docs=8)
+    deep = "[" * 30_000 + "]" * 30_000
+    response = api.generic("POST", f"/api/v1/jobs/{job.pk}/bid/", deep, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "parse_error"

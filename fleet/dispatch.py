@@ -45,6 +45,15 @@ def lease_lifetime_s(*, work_s: float, ttl_s: float, max_s: float) -> float:
     return max(ttl_s, min(max_s, LEASE_LIFETIME_FACTOR * work_s + ttl_s))
 
 
+def strikes_standing(*, strikes: int, since_s: float | None, forgive_s: float) -> int:
+    """The strikes a car still carries ``since_s`` seconds after its last one: one is forgiven every
+    ``forgive_s``, so a car that stalled now and then soon works at its full limit again, and one that keeps
+    sitting on its work keeps being struck."""
+    if since_s is None:
+        return 0
+    return max(0, strikes - int(max(0.0, since_s) // forgive_s))
+
+
 def inflight_after_strikes(*, limit: int, strikes: int) -> int:
     """A car whose leases ran out without a result may hold fewer: the limit halves per recent strike (down
     to one lease), so a car that hoards work soon holds one unit at a time."""

@@ -115,11 +115,9 @@ def vehicle_inflight_limit(*, vehicle: Vehicle) -> int:
 
 
 def vehicle_recent_strikes(*, vehicle: Vehicle) -> int:
-    """Leases of the car that ran out without a result within the last LEASE_STRIKE_MEMORY_S."""
-    if vehicle.lease_strike_at is None:
-        return 0
-    recent = timezone.now() - vehicle.lease_strike_at < timedelta(seconds=settings.LEASE_STRIKE_MEMORY_S)
-    return vehicle.lease_strikes if recent else 0
+    """The strikes (leases that ran out without a result) the car still carries (fleet.dispatch.strikes_standing)."""
+    since = None if vehicle.lease_strike_at is None else (timezone.now() - vehicle.lease_strike_at).total_seconds()
+    return dispatch.strikes_standing(strikes=vehicle.lease_strikes, since_s=since, forgive_s=settings.LEASE_STRIKE_FORGIVE_S)
 
 
 def vehicle_mops_per_s(*, vehicle: Vehicle, precision: str) -> int:

@@ -15,7 +15,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, F, Subquery, Value, When
+from django.db.models import F, Subquery, Value
 from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
@@ -450,26 +450,28 @@ def leases_sweep(*, batch: int = 500) -> int:
             reason = "lease_deadline" if at_deadline else "lease_expired"
             by_car_and_reason[unit.leased_to_id, reason].append((unit.pk, unit.lease_epoch))
             _requeue(unit, outcome=Lease.Outcome.EXPIRED, reason=reason, now=now)
-        strikes: dict[int, int] = defaultdict(int)
-        for (vehicle_id, _), refs in by_car_and_reason.items():
-            strikes[vehicle_id] += len(refs)
-        for vehicle_id, count in sorted(strikes.items()):
-            vehicle_strikes_add(vehicle_id=vehicle_id, strikes=count, now=now)
         for vehicle_id in silent:
             leases_withdraw(vehicle_id=vehicle_id, reason="offline", notify=False)
         for (vehicle_id, reason), refs in by_car_and_reason.items():
             message = {"type": "vehicle.withdraw", "leases": refs, "reason": reason}
             transaction.on_commit(lambda v=vehicle_id, m=message: vehicle_notify(vehicle_id=v, message=m))
+    # One strike per car and sweep, however many of its leases ran out together; booked after the units are
+    # let go (should this not run, the strike is lost, nothing else).
+    for vehicle_id in sorted({vehicle_id for vehicle_id, _ in by_car_and_reason}):
+        vehicle_strikes_add(vehicle_id=vehicle_id, strikes=1, now=now)
     return len(expired)
 
 
 def vehicle_strikes_add(*, vehicle_id: int, strikes: int, now: datetime) -> None:
-    """Count leases of the car that ran out without a result; strikes older than LEASE_STRIKE_MEMORY_S are
-    forgotten when a new one comes (fleet.selectors.vehicle_recent_strikes reads them)."""
-    forgotten = now - timedelta(seconds=settings.LEASE_STRIKE_MEMORY_S)
-    Vehicle.objects.filter(pk=vehicle_id).update(
-        lease_strikes=Case(When(lease_strike_at__gte=forgotten, then=F("lease_strikes") + strikes), default=strikes),
-        lease_strike_at=now)
+    """Count ``strikes`` against the car (its leases ran out without a result), on top of those it still carries
+    (fleet.dispatch.strikes_standing). Its own transaction: the car's row comes before units in the lock
+    order (docs/concurrency.md), so the sweep books strikes after it has let its units go."""
+    with transaction.atomic():
+        vehicle = Vehicle.objects.select_for_update().only("lease_strikes", "lease_strike_at").get(pk=vehicle_id)
+        since = None if vehicle.lease_strike_at is None else (now - vehicle.lease_strike_at).total_seconds()
+        standing = dispatch.strikes_standing(strikes=vehicle.lease_strikes, since_s=since,
+                                             forgive_s=settings.LEASE_STRIKE_FORGIVE_S)
+        Vehicle.objects.filter(pk=vehicle_id).update(lease_strikes=min(standing + strikes, 1000), lease_strike_at=now)
 
 
 # --- results -------------------------------------------------------------------------------------------

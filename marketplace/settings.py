@@ -166,9 +166,10 @@ LEASE_SWEEP_INTERVAL_S = env.float("LEASE_SWEEP_INTERVAL_S", default=2.0)
 LEASE_TTL_S = env.int("LEASE_TTL_S", default=30)
 # Heartbeats extend a lease by LEASE_TTL_S, up to its deadline: LEASE_LIFETIME_FACTOR (fleet.dispatch) times
 # the car's own time for its work, plus one TTL, and at most LEASE_MAX_LIFETIME_S. A lease that runs out is a
-# strike against its car: its in-flight limit halves per strike within LEASE_STRIKE_MEMORY_S.
+# strike against its car: its in-flight limit halves per strike it still carries; one is forgiven every
+# LEASE_STRIKE_FORGIVE_S after the last.
 LEASE_MAX_LIFETIME_S = env.int("LEASE_MAX_LIFETIME_S", default=300)
-LEASE_STRIKE_MEMORY_S = env.int("LEASE_STRIKE_MEMORY_S", default=3600)
+LEASE_STRIKE_FORGIVE_S = env.int("LEASE_STRIKE_FORGIVE_S", default=30)
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=5)
 VEHICLE_STALE_AFTER_S = env.int("VEHICLE_STALE_AFTER_S", default=20)
 # The operator's cap on any car's in-flight leases; each car's own limit comes from its speed and link

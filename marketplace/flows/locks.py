@@ -13,10 +13,6 @@ from billing.models import Reservation
 from fleet.models import WorkUnit
 from marketplace.models import Job
 
-#: The order, as docs/concurrency.md explains it. Nothing reads this tuple; it names the order in one place.
-LOCK_ORDER = ("vehicle", "reservation", "job", "work units (by id)", "allocation", "ledger accounts (by id)")
-
-
 @dataclass
 class JobLocks:
     reservation: Reservation | None

@@ -75,6 +75,8 @@ class LedgerTransaction(AppendOnlyModel):
         PAYOUT = "payout", "Owner payout"
         PAYOUT_REVERSAL = "payout_reversal", "Owner payout reversed"
         GRANT = "grant", "Credit granted by the platform"
+        VERIFICATION = "verification", "Result check paid by the platform"
+        CLAWBACK = "clawback", "Earnings of a wrong or voided result taken back"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     reference = models.CharField(
@@ -100,9 +102,18 @@ class LedgerEntry(AppendOnlyModel):
 
 
 class MeterRecord(AppendOnlyModel):
-    """One completed work unit, priced exactly. One per unit (unique), so no unit is paid twice."""
+    """One accepted result of a work unit, priced exactly: one per lease (unit and epoch, unique), so no lease is
+    paid twice. ``role`` says who pays: the buyer for the unit's result, the platform for a check (a second
+    car's computation of a replicated unit: ``charge_femto`` 0, the platform's share the negative of the car's).
+    A result voided later keeps its row; its Clawback takes the money back."""
 
-    unit = models.OneToOneField("fleet.WorkUnit", on_delete=models.PROTECT, related_name="meter")
+    class Role(models.TextChoices):
+        BUYER = "buyer", "The unit's result, paid by the buyer"
+        CHECK = "check", "A check of the unit, paid by the platform"
+
+    unit = models.ForeignKey("fleet.WorkUnit", on_delete=models.PROTECT, related_name="meters")
+    epoch = models.PositiveIntegerField(default=0, help_text="The lease whose result this pays.")
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.BUYER)
     job = models.ForeignKey("marketplace.Job", on_delete=models.PROTECT, related_name="meter_records")
     vehicle = models.ForeignKey("fleet.Vehicle", on_delete=models.PROTECT, related_name="meter_records")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="meter_records")
@@ -120,9 +131,21 @@ class MeterRecord(AppendOnlyModel):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [models.CheckConstraint(
-            condition=models.Q(charge_femto=models.F("owner_femto") + models.F("platform_femto")),
-            name="meter_shares_add_up_to_the_charge")]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(charge_femto=models.F("owner_femto") + models.F("platform_femto")),
+                                   name="meter_shares_add_up_to_the_charge"),
+            models.UniqueConstraint(fields=["unit", "epoch"], name="one_meter_per_lease"),
+        ]
+
+
+class Clawback(AppendOnlyModel):
+    """The earnings of one metered result taken back, because the result was wrong or its car was caught
+    before it was checked (docs/verification.md): the owner's and the platform's shares go back to the buyer."""
+
+    meter = models.OneToOneField(MeterRecord, on_delete=models.PROTECT, related_name="clawback")
+    transaction = models.ForeignKey(LedgerTransaction, on_delete=models.PROTECT, related_name="clawbacks")
+    reason = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
 
 
 class PlatformFee(AppendOnlyModel):

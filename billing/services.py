@@ -11,7 +11,15 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.errors import BillingError
-from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee, Reservation
+from billing.models import (
+    Clawback,
+    LedgerAccount,
+    LedgerEntry,
+    LedgerTransaction,
+    MeterRecord,
+    PlatformFee,
+    Reservation,
+)
 from billing.money import charge_femto, femto_to_minor_ceil, femto_to_minor_with_carry, format_minor, split_revenue
 from billing.selectors import account_balance_minor, platform_fee_bps
 from marketplace.models import Job
@@ -85,7 +93,7 @@ def _accrue(account: LedgerAccount, femto: int) -> int:
 
 
 def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_ms: int = 0,
-                 reservation: Reservation | None = None) -> MeterRecord:
+                 reservation: Reservation | None = None, epoch: int | None = None) -> MeterRecord:
     """Meter one completed work unit and book it: the job's reservation is drawn at the clearing price, the
     owner credited their share, the platform its fee.
 
@@ -93,7 +101,8 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_
     pays its exact cost rounded up once, never a cent per unit); the owner's and the platform's sub-cent
     remainders wait on their accounts' carry; what rounding leaves over goes to the rounding account.
     Called inside the unit-completion transaction (marketplace.flows.unit_complete), which may pass the job's
-    ``reservation`` already locked; the unique meter row per unit means no unit is paid twice.
+    ``reservation`` already locked; ``epoch`` names the lease paid (the unit's current one by default): the
+    unique meter row per lease means no result is paid twice.
     """
     job = unit.job
     currency = job.currency
@@ -136,11 +145,70 @@ def usage_record(*, unit, vehicle, price_micros: int, energy_mwh: int, duration_
             ],
         )
         return MeterRecord.objects.create(
-            unit=unit, job=job, vehicle=vehicle, owner=vehicle.owner, tokens=unit.tokens, mops=unit.mops,
-            price_micros=price_micros, currency=currency, fee_bps=fee_bps, charge_femto=charge,
-            owner_femto=owner_share, platform_femto=platform_share, energy_mwh=energy_mwh, duration_ms=duration_ms,
-            transaction=txn,
+            unit=unit, epoch=unit.lease_epoch if epoch is None else epoch, job=job, vehicle=vehicle,
+            owner=vehicle.owner, tokens=unit.tokens, mops=unit.mops, price_micros=price_micros, currency=currency,
+            fee_bps=fee_bps, charge_femto=charge, owner_femto=owner_share, platform_femto=platform_share,
+            energy_mwh=energy_mwh, duration_ms=duration_ms, transaction=txn,
         )
+
+
+def check_record(*, unit, vehicle, epoch: int, price_micros: int, energy_mwh: int, duration_ms: int = 0) -> MeterRecord:
+    """Meter and pay a check: a second car's computation of a replicated unit (docs/verification.md). The buyer
+    pays nothing for it; the platform pays the car what its share of the unit would be, from its fee revenue."""
+    job = unit.job
+    currency = job.currency
+    fee_bps = platform_fee_bps()
+    pay, _ = split_revenue(charge=charge_femto(mops=unit.mops, price_micros=price_micros), fee_bps=fee_bps)
+    with transaction.atomic():
+        owner_account, platform_account, rounding = accounts_lock(
+            account_get(kind=LedgerAccount.Kind.OWNER, currency=currency, owner=vehicle.owner),
+            account_get(kind=LedgerAccount.Kind.PLATFORM_FEE, currency=currency),
+            account_get(kind=LedgerAccount.Kind.ROUNDING, currency=currency))
+        owner, platform = _accrue(owner_account, pay), _accrue(platform_account, -pay)
+        txn = ledger_post(kind=LedgerTransaction.Kind.VERIFICATION, currency=currency, job=job,
+                          description=f"Check of unit {job.pk}/{unit.seq}",
+                          postings=[Posting(owner_account, owner), Posting(platform_account, platform),
+                                    Posting(rounding, -owner - platform)])
+        return MeterRecord.objects.create(
+            unit=unit, epoch=epoch, role=MeterRecord.Role.CHECK, job=job, vehicle=vehicle, owner=vehicle.owner,
+            tokens=unit.tokens, mops=unit.mops, price_micros=price_micros, currency=currency, fee_bps=fee_bps,
+            charge_femto=0, owner_femto=pay, platform_femto=-pay, energy_mwh=energy_mwh, duration_ms=duration_ms,
+            transaction=txn)
+
+
+def clawback(*, unit, epoch: int, reason: str, reservation: Reservation | None = None) -> Clawback | None:
+    """Take back what a result was paid (its car was caught before the result was checked): the owner's and
+    the platform's shares, through their carries, go back to the buyer: into the job's reservation while it is
+    active (``reservation``, locked by the flow; the unit will be paid again when it is recomputed), else to the
+    organisation's balance. What rounding leaves over is the rounding account's. An owner already paid out goes
+    below zero, and later earnings make it good (docs/verification.md). Once per result; None if it was never
+    paid."""
+    meter = MeterRecord.objects.filter(unit=unit, epoch=epoch, role=MeterRecord.Role.BUYER, clawback=None).first()
+    if meter is None:
+        return None
+    job = unit.job
+    currency = meter.currency
+    with transaction.atomic():
+        active = reservation is not None and reservation.status == Reservation.Status.ACTIVE
+        buyer_kind = LedgerAccount.Kind.BUYER_RESERVED if active else LedgerAccount.Kind.BUYER
+        buyer, owner_account, platform_account, rounding = accounts_lock(
+            account_get(kind=buyer_kind, currency=currency, organisation=job.organisation),
+            account_get(kind=LedgerAccount.Kind.OWNER, currency=currency, owner=meter.owner),
+            account_get(kind=LedgerAccount.Kind.PLATFORM_FEE, currency=currency),
+            account_get(kind=LedgerAccount.Kind.ROUNDING, currency=currency))
+        owner, platform = _accrue(owner_account, -meter.owner_femto), _accrue(platform_account, -meter.platform_femto)
+        if active:
+            reservation.charged_femto -= meter.charge_femto
+            drawn = femto_to_minor_ceil(femto=reservation.charged_femto, currency=currency)
+            back, reservation.drawn_minor = reservation.drawn_minor - drawn, drawn
+            reservation.save(update_fields=["charged_femto", "drawn_minor", "updated_at"])
+        else:
+            back = -owner - platform
+        txn = ledger_post(kind=LedgerTransaction.Kind.CLAWBACK, currency=currency, job=job,
+                          reference=f"clawback:{meter.pk}", description=f"Unit {job.pk}/{unit.seq} voided: {reason}"[:200],
+                          postings=[Posting(buyer, back), Posting(owner_account, owner),
+                                    Posting(platform_account, platform), Posting(rounding, -back - owner - platform)])
+        return Clawback.objects.create(meter=meter, transaction=txn, reason=reason[:64])
 
 
 # --- Job budget reservations ------------------------------------------------------------------------------

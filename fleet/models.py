@@ -83,6 +83,15 @@ class Vehicle(models.Model):
                              "(fleet.dispatch.inflight_after_strikes).")
     lease_strike_at = models.DateTimeField(null=True, blank=True, help_text="When a lease of the car last ran out.")
 
+    # Standing: what the checks of its results have shown (fleet.verification, docs/verification.md).
+    results_streak = models.PositiveIntegerField(default=0, help_text="Results accepted since its last wrong one.")
+    checks_passed = models.PositiveIntegerField(default=0, help_text="Results a check found right, ever.")
+    wrong_results = models.PositiveIntegerField(default=0, help_text="Results a check found wrong, ever.")
+    wrong_recent = models.PositiveSmallIntegerField(default=0, help_text="Wrong results in the strike memory.")
+    wrong_at = models.DateTimeField(null=True, blank=True, help_text="When a result of the car was last found wrong.")
+    suspended_at = models.DateTimeField(null=True, blank=True, help_text="Suspended: gets no work until reinstated.")
+    suspension_reason = models.CharField(max_length=200, blank=True)
+
     class Meta:
         ordering = ["name"]
 
@@ -168,6 +177,20 @@ class WorkUnit(models.Model):
     completed_by = models.ForeignKey(Vehicle, null=True, blank=True, on_delete=models.SET_NULL, related_name="units_completed")
     completed_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # Verification (fleet.verification). ``reference``: the platform's own result, when it has one (a canary,
+    # or a unit it arbitrated). ``verify``: what the unit waits for while queued: a replica by a car of another
+    # owner than ``verify_owner`` (whose result waits on its lease), or the platform's arbitration (no car gets it).
+    reference = models.JSONField(null=True, blank=True, help_text="The platform's result, computed by the reference runtime.")
+
+    class Verify(models.TextChoices):
+        NONE = "", "Nothing"
+        REPLICA = "replica", "A second car's result"
+        ARBITER = "arbiter", "The platform's reference"
+
+    verify = models.CharField(max_length=8, choices=Verify.choices, default=Verify.NONE, blank=True)
+    verify_owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+", help_text="The owner whose car's result waits for a replica.")
+    verify_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["job_id", "seq"]
@@ -209,6 +232,18 @@ class Lease(models.Model):
     ended_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.ACTIVE)
     reason = models.CharField(max_length=64, blank=True)
+
+    class Verdict(models.TextChoices):
+        NONE = "", "No result"
+        UNCHECKED = "unchecked", "Accepted unchecked"
+        PENDING = "pending", "Waiting for its check"
+        AGREED = "agreed", "Agreed with another car's"
+        RIGHT = "right", "Agreed with the platform's reference"
+        WRONG = "wrong", "Wrong"
+        VOIDED = "voided", "Unchecked, voided when its car was caught"
+
+    verdict = models.CharField(max_length=12, choices=Verdict.choices, default=Verdict.NONE, blank=True)
+    result = models.JSONField(null=True, blank=True, help_text="The car's result while it waits for its check.")
 
     class Meta:
         constraints = [

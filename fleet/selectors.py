@@ -155,7 +155,8 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
     deliver (its measured figure, capped by the hardware's nominal peak) and the seconds it can still work
     (fleet.eligibility.work_time_left; None: unbounded), so that no car sells time it will not be parked for."""
     candidates = (
-        Vehicle.objects.filter(connected=True, removed_at=None, hardware__throughputs__precision=precision)
+        Vehicle.objects.filter(connected=True, removed_at=None, suspended_at=None,
+                                hardware__throughputs__precision=precision)
         .select_related("policy", "hardware")
         .prefetch_related("policy__blocked_organisations", "hardware__throughputs")
         .order_by("pk")

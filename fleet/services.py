@@ -4,8 +4,9 @@ import base64
 import binascii
 import logging
 import math
+import secrets
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -19,7 +20,9 @@ from django.db.models import F, Subquery, Value
 from django.db.models.functions import Coalesce, Least
 from django.utils import timezone
 
-from fleet import dispatch, tokens
+from fleet import dispatch, tokens, verification
+from fleet.agent.client import encode_embeddings
+from fleet.agent.models import get_runner
 from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
 from fleet.selectors import (
@@ -316,12 +319,15 @@ def _current_allocations(*, vehicle: Vehicle):
 _CLAIM_SQL = """
 UPDATE fleet_workunit SET state = %s, leased_to_id = %s, lease_epoch = lease_epoch + 1, leased_at = %s,
     lease_expires_at = %s, lease_deadline_at = %s, allocation_id = %s, price_micros = %s, attempts = attempts + 1
-WHERE id IN (SELECT id FROM fleet_workunit WHERE job_id = %s AND state = %s ORDER BY seq LIMIT %s {lock})
+WHERE id IN (SELECT id FROM fleet_workunit WHERE job_id = %s AND state = %s AND verify <> %s
+    AND (verify_owner_id IS NULL OR verify_owner_id <> %s) ORDER BY seq LIMIT %s {lock})
 RETURNING id, seq, lease_epoch, inputs, mops, tokens"""
 
 
-def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Allocation, now: datetime,
+def _units_claim(*, job_id: int, count: int, vehicle_id: int, owner_id: int, allocation: Allocation, now: datetime,
                  lifetime_s: float) -> list[WorkUnit]:
+    """Claim up to ``count`` of the job's queued units that a car of ``owner_id`` may have: not one waiting for
+    the platform, nor a replica of its owner's own result (fleet.verification)."""
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     inputs_field = WorkUnit._meta.get_field("inputs")
     deadline = now + timedelta(seconds=lifetime_s)
@@ -329,7 +335,7 @@ def _units_claim(*, job_id: int, count: int, vehicle_id: int, allocation: Alloca
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_SQL.format(lock=lock), [
             WorkUnit.State.LEASED, vehicle_id, now, expires, deadline, allocation.pk, allocation.price_micros, job_id,
-            WorkUnit.State.QUEUED, count])
+            WorkUnit.State.QUEUED, WorkUnit.Verify.ARBITER, owner_id, count])
         rows = cursor.fetchall()
     units = [WorkUnit(pk=pk, job_id=job_id, seq=seq, lease_epoch=epoch, mops=mops, tokens=tokens,
                       inputs=inputs_field.from_db_value(inputs, None, connection), state=WorkUnit.State.LEASED,
@@ -355,6 +361,8 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
     with transaction.atomic(savepoint=False):
         vehicle = (Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware")
                    .prefetch_related("hardware__throughputs", "policy__blocked_organisations").get(pk=vehicle_id))
+        if vehicle.suspended_at is not None:
+            return [], "suspended"
         decision, time_left = vehicle_outlook(vehicle=vehicle, now=now)
         if decision.reason:
             return [], decision.reason
@@ -378,8 +386,8 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             # Its leases live at most a few times what the car needs for all it will hold (fleet.dispatch).
             lifetime = dispatch.lease_lifetime_s(work_s=(held + count) * unit_s, ttl_s=settings.LEASE_TTL_S,
                                                  max_s=settings.LEASE_MAX_LIFETIME_S)
-            units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, allocation=allocation, now=now,
-                                 lifetime_s=lifetime)
+            units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, owner_id=vehicle.owner_id,
+                                 allocation=allocation, now=now, lifetime_s=lifetime)
             if not units:
                 continue
             Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
@@ -499,20 +507,85 @@ def energy_mwh(*, mops: int, mops_per_s: int, watts: int) -> int:
 
 
 @dataclass(frozen=True)
-class Completion:
-    """A result accepted for a unit: the car that computed it, what it cost the car and how long it held it."""
+class Payment:
+    """A result to pay: the lease (its car and epoch) and who pays, the buyer for the unit's result or the
+    platform for a check (billing.models.MeterRecord.Role)."""
 
     vehicle: Vehicle
+    epoch: int
+    role: str
+    price_micros: int
     energy_mwh: int
     duration_ms: int
 
 
+@dataclass
+class Verdict:
+    """What a result (or the platform's reference) settled for a unit: the results to pay, whether the unit is
+    done now, the cars whose results were wrong (marketplace.flows.vehicle_caught), the cars whose results a check
+    found right or that were accepted (standing, after the transaction), and whether the unit waits for the
+    platform's reference (marketplace.flows.unit_arbitrate)."""
+
+    payments: list[Payment] = field(default_factory=list)
+    done: bool = False
+    caught: list[int] = field(default_factory=list)
+    passed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    arbitrate: bool = False
+
+
+_random = secrets.SystemRandom()  # which results are checked: nobody outside can predict it
+
+
+def _payment(lease: Lease, *, vehicle: Vehicle, role: str, unit: WorkUnit, precision: str) -> Payment:
+    rate = vehicle_mops_per_s(vehicle=vehicle, precision=precision)  # how long it worked, what it cost the car
+    ended = lease.ended_at or timezone.now()
+    return Payment(vehicle=vehicle, epoch=lease.epoch, role=role, price_micros=lease.price_micros,
+                   energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=max(1, rate), watts=vehicle.hardware.watts),
+                   duration_ms=max(0, int((ended - lease.started_at).total_seconds() * 1000)))
+
+
+def _unit_done(unit: WorkUnit, *, result: list[str], vehicle: Vehicle | None, now: datetime) -> None:
+    unit.state = WorkUnit.State.DONE
+    unit.result = result
+    unit.completed_by = vehicle
+    unit.completed_at = now
+    unit.leased_to = None
+    unit.lease_expires_at = unit.lease_deadline_at = None
+    unit.verify, unit.verify_owner, unit.verify_since = WorkUnit.Verify.NONE, None, None
+    unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at",
+                             "lease_deadline_at", "verify", "verify_owner", "verify_since"])
+
+
+def _unit_wait(unit: WorkUnit, *, verify: str, owner_id: int | None, now: datetime) -> None:
+    """Queue the unit again, for a replica by a car of another owner than ``owner_id``, or for the platform."""
+    unit.state, unit.leased_to = WorkUnit.State.QUEUED, None
+    unit.leased_at = unit.lease_expires_at = unit.lease_deadline_at = None
+    unit.allocation, unit.price_micros = None, None
+    unit.verify, unit.verify_owner_id, unit.verify_since = verify, owner_id, now
+    unit.save(update_fields=["state", "leased_to", "leased_at", "lease_expires_at", "lease_deadline_at", "allocation",
+                             "price_micros", "verify", "verify_owner", "verify_since"])
+
+
+def _standing(vehicle: Vehicle, now: datetime) -> verification.Standing:
+    recent = vehicle.wrong_recent if vehicle.wrong_at and now - vehicle.wrong_at < timedelta(
+        days=verification.STRIKE_MEMORY_DAYS) else 0
+    return verification.Standing(streak=vehicle.results_streak, wrong_recent=recent)
+
+
+def _replicable(*, owner_id: int, precision: str) -> bool:
+    """Whether a car of another owner is there to compute a replica (else the platform arbitrates at once)."""
+    return Vehicle.objects.filter(connected=True, removed_at=None, suspended_at=None,
+                                  hardware__throughputs__precision=precision).exclude(owner_id=owner_id).exists()
+
+
 def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
-                       embeddings_b64: list[str]) -> tuple[Completion | None, str]:
-    """A car's result for ``unit`` (its row locked by the flow, marketplace.flows.unit_complete): accepted for
-    the car's current lease (the lease ends and the unit is done), or refused (None, why). A result for a
-    stale, expired, withdrawn or foreign lease is refused; a malformed one is refused and its unit requeued
-    for another car."""
+                       embeddings_b64: list[str]) -> tuple[Verdict | None, str]:
+    """A car's result for ``unit`` (its row locked by the flow, marketplace.flows.unit_complete), for the car's
+    current lease: the lease ends and the result is judged (fleet.verification, docs/verification.md), or it is
+    refused (None, why). A result for a stale, expired, withdrawn or foreign lease is refused; a malformed one
+    is refused and its unit requeued for another car. The car is told nothing of the judgement: an accepted
+    result is accepted whether it was paid at once, waits for its check or was found wrong."""
     now = timezone.now()
     if unit is None or unit.state != WorkUnit.State.LEASED or unit.leased_to_id != vehicle_id or unit.lease_epoch != epoch:
         return None, "stale_lease"
@@ -522,18 +595,205 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
     if problem:
         _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
         return None, f"bad_result: {problem}"
-    _lease_end(unit, outcome=Lease.Outcome.COMPLETED, reason="", now=now)
-    unit.state = WorkUnit.State.DONE
-    unit.result = embeddings_b64
-    unit.completed_by = vehicle
-    unit.completed_at = now
-    unit.leased_to = None
-    unit.lease_expires_at = unit.lease_deadline_at = None
-    unit.save(update_fields=["state", "result", "completed_by", "completed_at", "leased_to", "lease_expires_at",
-                             "lease_deadline_at"])
-    rate = vehicle_mops_per_s(vehicle=vehicle, precision=unit.job.precision)  # how long it worked
-    return Completion(vehicle=vehicle, energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=rate, watts=vehicle.hardware.watts),
-                      duration_ms=max(0, int((now - unit.leased_at).total_seconds() * 1000))), ""
+    precision = unit.job.precision
+    lease = Lease.objects.get(unit=unit, epoch=epoch)
+    lease.outcome, lease.ended_at = Lease.Outcome.COMPLETED, now
+
+    def settle(verdict: str, *, keep: bool = False) -> None:
+        lease.verdict, lease.result = verdict, (embeddings_b64 if keep else None)
+        lease.save(update_fields=["outcome", "ended_at", "verdict", "result"])
+
+    if unit.reference is not None:  # a canary, or a unit the platform computed already: checked against it
+        if verification.results_agree(embeddings_b64, unit.reference, precision=precision):
+            settle(Lease.Verdict.RIGHT)
+            _unit_done(unit, result=embeddings_b64, vehicle=vehicle, now=now)
+            return Verdict(payments=[_payment(lease, vehicle=vehicle, role="buyer", unit=unit, precision=precision)],
+                           done=True, passed=[vehicle_id]), ""
+        settle(Lease.Verdict.WRONG)
+        _unit_wait(unit, verify=WorkUnit.Verify.NONE, owner_id=None, now=now)
+        return Verdict(caught=[vehicle_id]), ""
+    if unit.verify == WorkUnit.Verify.REPLICA:  # the second result (the claim let only another owner's car have it)
+        first = (Lease.objects.select_related("vehicle__hardware", "vehicle__owner")
+                 .prefetch_related("vehicle__hardware__throughputs")
+                 .filter(unit=unit, verdict=Lease.Verdict.PENDING).order_by("epoch").first())
+        if first is not None and verification.results_agree(embeddings_b64, first.result, precision=precision):
+            result = first.result
+            first.verdict, first.result = Lease.Verdict.AGREED, None
+            first.save(update_fields=["verdict", "result"])
+            settle(Lease.Verdict.AGREED)
+            _unit_done(unit, result=result, vehicle=first.vehicle, now=now)
+            return Verdict(payments=[_payment(first, vehicle=first.vehicle, role="buyer", unit=unit, precision=precision),
+                                     _payment(lease, vehicle=vehicle, role="check", unit=unit, precision=precision)],
+                           done=True, passed=[first.vehicle_id, vehicle_id]), ""
+        settle(Lease.Verdict.PENDING, keep=True)  # they disagree (or the first is gone): the platform decides
+        _unit_wait(unit, verify=WorkUnit.Verify.ARBITER, owner_id=None, now=now)
+        return Verdict(arbitrate=True), ""
+    if _random.random() < verification.replication_rate(_standing(vehicle, now), probation=settings.VERIFY_PROBATION,
+                                                        floor=settings.VERIFY_REPLICATION_FLOOR):
+        settle(Lease.Verdict.PENDING, keep=True)
+        if _replicable(owner_id=vehicle.owner_id, precision=precision):
+            _unit_wait(unit, verify=WorkUnit.Verify.REPLICA, owner_id=vehicle.owner_id, now=now)
+            return Verdict(), ""
+        _unit_wait(unit, verify=WorkUnit.Verify.ARBITER, owner_id=None, now=now)
+        return Verdict(arbitrate=True), ""
+    settle(Lease.Verdict.UNCHECKED)
+    _unit_done(unit, result=embeddings_b64, vehicle=vehicle, now=now)
+    return Verdict(payments=[_payment(lease, vehicle=vehicle, role="buyer", unit=unit, precision=precision)],
+                   done=True, accepted=[vehicle_id]), ""
+
+
+def unit_reference_compute(*, unit_id: int) -> list[str] | None:
+    """The platform's own result for a unit, computed with the reference runtime at the job's precision (no
+    transaction is held meanwhile); None if the unit is gone."""
+    row = (WorkUnit.objects.filter(pk=unit_id).values_list("inputs", "job__ai_model__runtime", "job__precision")
+           .first())
+    if row is None:
+        return None
+    inputs, runtime, precision = row
+    return encode_embeddings(get_runner(runtime, precision).embed([doc["text"] for doc in inputs]))
+
+
+def unit_arbitrate(*, unit: WorkUnit, reference: list[str]) -> Verdict:
+    """The platform computed ``unit`` (its row locked by the flow, marketplace.flows.unit_arbitrate): the results
+    that wait on its leases are judged against the reference. The first right one is the unit's result (the
+    buyer pays it), a later right one is a check (the platform pays it), wrong ones catch their cars. With no
+    right result, the unit is queued again with the reference as its known answer. A unit done already (its
+    result voided when its car was caught, in a job closed since) gets the reference as its corrected result."""
+    now = timezone.now()
+    precision = unit.job.precision
+    unit.reference = reference
+    unit.save(update_fields=["reference"])
+    waiting = list(Lease.objects.select_related("vehicle__hardware", "vehicle__owner")
+                   .prefetch_related("vehicle__hardware__throughputs")
+                   .filter(unit=unit, verdict=Lease.Verdict.PENDING).order_by("epoch"))
+    verdict = Verdict()
+    right = [lease for lease in waiting if verification.results_agree(lease.result, reference, precision=precision)]
+    result = right[0].result if right else None
+    for lease in waiting:
+        lease.verdict = Lease.Verdict.RIGHT if lease in right else Lease.Verdict.WRONG
+        lease.result = None
+        lease.save(update_fields=["verdict", "result"])
+        if lease not in right:
+            verdict.caught.append(lease.vehicle_id)
+    if unit.state == WorkUnit.State.DONE:  # a correction of a closed job's unit
+        _unit_done(unit, result=reference, vehicle=None, now=unit.completed_at or now)
+        return verdict
+    if unit.verify != WorkUnit.Verify.ARBITER:  # leased again meanwhile (it should not be): leave it to its lease
+        return verdict
+    if right:
+        _unit_done(unit, result=result, vehicle=right[0].vehicle, now=now)
+        verdict.payments.extend(_payment(lease, vehicle=lease.vehicle, role="buyer" if i == 0 else "check", unit=unit,
+                                         precision=precision) for i, lease in enumerate(right))
+        verdict.passed.extend(lease.vehicle_id for lease in right)
+        verdict.done = True
+    else:
+        _unit_wait(unit, verify=WorkUnit.Verify.NONE, owner_id=None, now=now)
+    return verdict
+
+
+def units_verify_overdue(*, now: datetime, batch: int = 200) -> list[int]:
+    """Units the platform must compute now: replicas no car of another owner took within REPLICA_WAIT_S (they
+    wait for the platform from now on), and arbitrations pending for as long (their task was lost)."""
+    since = now - timedelta(seconds=settings.REPLICA_WAIT_S)
+    replicas = WorkUnit.objects.filter(state=WorkUnit.State.QUEUED, verify=WorkUnit.Verify.REPLICA, verify_since__lt=since)
+    overdue = list(replicas.values_list("pk", flat=True)[:batch])
+    WorkUnit.objects.filter(pk__in=overdue, verify=WorkUnit.Verify.REPLICA).update(
+        verify=WorkUnit.Verify.ARBITER, verify_owner=None, verify_since=now)
+    stuck = list(WorkUnit.objects.filter(verify=WorkUnit.Verify.ARBITER, verify_since__lt=since)
+                 .values_list("pk", flat=True)[:batch])
+    WorkUnit.objects.filter(pk__in=stuck).update(verify_since=now)
+    return sorted(set(overdue) | set(stuck))
+
+
+def units_canaries_pick(*, job: Job) -> list[int]:
+    """Pick the job's canaries: CANARY_SHARE of its units (at least one, unless the share is 0), drawn at random; the platform computes
+    their answers (marketplace.flows.units_reference) while they wait in the queue like any other unit."""
+    ids = list(WorkUnit.objects.filter(job=job).values_list("pk", flat=True))
+    count = min(len(ids), max(1, round(len(ids) * settings.CANARY_SHARE))) if settings.CANARY_SHARE > 0 else 0
+    return sorted(_random.sample(ids, count))
+
+
+def unit_reference_set(*, unit_id: int, reference: list[str]) -> bool:
+    """Give a still-queued unit its known answer (a canary); False if a car has it already."""
+    return bool(WorkUnit.objects.filter(pk=unit_id, state=WorkUnit.State.QUEUED, reference__isnull=True)
+                .update(reference=reference))
+
+
+# --- standing ------------------------------------------------------------------------------------------
+
+def vehicles_standing_record(*, passed: list[int], accepted: list[int]) -> None:
+    """Count results checks found right (``passed``) and results accepted unchecked (``accepted``) into their
+    cars' standing. Its own transaction, after the result's: a car's row comes before units in the lock order
+    (docs/concurrency.md)."""
+    with transaction.atomic():
+        for vehicle_id in sorted(set(passed) | set(accepted)):
+            checked = passed.count(vehicle_id)
+            Vehicle.objects.filter(pk=vehicle_id).update(
+                results_streak=F("results_streak") + checked + accepted.count(vehicle_id),
+                checks_passed=F("checks_passed") + checked)
+
+
+def vehicle_wrong_record(*, vehicle_id: int, now: datetime) -> bool:
+    """A result of the car was found wrong: its streak starts again, every result of it is checked for a while,
+    and past SUSPEND_AFTER_WRONG recent wrong results it is suspended (its leases withdrawn, no more work until
+    an operator reinstates it). Returns whether it is suspended now."""
+    with transaction.atomic():
+        vehicle = Vehicle.objects.select_for_update().get(pk=vehicle_id)
+        standing, suspend = verification.standing_after_wrong(_standing(vehicle, now))
+        vehicle.results_streak, vehicle.wrong_recent, vehicle.wrong_at = 0, standing.wrong_recent, now
+        vehicle.wrong_results += 1
+        fields = ["results_streak", "wrong_recent", "wrong_at", "wrong_results"]
+        if suspend and vehicle.suspended_at is None:
+            vehicle.suspended_at = now
+            vehicle.suspension_reason = (f"{standing.wrong_recent} results disagreed with the platform's reference "
+                                         f"within {verification.STRIKE_MEMORY_DAYS} days")
+            fields += ["suspended_at", "suspension_reason"]
+        vehicle.save(update_fields=fields)
+        if vehicle.suspended_at is not None:
+            leases_withdraw(vehicle_id=vehicle_id, reason="suspended", notify=True)
+        return vehicle.suspended_at is not None
+
+
+def vehicle_reinstate(*, vehicle: Vehicle) -> None:
+    """An operator lifts a car's suspension: it starts again as a new car (every result checked at first)."""
+    Vehicle.objects.filter(pk=vehicle.pk).update(suspended_at=None, suspension_reason="", wrong_recent=0,
+                                                 results_streak=0)
+
+
+def units_void_pick(*, vehicle_id: int, since: datetime) -> dict[int, list[tuple[int, int]]]:
+    """The car's results accepted unchecked since ``since`` (its unit still holds them): by job, (unit, epoch)."""
+    rows = (Lease.objects.filter(vehicle_id=vehicle_id, verdict=Lease.Verdict.UNCHECKED, ended_at__gte=since,
+                                 unit__completed_by_id=vehicle_id, unit__state=WorkUnit.State.DONE)
+            .values_list("unit__job_id", "unit_id", "epoch").order_by("unit__job_id", "unit_id"))
+    by_job: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for job_id, unit_id, lease_epoch in rows:
+        by_job[job_id].append((unit_id, lease_epoch))
+    return by_job
+
+
+def units_void(*, job: Job, vehicle_id: int, refs: list[tuple[int, int]], reopen: bool) -> list[WorkUnit]:
+    """Void the car's unchecked results of ``refs`` (units of ``job``, locked by the flow). ``reopen`` (the job is
+    still open): the units are queued again for other cars; else (its results went out) they stay done and wait
+    for the platform's reference, their corrected result. Returns the units voided."""
+    voided = []
+    now = timezone.now()
+    for unit in WorkUnit.objects.select_for_update().filter(pk__in=[pk for pk, _ in refs]).order_by("pk"):
+        epoch = dict(refs)[unit.pk]
+        if unit.state != WorkUnit.State.DONE or unit.completed_by_id != vehicle_id:
+            continue
+        if not Lease.objects.filter(unit=unit, epoch=epoch, verdict=Lease.Verdict.UNCHECKED).update(
+                verdict=Lease.Verdict.VOIDED):
+            continue
+        unit.job = job
+        if reopen:
+            unit.result, unit.completed_by, unit.completed_at = None, None, None
+            unit.save(update_fields=["result", "completed_by", "completed_at"])
+            _unit_wait(unit, verify=WorkUnit.Verify.NONE, owner_id=None, now=now)
+        else:
+            unit.verify, unit.verify_since = WorkUnit.Verify.ARBITER, now
+            unit.save(update_fields=["verify", "verify_since"])
+        voided.append((unit, epoch))
+    return voided
 
 
 # --- a job's units -------------------------------------------------------------------------------------

@@ -130,11 +130,27 @@ def job_event_record(*, job: Job) -> BuyerWebhookEvent | None:
         earlier = earlier.filter(created_at__gt=now - timedelta(seconds=settings.WEBHOOK_PROGRESS_INTERVAL_S))
     if earlier.exists():
         return None
+    return _event_create(job=job, event_type=event_type, endpoints=endpoints, now=now, data={})
+
+
+def job_rows_corrected_record(*, job: Job, rows: list) -> BuyerWebhookEvent | None:
+    """Tell the buyer that rows of a finished job changed (docs/verification.md, "Delivery"): ``rows`` are
+    the documents' ids, whose results are now the platform's own. Call it in the transaction that corrected
+    them."""
+    endpoints = [e for e in WebhookEndpoint.objects.filter(organisation_id=job.organisation_id, disabled_at=None)
+                 if e.receives("job.results_corrected")]
+    if not endpoints:
+        return None
+    return _event_create(job=job, event_type="job.results_corrected", endpoints=endpoints, now=timezone.now(),
+                         data={"rows": rows})
+
+
+def _event_create(*, job: Job, event_type: str, endpoints: list, now, data: dict) -> BuyerWebhookEvent:
     public_id = f"evt_{secrets.token_hex(12)}"
     body = json.dumps({"id": public_id, "type": event_type, "created": int(now.timestamp()),
-                       "data": {"job": job_public(job)}}, cls=JSONEncoder, separators=(",", ":"))
+                       "data": {"job": job_public(job), **data}}, cls=JSONEncoder, separators=(",", ":"))
     event = BuyerWebhookEvent.objects.create(public_id=public_id, organisation_id=job.organisation_id, job=job,
-                                        type=event_type, body=body, created_at=now)
+                                             type=event_type, body=body, created_at=now)
     WebhookDelivery.objects.bulk_create(WebhookDelivery(event=event, endpoint=endpoint, next_attempt_at=now)
                                         for endpoint in endpoints)
     return event

@@ -263,6 +263,8 @@ WEBHOOK_EVENT_TYPES = [
     ("job.completed", "every unit of the job is done: the results are ready"),
     ("job.failed", "the job ended without completing: it expired at its deadline, or was cancelled"),
     ("job.progress", "more of the job is done (at most once a minute per job)"),
+    ("job.results_corrected", "rows of a finished job were corrected: their car was caught cheating after they "
+                              "were delivered (data.rows: the documents' ids)"),
 ]
 
 

@@ -236,13 +236,13 @@ def job_record(*, organisation: Organisation, user: User | None, draft: JobDraft
     return job
 
 
-def job_start(*, job_id: int, vehicle_id: int) -> None:
-    """A queued job's first units were leased: it is running from now (once)."""
+def job_start(*, job_id: int) -> None:
+    """A queued job's first units were leased: it is running from now (once). Its history names no car: a
+    buyer never learns which cars worked for them."""
     with transaction.atomic():
         if Job.objects.filter(pk=job_id, state=Job.State.QUEUED).update(state=Job.State.RUNNING,
                                                                         started_at=timezone.now()):
-            job_history_add(job=Job(pk=job_id), kind=JobEvent.Kind.STARTED,
-                            detail=f"first units leased to car {vehicle_id}")
+            job_history_add(job=Job(pk=job_id), kind=JobEvent.Kind.STARTED, detail="first units leased")
 
 
 def job_unit_done(*, job: Job) -> bool:
@@ -258,6 +258,13 @@ def job_unit_done(*, job: Job) -> bool:
     job.save(update_fields=fields)
     buyer_webhooks.job_event_record(job=job)  # job.progress or job.completed
     return job.state == Job.State.COMPLETED
+
+
+def job_unit_undone(*, job: Job) -> None:
+    """A finished unit of an open ``job`` (its row locked by the caller) must be computed again: its result
+    was voided (marketplace.flows.vehicle_caught)."""
+    job.units_done = max(0, job.units_done - 1)
+    job.save(update_fields=["units_done"])
 
 
 _CLOSE_EVENTS = {Job.State.CANCELLED: JobEvent.Kind.CANCELLED, Job.State.EXPIRED: JobEvent.Kind.EXPIRED}

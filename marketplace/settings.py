@@ -184,6 +184,16 @@ GATEWAY_VIEW_REFRESH_S = env.float("GATEWAY_VIEW_REFRESH_S", default=60.0)
 GATEWAY_HELLO_TIMEOUT_S = env.float("GATEWAY_HELLO_TIMEOUT_S", default=10.0)
 GATEWAY_IDLE_TIMEOUT_S = env.float("GATEWAY_IDLE_TIMEOUT_S", default=4.0 * max(HEARTBEAT_INTERVAL_S, 5))
 DOCS_PER_UNIT = env.int("DOCS_PER_UNIT", default=8)
+# Verification (docs/verification.md; the rules live in fleet.verification). A car's first VERIFY_PROBATION
+# results are all computed again by a car of another owner, and after that PROBATION / (results since its
+# last wrong one + 1) of them, never fewer than VERIFY_REPLICATION_FLOOR. A share of every job's units are
+# canaries, computed by the platform too; a replica that no car of another owner takes within REPLICA_WAIT_S
+# is computed by the platform, as is a unit whose two results disagree.
+VERIFY_PROBATION = env.int("VERIFY_PROBATION", default=3)
+VERIFY_REPLICATION_FLOOR = env.float("VERIFY_REPLICATION_FLOOR", default=0.04)
+CANARY_SHARE = env.float("CANARY_SHARE", default=0.01)
+REPLICA_WAIT_S = env.float("REPLICA_WAIT_S", default=60.0)
+VERIFY_SWEEP_INTERVAL_S = env.float("VERIFY_SWEEP_INTERVAL_S", default=10.0)
 PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each charge goes to the platform
 CURRENCY = env("CURRENCY", default="usd")
 MAX_UPLOAD_LINE_BYTES = env.int("MAX_UPLOAD_LINE_BYTES", default=64 * 1024)
@@ -194,6 +204,8 @@ MAX_ERRORS_REPORTED = 50
 CELERY_BEAT_SCHEDULE = {
     "auction-tick": {"task": "marketplace.tasks.auction_tick", "schedule": timedelta(seconds=AUCTION_INTERVAL_S)},
     "leases-sweep": {"task": "fleet.tasks.leases_sweep", "schedule": timedelta(seconds=LEASE_SWEEP_INTERVAL_S)},
+    "units-verify-sweep": {"task": "marketplace.tasks.units_verify_sweep",
+                           "schedule": timedelta(seconds=VERIFY_SWEEP_INTERVAL_S)},
 }
 
 # --- Accounts -------------------------------------------------------------------------------------

@@ -27,3 +27,21 @@ def webhooks_send() -> int:
 def idempotency_keys_purge() -> int:
     """Forget Idempotency-Keys older than 24 hours (periodic)."""
     return idempotency.idempotency_keys_purge()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def unit_arbitrate(unit_id: int) -> bool:
+    """The platform computes a unit with the reference runtime and judges the results waiting on it."""
+    return flows.unit_arbitrate(unit_id=unit_id)
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def units_reference(unit_ids: list[int]) -> int:
+    """The platform computes the known answers of a new job's canaries."""
+    return flows.units_reference(unit_ids=unit_ids)
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def units_verify_sweep() -> int:
+    """Replicas nobody took, and arbitrations lost, go to the platform (periodic)."""
+    return flows.units_verify_sweep()

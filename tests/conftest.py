@@ -33,6 +33,18 @@ def pytest_configure(config):
     database = django_settings.DATABASES["default"]
     if database["ENGINE"] == "django.db.backends.sqlite3":
         Path(database["TEST"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Verification draws at random which results are checked. In this process, tests about other things accept
+    # every result unchecked; tests of verification turn it on with the ``verifying`` fixture. The servers the
+    # end-to-end and chaos tests start run the defaults: verification on.
+    django_settings.VERIFY_PROBATION, django_settings.VERIFY_REPLICATION_FLOOR, django_settings.CANARY_SHARE = 0, 0.0, 0.0
+
+
+@pytest.fixture
+def verifying(settings):
+    """Verification as deployed (marketplace.settings' defaults): every result of a new car is replicated,
+    then fewer; 1 % of every job's units are canaries."""
+    settings.VERIFY_PROBATION, settings.VERIFY_REPLICATION_FLOOR, settings.CANARY_SHARE = 3, 0.04, 0.01
+    return settings
 
 
 @pytest.fixture

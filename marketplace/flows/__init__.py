@@ -19,7 +19,15 @@ from marketplace.flows.jobs import (
                                     job_terms_update,
                                     jobs_expire,
 )
-from marketplace.flows.units import unit_complete, units_lease
+from marketplace.flows.units import (
+    unit_arbitrate,
+    unit_complete,
+    units_lease,
+    units_reference,
+    units_verify_sweep,
+    vehicle_caught,
+)
 
 __all__ = ["UNCHANGED", "auction_tick", "job_bid_update", "job_budget_update", "job_cancel", "job_close", "job_create",
-           "job_create_from", "job_terms_update", "jobs_expire", "unit_complete", "units_lease"]
+           "job_create_from", "job_terms_update", "jobs_expire", "unit_arbitrate", "unit_complete", "units_lease",
+           "units_reference", "units_verify_sweep", "vehicle_caught"]

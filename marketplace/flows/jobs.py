@@ -11,6 +11,7 @@ from fleet import services as fleet
 from fleet.models import WorkUnit
 from marketplace import selectors, services as market
 from marketplace.flows.locks import job_lock
+from marketplace.flows.units import units_reference_later
 from marketplace.models import AuctionRound, Job, Organisation, User
 
 
@@ -25,6 +26,9 @@ def job_create_from(*, organisation: Organisation, user: User | None, draft: mar
             # Buyers pay in advance: the job reserves its budget from the balance, or nothing is created.
             billing.reservation_create(job=job, amount_minor=selectors.job_reservation_needed_minor(
                 job=job, queued_mops=draft.mops_total))
+            # Its canaries: units whose answer the platform computes itself (docs/verification.md).
+            canaries = fleet.units_canaries_pick(job=job)
+            transaction.on_commit(lambda: units_reference_later(unit_ids=canaries))
     finally:
         draft.units.close()
     return job

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -209,12 +210,39 @@ class StaticSensors:
         """Static readings: nothing drains."""
 
 
+def _probability(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
+def _whole(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("not a number (a whole number is expected)") from None
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("expected 0 or 1")
+    return raw == "1"
+
+
+#: The largest throughput figure a hello may carry (fleet.protocol's limit on throughput_mops).
+MAX_DECLARED_MOPS = 10**12
+#: The first_words cheat embeds this many words of each text.
+FIRST_WORDS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Faults:
-    """Faults the agent injects on purpose, for chaos tests and the simulator; all off by default.
+    """Faults and cheats the agent injects on purpose, for chaos tests, cheating tests and the simulator; all
+    off by default.
 
-    Each probability applies per lease: when the car takes a lease, one draw per kind (from a
-    ``random.Random(seed)`` of its own) decides which of these happen to it:
+    Faults (``KINDS``). Each probability applies per lease: when the car takes a lease, one draw per kind
+    (from a ``random.Random(seed)`` of its own) decides which of these happen to it:
 
     * ``drop_socket``: when the unit's result is ready, abort the connection instead of sending it (no close
       frame, no release), as a car losing its network would. The agent reconnects, lists the lease in its
@@ -228,10 +256,51 @@ class Faults:
     * ``late``: send the result ``late_s`` seconds after it is ready; heartbeats go on, so the lease stays
       current, and a withdrawal meanwhile is honoured.
 
-    Several kinds can hit one lease. ``AgentStats.faults_injected`` counts what really happened.
+    Result cheats (``CHEATS``): a dishonest result that is still well formed (one unit-norm, finite float32
+    vector of the model's size per text), so that no shape check catches it. At most one applies to a result:
+    when the worker computes a unit, one draw (from a random stream of its own, so that cheats do not change
+    which leases the faults above hit) picks a cheat with its probability; so the cheats' probabilities may
+    add up to 1 at most.
+
+    * ``random_vectors``: random unit vectors, one per text; nothing is computed.
+    * ``one_vector``: the true embedding of the first text, sent for every text of the unit (only that text
+      is computed). With a single text this is the honest result.
+    * ``rotate_rows``: the true embeddings with the rows rotated by one: row i gets row i+1's vector, the last
+      row the first's. With a single text this is the honest result.
+    * ``negate``: the true embeddings negated.
+    * ``replay``: the true embeddings of an earlier unit this car computed honestly (the last one, of the same
+      model, if it was another unit), rows repeated or cut to the unit's count; nothing is computed. With no
+      such unit yet it sends random vectors instead (counted as ``random_vectors``).
+    * ``first_words``: the true embeddings of the first FIRST_WORDS (4) words of each text, computed (cheaper
+      than the whole texts). When no text is longer than that this is the honest result.
+
+    A cheat that cannot change the result (the honest cases above, or a unit without texts) is not applied.
+    Faults still apply to a cheated result (a corrupt one is corrupted after the cheat).
+
+    Car-level modes (not per lease):
+
+    * ``cheat_after=N``: honest until N of its results have been sent or are waiting to be sent, then the
+      cheats' probabilities apply (a car that builds trust first). Default 0. Faults are not delayed.
+    * ``black_hole``: says hello, sends telemetry and heartbeats, and never sends a work request. (A unit
+      assigned to it anyway is handled like by any car.)
+    * ``hoard``: takes the leases it is given and never computes them, never sends their results and never
+      releases them (not when driving, nor when stopping); it lists them in its heartbeats and its hellos,
+      honours withdrawals, and asks for more work whenever it holds fewer than its capacity.
+    * ``declare_mops=X``: every hello declares X mega-ops per second for each precision of its runtimes, in
+      place of the measured (or given) figure.
+
+    Several kinds can hit one lease. ``AgentStats.faults_injected`` counts what really happened, by kind: faults
+    when they happen, a cheat per result message sent with it (a duplicate once), ``hoard`` per lease hoarded,
+    ``black_hole`` per session in which it asked for nothing, ``declare_mops`` per hello that lied.
     """
 
     KINDS: ClassVar[tuple[str, ...]] = ("drop_socket", "stall", "duplicate", "corrupt", "late")
+    CHEATS: ClassVar[tuple[str, ...]] = ("random_vectors", "one_vector", "rotate_rows", "negate", "replay", "first_words")
+    #: How ``parse`` reads each setting that is not a probability; ``__post_init__`` then checks every value.
+    READERS: ClassVar[dict[str, Callable[[str], object]]] = {
+        "stall_s": _probability, "late_s": _probability, "seed": _whole,
+        "cheat_after": _whole, "black_hole": _flag, "hoard": _flag, "declare_mops": _whole,
+    }
 
     drop_socket: float = 0.0
     stall: float = 0.0
@@ -241,27 +310,60 @@ class Faults:
     stall_s: float | None = None
     late_s: float = 10.0
     seed: int | None = None
+    random_vectors: float = 0.0
+    one_vector: float = 0.0
+    rotate_rows: float = 0.0
+    negate: float = 0.0
+    replay: float = 0.0
+    first_words: float = 0.0
+    cheat_after: int = 0
+    black_hole: bool = False
+    hoard: bool = False
+    declare_mops: int | None = None
 
     def __post_init__(self):
-        for kind in self.KINDS:
+        for kind in (*self.KINDS, *self.CHEATS):
             p = getattr(self, kind)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
                 raise ValueError(f"fault probability {kind}={p!r} must be a number between 0 and 1")
+        total = sum(getattr(self, kind) for kind in self.CHEATS)
+        if total > 1 + 1e-9:
+            raise ValueError(f"the cheat probabilities add up to {total:g}: at most one cheat applies to a result, "
+                             "so they must add up to 1 or less")
         for name in ("stall_s", "late_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value!r} must be a number of seconds, 0 or more")
+        if isinstance(self.cheat_after, bool) or not isinstance(self.cheat_after, int) or self.cheat_after < 0:
+            raise ValueError(f"cheat_after={self.cheat_after!r} must be a whole number of results, 0 or more")
+        for name in ("black_hole", "hoard"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False (1 or 0 in a spec)")
+        if self.black_hole and self.hoard:
+            raise ValueError("black_hole and hoard exclude each other: a black hole asks for no work to hoard")
+        mops = self.declare_mops
+        if mops is not None and (isinstance(mops, bool) or not isinstance(mops, int) or not 0 <= mops <= MAX_DECLARED_MOPS):
+            raise ValueError(f"declare_mops={mops!r} must be a whole number of mega-ops per second, "
+                             f"0 to {MAX_DECLARED_MOPS:.0e}")
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, kind) > 0 for kind in self.KINDS)
+        return (any(getattr(self, kind) > 0 for kind in (*self.KINDS, *self.CHEATS))
+                or self.black_hole or self.hoard or self.declare_mops is not None)
+
+    @property
+    def cheats(self) -> bool:
+        """Whether any result cheat has a chance."""
+        return any(getattr(self, kind) > 0 for kind in self.CHEATS)
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
-        """``"drop_socket=0.05,stall=0.02,duplicate=0.05"``: probabilities by kind, and optionally ``stall_s``,
-        ``late_s`` (seconds) and ``seed``. Raises ValueError with a readable message."""
-        known = (*cls.KINDS, "stall_s", "late_s", "seed")
-        values: dict[str, float | int] = {}
+        """``"drop_socket=0.05,stall=0.02,negate=0.1,cheat_after=5"``: probabilities by fault or cheat kind, and
+        optionally ``stall_s``, ``late_s`` (seconds), ``seed``, ``cheat_after`` (a count), ``black_hole`` and
+        ``hoard`` (0 or 1) and ``declare_mops`` (a whole number). Raises ValueError with a readable message."""
+        known = (*cls.KINDS, *cls.CHEATS, "stall_s", "late_s", "seed", "cheat_after", "black_hole", "hoard",
+                 "declare_mops")
+        values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, sep, raw = (s.strip() for s in item.partition("="))
             if not sep or not name or not raw:
@@ -271,9 +373,9 @@ class Faults:
             if name in values:
                 raise ValueError(f"fault {name!r} given twice")
             try:
-                values[name] = int(raw) if name == "seed" else float(raw)
-            except ValueError:
-                raise ValueError(f"fault {name}={raw!r}: not a number") from None
+                values[name] = cls.READERS.get(name, _probability)(raw)
+            except ValueError as exc:
+                raise ValueError(f"fault {name}={raw!r}: {exc}") from None
         return cls(**values)
 
     def draw(self, rng: random.Random) -> set[str]:
@@ -281,6 +383,15 @@ class Faults:
         whatever the probabilities)."""
         draws = [(kind, rng.random()) for kind in self.KINDS]
         return {kind for kind, x in draws if x < getattr(self, kind)}
+
+    def draw_cheat(self, rng: random.Random) -> str | None:
+        """The cheat of one result, or None: one draw, always, against the cheats' cumulative probabilities."""
+        x = rng.random()
+        for kind in self.CHEATS:
+            x -= getattr(self, kind)
+            if x < 0:
+                return kind
+        return None
 
 
 @dataclasses.dataclass
@@ -313,6 +424,7 @@ class _Lease:
     texts: list
     lease_ttl_s: int
     faults: set[str] = dataclasses.field(default_factory=set)  # injected faults still to happen
+    cheat: str | None = None  # the cheat its computed result carries (Faults.CHEATS), counted when sent
     result: str | None = None  # the encoded result message, once computed
     send_at: float = 0.0  # loop time before which the result is held back (the late and stall faults)
     stalled: bool = False  # sitting on the result: no heartbeats, withdrawals ignored (the stall fault)
@@ -374,6 +486,11 @@ class CarAgent:
         self.max_units = max_units
         self.ack_timeout_s = ack_timeout_s
         self.faults = faults if faults is not None and faults.enabled else None
+        self.black_hole = self.faults is not None and self.faults.black_hole
+        self.hoard = self.faults is not None and self.faults.hoard
+        if self.faults is not None and self.faults.declare_mops is not None:
+            precisions = dict.fromkeys(p for runtime in self.runtimes for p in MODELS[runtime].precisions)
+            self.throughput_mops = {p: self.faults.declare_mops for p in precisions}
         self.on_connect = on_connect
         self.vehicle_id: int | None = None
         self.stats = AgentStats()
@@ -383,6 +500,10 @@ class CarAgent:
         self._outbox = asyncio.Event()  # a result (or a release) is ready for the session to send
         self._telemetry_seq = 0
         self._fault_rng = random.Random(self.faults.seed) if self.faults is not None else None
+        # Cheats draw from a stream of their own, so that they do not shift the faults' draws.
+        cheat_seed = None if self.faults is None or self.faults.seed is None else f"cheats/{self.faults.seed}"
+        self._cheat_rng = random.Random(cheat_seed)
+        self._earlier: dict[str, tuple[int, np.ndarray]] = {}  # runtime -> (unit_id, true embeddings), for replay
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set. Raises :class:`AuthRefused` or :class:`Replaced`, both final."""
@@ -450,14 +571,37 @@ class CarAgent:
         if self.faults is not None:
             lease.faults = self.faults.draw(self._fault_rng)
         self.held[lease.key] = lease
+        if self.hoard:
+            self._injected("hoard", lease)
+            return  # never computed, so never sent
         self._work.put_nowait(lease)
 
     def _holds(self, lease: _Lease) -> bool:
         return self.held.get(lease.key) is lease
 
-    def _injected(self, kind: str, lease: _Lease) -> None:
+    def _injected(self, kind: str, lease: _Lease | None = None) -> None:
         self.stats.faults_injected[kind] = self.stats.faults_injected.get(kind, 0) + 1
-        logger.info("%s: injecting fault %s on unit %s", self.name, kind, lease.unit_id)
+        if lease is None:
+            logger.info("%s: injecting %s", self.name, kind)
+        else:
+            logger.info("%s: injecting fault %s on unit %s", self.name, kind, lease.unit_id)
+
+    def _cheat_for(self, lease: _Lease) -> str | None:
+        """The cheat the result of ``lease`` gets (None: honest), decided as the worker computes it."""
+        faults = self.faults
+        if faults is None or not faults.cheats:
+            return None
+        made = self.stats.units_done + sum(1 for held in self.held.values() if held.result is not None)
+        if made < faults.cheat_after:
+            return None
+        kind = faults.draw_cheat(self._cheat_rng)
+        if kind is None or not cheat_applies(kind, lease.texts):
+            return None
+        if kind == "replay":
+            earlier = self._earlier.get(lease.runtime)
+            if earlier is None or earlier[0] == lease.unit_id:
+                return "random_vectors"  # nothing of another unit to replay yet
+        return kind
 
     async def _worker(self) -> None:
         """Computes held units one at a time, in lease order, connected or not; sessions send the results."""
@@ -468,17 +612,26 @@ class CarAgent:
                 await asyncio.sleep(SENSOR_POLL_S)  # no inference while driving; the session releases the lease
             if not self._holds(lease):
                 continue  # withdrawn or released while queued
+            cheat = self._cheat_for(lease)
+            compute = functools.partial(
+                _compute, lease.runtime, lease.precision, lease.texts, cheat,
+                earlier=self._earlier[lease.runtime][1] if cheat == "replay" else None,
+                noise_seed=self._cheat_rng.getrandbits(64) if cheat == "random_vectors" else None,
+            )
             # Busy time, submission to result: on a car the unit has the computer to itself; in the simulator,
             # cars sharing the CPU each stand for a slower computer working all that time.
             started = loop.time()
             try:
-                vectors = await loop.run_in_executor(self.executor, _embed, lease.runtime, lease.precision, lease.texts)
+                vectors, honest = await loop.run_in_executor(self.executor, compute)
             except Exception:
                 logger.exception("%s: computing unit %s failed", self.name, lease.unit_id)
                 lease.release_reason = "compute_failed"
                 self._outbox.set()
                 continue
             self.sensors.on_work(loop.time() - started, self.watts)
+            if honest is not None and len(honest) and self.faults is not None and self.faults.replay > 0:
+                self._earlier[lease.runtime] = (lease.unit_id, honest)
+            lease.cheat = cheat
             if not self._holds(lease):
                 logger.debug("%s: discarding result of unit %s (no longer held)", self.name, lease.unit_id)
                 continue
@@ -541,6 +694,8 @@ class _Session:
             agent.stats.resumed += len(agent.held)
             logger.info("%s: resuming %d leases", agent.name, len(agent.held))
         uplink = getattr(agent.sensors, "uplink_kbps", None)
+        if agent.faults is not None and agent.faults.declare_mops is not None:
+            agent._injected("declare_mops")
         await self.send(
             protocol.Hello(
                 agent_version=AGENT_VERSION,
@@ -566,9 +721,9 @@ class _Session:
                 logger.error("%s: session failed", agent.name, exc_info=exc)
 
     async def shutdown(self) -> None:
-        """Clean stop: give back every held lease, then close with 1000."""
+        """Clean stop: give back every held lease (a hoarder keeps them), then close with 1000."""
         try:
-            for lease in list(self.agent.held.values()):
+            for lease in list(self.agent.held.values()) if not self.agent.hoard else []:
                 await self._release(lease, "shutdown")
             await self.ws.close(1000, "agent stopping")
         except ConnectionClosed:
@@ -693,7 +848,7 @@ class _Session:
                 self.driving = reading.driving
                 logger.info("%s: %s", agent.name, "driving" if self.driving else "parked")
                 self.wake.set()
-            if self.driving and agent.held:  # also leases carried into this session while driving
+            if self.driving and agent.held and not agent.hoard:  # also leases carried into this session while driving
                 for lease in list(agent.held.values()):
                     await self._release(lease, "driving")
             if changed or now - last_sent >= agent.telemetry_interval_s:
@@ -722,6 +877,9 @@ class _Session:
         """Asks for work whenever the car holds fewer leases than its capacity and may work."""
         agent = self.agent
         await self.welcomed.wait()
+        if agent.black_hole:
+            agent._injected("black_hole")
+            await asyncio.Event().wait()  # asks for nothing, ever (cancelled with the session)
         while True:
             self.wake.clear()
             now = self.loop.time()
@@ -775,6 +933,8 @@ class _Session:
             self.ws.transport.abort()  # no close frame, no release: as if the network vanished
             return False
         await self.send(lease.result)
+        if lease.cheat is not None:
+            agent._injected(lease.cheat, lease)
         if "duplicate" in lease.faults:
             lease.faults.discard("duplicate")
             agent._injected("duplicate", lease)
@@ -796,6 +956,70 @@ def _encode(msg: protocol.Message) -> str:
 def _embed(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
     """Runs in the executor."""
     return get_runner(runtime, precision).embed(texts)
+
+
+def _compute(runtime: str, precision: str, texts: list[str], cheat: str | None, *, earlier: np.ndarray | None,
+             noise_seed: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A unit's result under ``cheat`` (None: honest), and its true embeddings if computed. Runs in the executor."""
+    rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
+    return cheat_embed(cheat, texts, embed=functools.partial(_embed, runtime, precision), dims=MODELS[runtime].dims,
+                       rng=rng, earlier=earlier)
+
+
+def first_words(text: str, count: int = FIRST_WORDS) -> str:
+    """The first ``count`` whitespace-separated words of ``text``, or the text itself if it has no more."""
+    words = text.split()
+    return text if len(words) <= count else " ".join(words[:count])
+
+
+def cheat_applies(kind: str, texts: list[str]) -> bool:
+    """Whether the cheat ``kind`` can change the result of a unit of ``texts`` (else it is the honest one)."""
+    if not texts:
+        return False
+    if kind in ("one_vector", "rotate_rows"):
+        return len(texts) > 1
+    if kind == "first_words":
+        return any(first_words(text) != text for text in texts)
+    return True
+
+
+def random_unit_vectors(rows: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` random float32 vectors of unit length, uniform on the sphere."""
+    vectors = rng.standard_normal((rows, dims))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def cheat_embed(kind: str | None, texts: list[str], *, embed: Callable[[list[str]], np.ndarray], dims: int,
+                rng: np.random.Generator | None = None,
+                earlier: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The vectors a car sends for ``texts`` under the result cheat ``kind`` (None: the honest result; see
+    Faults), and the true embeddings of ``texts`` when they were computed on the way (else None).
+
+    ``embed`` computes true embeddings (texts -> float32 [len(texts), dims]); ``rng`` draws the random
+    vectors (default: a fresh unseeded one); ``earlier`` is another unit's true embeddings, which ``replay``
+    sends."""
+    count = len(texts)
+    match kind:
+        case None:
+            honest = embed(texts)
+            return honest, honest
+        case "random_vectors":
+            return random_unit_vectors(count, dims, rng if rng is not None else np.random.default_rng()), None
+        case "one_vector":
+            return np.repeat(embed(texts[:1]), count, axis=0), None
+        case "rotate_rows":
+            honest = embed(texts)
+            return np.roll(honest, -1, axis=0), honest
+        case "negate":
+            honest = embed(texts)
+            return -honest, honest
+        case "replay":
+            if earlier is None or not len(earlier):
+                raise ValueError("replay needs an earlier unit's embeddings")
+            return np.array(earlier[np.arange(count) % len(earlier)], dtype=np.float32), None
+        case "first_words":
+            return embed([first_words(text) for text in texts]), None
+    raise ValueError(f"unknown cheat {kind!r}; known: {', '.join(Faults.CHEATS)}")
 
 
 def _corrupt(vectors: np.ndarray) -> np.ndarray:

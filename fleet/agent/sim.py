@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from fleet.agent.client import AuthRefused, CarAgent, Faults, Replaced, measure_mops, wait_event
+from fleet.agent.client import (
+    AuthRefused,
+    CarAgent,
+    Faults,
+    Replaced,
+    measure_mops,
+    wait_event,
+)
 from fleet.agent.models import MODELS
 
 logger = logging.getLogger("fleet.agent.sim")
@@ -217,6 +224,14 @@ class SimulatedSensors:
                 self._phase = phase
 
 
+def is_cheater(car_seed: int, share: float) -> bool:
+    """Whether the car of seed ``car_seed`` is drawn as one of the cheaters, each car with probability
+    ``share`` (0 to 1); from the car's seed alone, so that a car is the same whichever process runs it."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"the cheaters' share must be between 0 and 1, got {share!r}")
+    return random.Random(f"cheater/{car_seed}").random() < share
+
+
 async def run_fleet(
     server_url: str,
     cars: list[dict],
@@ -226,6 +241,7 @@ async def run_fleet(
     seed: int = 0,
     executor_threads: int = 2,
     faults: Faults | None = None,
+    cheaters: float = 0.0,
     telemetry_interval_s: float = 5.0,
     agents: list[CarAgent] | None = None,
 ) -> list[CarAgent]:
@@ -236,7 +252,9 @@ async def run_fleet(
     executor of ``executor_threads`` threads, and one throughput measurement divided by the number of cars,
     since they share the CPU: that per-car share is what each reports in its hello. A car's own ``seed``
     (else the next draw from ``seed``) fixes its routine and its fault draws, so a car behaves the same
-    whichever process runs it. ``faults`` apply to every car, each with its own seed derived from the car's.
+    whichever process runs it. ``faults`` (faults and cheats alike) apply to every car when ``cheaters`` is 0,
+    else only to the cars :func:`is_cheater` draws with probability ``cheaters``; each car that gets them has
+    its own fault seed derived from the car's. An honest car's agent has ``faults`` None.
     Returns the agents (their ``stats`` and ``sensors`` for reports); a car whose token is refused stops alone.
     A caller's ``agents`` list is filled as soon as the agents exist, so their stats can be read even when
     the run is cut short.
@@ -255,7 +273,7 @@ async def run_fleet(
             car_seed = car["seed"] if "seed" in car else rng.getrandbits(64)
             sensors = SimulatedSensors(random.Random(car_seed), car["hardware_watts"], time_scale=time_scale)
             car_faults = None
-            if faults is not None and faults.enabled:
+            if faults is not None and faults.enabled and (cheaters == 0 or is_cheater(car_seed, cheaters)):
                 fault_seed = random.Random(f"faults/{faults.seed}/{car_seed}").getrandbits(64)
                 car_faults = dataclasses.replace(faults, seed=fault_seed)
             agents.append(
@@ -271,6 +289,9 @@ async def run_fleet(
                     faults=car_faults,
                 )
             )
+        if faults is not None and faults.enabled:
+            logger.info("fleet: %d of %d cars get the faults %s",
+                        sum(agent.faults is not None for agent in agents), len(agents), faults)
         reporter = asyncio.create_task(_report(agents, stop))
         outcomes = await asyncio.gather(*(agent.run(stop) for agent in agents), return_exceptions=True)
         reporter.cancel()

@@ -36,14 +36,30 @@ class Command(BaseCommand):
         parser.add_argument("--time-scale", type=float, default=60.0, help="Simulated seconds per real second.")
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--owner", default=SIM_OWNER)
-        parser.add_argument("--faults", default="",
-                            help="Inject faults, per lease: e.g. drop_socket=0.05,stall=0.02,duplicate=0.05,"
-                                 "corrupt=0.02,late=0.02 (also stall_s, late_s, seed). Off by default.")
+        parser.add_argument("--faults", default="", metavar="NAME=VALUE,...",
+                            help="Inject faults and cheats (see fleet.agent.client.Faults). Off by default. "
+                                 "Faults, probabilities per lease: drop_socket (abort the socket instead of "
+                                 "sending a result), stall (sit on it past the lease), duplicate (send it twice), "
+                                 "corrupt (a malformed result), late (send it late_s seconds late); with "
+                                 "stall_s, late_s and seed. Result cheats, well-formed but wrong, probabilities per "
+                                 "result (adding up to 1 at most): random_vectors (random unit vectors), "
+                                 "one_vector (the first text's embedding for every text), rotate_rows (row i "
+                                 "gets row i+1's embedding), negate (negated embeddings), replay (an earlier "
+                                 "unit's embeddings), first_words (embeddings of each text's first 4 words). "
+                                 "Car-level: cheat_after=N (honest for its first N results), black_hole=1 "
+                                 "(never asks for work), hoard=1 (keeps its leases, never sends or releases "
+                                 "them), declare_mops=X (declares X Mops/s for every precision). E.g. "
+                                 "drop_socket=0.05,duplicate=0.05 or negate=0.5,replay=0.5,cheat_after=3.")
+        parser.add_argument("--cheaters", type=float, default=0.0, metavar="SHARE",
+                            help="Give the --faults only to a share of the cars (0 to 1), each car drawn from its "
+                                 "seed (so from --seed). Default 0: every car gets them.")
         parser.add_argument("--processes", type=int, default=1,
                             help="Split the cars over this many child processes (default 1: this process).")
 
-    def handle(self, cars, server, time_scale, seed, owner, faults, processes, **options):
+    def handle(self, cars, server, time_scale, seed, owner, faults, cheaters, processes, **options):
         faults = faults_option(faults)
+        if not 0 <= cheaters <= 1:
+            raise CommandError("--cheaters must be a share between 0 and 1")
         if cars < 1:
             raise CommandError("--cars must be 1 or more")
         if processes < 1:
@@ -56,8 +72,10 @@ class Command(BaseCommand):
         fleet = [{**car, "token": pair(server, car.pop("code"))["token"], "seed": car_seeds.getrandbits(64)}
                  for car in self._provision(cars, seed, owner)]
         self.stdout.write(f"simulate_fleet: {len(fleet)} cars paired with {server}"
-                          + (f", faults {faults}" if faults.enabled else ""))
-        run_options = {"time_scale": time_scale, "seed": seed, "faults": faults if faults.enabled else None}
+                          + (f", faults {faults}" if faults.enabled else "")
+                          + (f" for a share {cheaters:g} of them" if faults.enabled and cheaters else ""))
+        run_options = {"time_scale": time_scale, "seed": seed, "faults": faults if faults.enabled else None,
+                       "cheaters": cheaters}
         if processes == 1:
             self._run_here(server, fleet, run_options)
         else:

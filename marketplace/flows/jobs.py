@@ -27,8 +27,8 @@ def job_create_from(*, organisation: Organisation, user: User | None, draft: mar
             billing.reservation_create(job=job, amount_minor=selectors.job_reservation_needed_minor(
                 job=job, queued_mops=draft.mops_total))
             # Its canaries: units whose answer the platform computes itself (docs/verification.md).
-            canaries = fleet.units_canaries_pick(job=job)
-            transaction.on_commit(lambda: units_reference_later(unit_ids=canaries))
+            if canaries := fleet.units_canaries_pick(job=job):
+                transaction.on_commit(lambda: units_reference_later(unit_ids=canaries))
     finally:
         draft.units.close()
     return job

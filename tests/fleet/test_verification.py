@@ -1,0 +1,156 @@
+"""Verified results (docs/verification.md): a result of the right shape is a claim. Cars that cheat in each
+way the agent knows (fleet.agent.client.cheat_embed) beside honest ones, through the real flows and the real
+embedding runtime: no wrong row is delivered or paid, cheaters are caught, suspended and clawed back, honest
+cars never are."""
+
+import numpy as np
+import pytest
+from django.db.models import Sum
+
+from billing.models import Clawback, LedgerEntry, MeterRecord
+from fleet import verification
+from fleet.agent.client import cheat_embed, encode_embeddings
+from fleet.agent.models import get_runner
+from fleet.models import Lease, Vehicle, WorkUnit
+from marketplace import flows
+from marketplace.models import Job
+from tests.factories import VehicleFactory
+
+RUNTIME = "all-minilm-l6-v2"
+
+
+def _embed(texts):
+    return get_runner(RUNTIME, "int8").embed(texts)
+
+
+def honest(texts):
+    return encode_embeddings(_embed(texts))
+
+
+def cheat(kind):
+    rng = np.random.default_rng(7)
+    earlier = _embed(["An earlier unit's text, about something else entirely."] * 3)
+
+    def send(texts):
+        vectors, _ = cheat_embed(kind, texts, embed=_embed, dims=384, rng=rng, earlier=earlier)
+        return encode_embeddings(vectors)
+    return send
+
+
+def work(cars: dict, *, rounds: int = 60) -> None:
+    """Each car (vehicle id -> how it computes) asks for work and answers, round after round, and the platform
+    arbitrates what waits for it (the flow its Celery task runs, called here; the end-to-end tests run the
+    task), until nothing is left."""
+    for _ in range(rounds):
+        for unit_id in WorkUnit.objects.filter(verify=WorkUnit.Verify.ARBITER).values_list("pk", flat=True):
+            flows.unit_arbitrate(unit_id=unit_id)
+        flows.auction_tick()
+        busy = False
+        for vehicle_id, compute in cars.items():
+            units, _ = flows.units_lease(vehicle_id=vehicle_id)
+            for unit in units:
+                busy = True
+                accepted, _ = flows.unit_complete(vehicle_id=vehicle_id, unit_id=unit.pk, epoch=unit.lease_epoch,
+                                                  embeddings_b64=compute([d["text"] for d in unit.inputs]))
+                assert accepted  # a well-formed result is accepted whatever its judgement: the car learns nothing
+        if not busy and not WorkUnit.objects.filter(state=WorkUnit.State.QUEUED).exists():
+            return
+
+
+def delivered_wrong(job: Job) -> int:
+    wrong = 0
+    for unit in WorkUnit.objects.filter(job=job, state=WorkUnit.State.DONE):
+        truth = honest([d["text"] for d in unit.inputs])
+        wrong += not verification.results_agree(unit.result, truth, precision="int8")
+    return wrong
+
+
+def owner_earned_minor(vehicle: Vehicle) -> int:
+    return LedgerEntry.objects.filter(account__owner=vehicle.owner, account__kind="owner").aggregate(
+        total=Sum("amount_minor"))["total"] or 0
+
+
+@pytest.mark.pure
+def test_the_rate_falls_with_a_cars_record_and_is_one_after_a_wrong_result():
+    rate = lambda streak, wrong=0: verification.replication_rate(  # noqa: E731
+        verification.Standing(streak=streak, wrong_recent=wrong), probation=3, floor=0.04)
+    assert [rate(s) for s in (0, 1, 2)] == [1.0, 1.0, 1.0]
+    assert rate(3) == 0.75 and rate(29) == 0.1 and rate(10_000) == 0.04
+    assert rate(10_000, wrong=1) == 1.0
+    assert verification.units_to_catch(rate=0.04, quantile=0.95) == 74
+    assert verification.miss_chance(rate=0.04, wrong_units=74) < 0.05 < verification.miss_chance(rate=0.04, wrong_units=73)
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("kind", ["random_vectors", "one_vector", "rotate_rows", "negate", "replay", "first_words"])
+def test_every_cheat_disagrees_with_the_honest_result_and_honest_runs_agree(kind):
+    texts = ["The quick brown fox jumps over the lazy dog near the river bank.",
+             "Return a new list containing all items from the iterable in ascending order.",
+             "Raise ValueError if the value is not present in the sequence at all."]
+    truth = honest(texts)
+    assert verification.results_agree(honest(texts), truth, precision="int8")
+    assert not verification.results_agree(cheat(kind)(texts), truth, precision="int8")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["random_vectors", "one_vector", "rotate_rows", "negate", "replay", "first_words"])
+def test_a_cheating_car_beside_honest_ones_is_caught_suspended_and_delivers_nothing(verifying, make_job, kind):
+    job = make_job(docs=96)
+    liar = VehicleFactory(policy__reserve_price_micros=0)
+    good = [VehicleFactory(policy__reserve_price_micros=0) for _ in range(2)]
+    work({liar.pk: cheat(kind), **{car.pk: honest for car in good}})
+
+    job.refresh_from_db()
+    assert job.state == Job.State.COMPLETED
+    assert delivered_wrong(job) == 0
+    liar.refresh_from_db()
+    assert liar.suspended_at is not None and liar.wrong_results >= verification.SUSPEND_AFTER_WRONG
+    assert "disagreed" in liar.suspension_reason
+    # Paid nothing: every result it was paid for (none, here: every result of a new car is checked) is clawed back.
+    paid = MeterRecord.objects.filter(vehicle=liar, role="buyer", clawback=None).count()
+    assert paid == 0 and owner_earned_minor(liar) <= 0
+    for car in good:
+        car.refresh_from_db()
+        assert car.suspended_at is None and car.wrong_results == 0 and car.checks_passed > 0
+    assert not Lease.objects.filter(vehicle__in=good, verdict="wrong").exists()
+    # The ledger still balances, and the buyer paid for each unit once.
+    assert (LedgerEntry.objects.aggregate(total=Sum("amount_minor"))["total"] or 0) == 0
+    assert MeterRecord.objects.filter(job=job, role="buyer", clawback=None).count() == job.units_total
+
+
+@pytest.mark.django_db
+def test_a_car_that_builds_trust_then_cheats_is_caught_and_its_unchecked_results_are_voided(verifying, make_job):
+    """Honest long enough to be checked rarely, then negated vectors: caught at its first check, its unchecked
+    results voided (clawed back, computed again by others), none delivered."""
+    job = make_job(docs=800)
+    turncoat = VehicleFactory(policy__reserve_price_micros=0)
+    good = [VehicleFactory(policy__reserve_price_micros=0) for _ in range(2)]
+    Vehicle.objects.filter(pk=turncoat.pk).update(results_streak=10_000)  # a long honest record
+    work({turncoat.pk: cheat("negate"), **{car.pk: honest for car in good}}, rounds=200)
+
+    job.refresh_from_db()
+    turncoat.refresh_from_db()
+    assert job.state == Job.State.COMPLETED and delivered_wrong(job) == 0
+    assert turncoat.wrong_results >= 1
+    voided = Lease.objects.filter(vehicle=turncoat, verdict="voided").count()
+    paid = MeterRecord.objects.filter(vehicle=turncoat, role="buyer")
+    assert paid.count() == voided == Clawback.objects.filter(meter__vehicle=turncoat).count()
+    assert owner_earned_minor(turncoat) <= 0
+    assert (LedgerEntry.objects.aggregate(total=Sum("amount_minor"))["total"] or 0) == 0
+
+
+@pytest.mark.django_db
+def test_without_a_car_of_another_owner_the_platform_checks_and_the_job_completes(verifying, make_job):
+    job = make_job(docs=24)
+    car = VehicleFactory(policy__reserve_price_micros=0)
+    work({car.pk: honest})
+    job.refresh_from_db()
+    car.refresh_from_db()
+    assert job.state == Job.State.COMPLETED and delivered_wrong(job) == 0
+    assert car.checks_passed >= verification_probation() and car.suspended_at is None
+    assert Lease.objects.filter(vehicle=car, verdict="right").count() >= verification_probation()
+
+
+def verification_probation():
+    from django.conf import settings
+    return settings.VERIFY_PROBATION

@@ -32,7 +32,7 @@ from billing.models import (
 )
 from billing.money import FEMTO_PER_MAJOR, femto_per_minor, format_major, format_minor, minor_to_major
 from billing.payouts import owner_payable_minor, payout_due, settlement_key
-from billing.selectors import account_balance_minor, buyer_balance_minor
+from billing.selectors import EARNINGS_STAND, account_balance_minor, buyer_balance_minor
 from fleet.models import OwnerPolicy, Vehicle
 from marketplace.models import Job, WebhookDelivery
 
@@ -159,7 +159,7 @@ def owner_daily(*, owner, now: datetime, currency: str, days: int = CHART_DAYS) 
     series = days_back(today=now.astimezone(zone).date(), days=days)
     rows = (MeterRecord.objects.filter(owner=owner, currency=currency, created_at__gte=day_start(series[0], zone))
             .annotate(day=TruncDate("created_at", tzinfo=zone)).values("day")
-            .annotate(earned=Sum("owner_femto"), energy=Sum("energy_mwh"), units=Count("pk")))
+            .annotate(earned=Sum("owner_femto", filter=EARNINGS_STAND), energy=Sum("energy_mwh"), units=Count("pk")))
     by_day = {row["day"]: row for row in rows}
     return [{"day": d, "earned_femto": by_day.get(d, {}).get("earned") or 0,
              "energy_mwh": by_day.get(d, {}).get("energy") or 0, "units": by_day.get(d, {}).get("units") or 0}
@@ -189,8 +189,8 @@ def owner_cars(*, owner, now: datetime, currency: str) -> list[CarEarnings]:
     since = now - timedelta(days=CHART_DAYS)
     rows = {row["vehicle"]: row for row in MeterRecord.objects.filter(owner=owner, currency=currency)
             .values("vehicle").annotate(
-                units=Count("pk"), earned=Sum("owner_femto"), energy=Sum("energy_mwh"),
-                earned_30d=Sum("owner_femto", filter=Q(created_at__gte=since)),
+                units=Count("pk"), earned=Sum("owner_femto", filter=EARNINGS_STAND), energy=Sum("energy_mwh"),
+                earned_30d=Sum("owner_femto", filter=EARNINGS_STAND & Q(created_at__gte=since)),
                 energy_30d=Sum("energy_mwh", filter=Q(created_at__gte=since)))}
     vehicles = Vehicle.objects.filter(Q(owner=owner, removed_at=None) | Q(pk__in=rows.keys())).order_by("name", "pk")
     return [CarEarnings(vehicle=v, units=rows.get(v.pk, {}).get("units") or 0,
@@ -256,7 +256,8 @@ def buyer_spend_per_job(*, organisation, currency: str, limit: int = 50) -> list
     charged = {row["transaction__job"]: -(row["total"] or 0) for row in
                _usage_entries(organisation=organisation, currency=currency)
                .values("transaction__job").annotate(total=Sum("amount_minor"))}
-    metered = {row["job"]: row for row in MeterRecord.objects.filter(job__organisation=organisation, currency=currency)
+    metered = {row["job"]: row for row in MeterRecord.objects.filter(EARNINGS_STAND, job__organisation=organisation,
+                                                                     currency=currency, role=MeterRecord.Role.BUYER)
                .values("job").annotate(units=Count("pk"), tokens=Sum("tokens"), exact=Sum("charge_femto"))}
     jobs = Job.objects.filter(pk__in=set(charged) | set(metered)).select_related("ai_model").order_by("-created_at", "-pk")
     return [{"job": job, "charged_minor": charged.get(job.pk, 0), "units": metered.get(job.pk, {}).get("units") or 0,

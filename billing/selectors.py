@@ -1,7 +1,7 @@
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from billing.models import LedgerAccount, LedgerEntry, LedgerTransaction, MeterRecord, PlatformFee
@@ -37,10 +37,16 @@ def owner_earnings_minor(*, owner) -> int:
     return total or 0
 
 
+#: The meter records whose earnings stand: not clawed back (docs/verification.md). Energy counts for all of them:
+#: the car spent it either way.
+EARNINGS_STAND = Q(clawback=None)
+
+
 def owner_earnings_femto(*, owner, currency: str) -> int:
     """The owner's exact share of everything their cars computed (removed cars included), in femto-units.
     The ledger books it in whole minor units, the remainder waiting on the account's carry."""
-    return MeterRecord.objects.filter(owner=owner, currency=currency).aggregate(total=Sum("owner_femto"))["total"] or 0
+    return (MeterRecord.objects.filter(EARNINGS_STAND, owner=owner, currency=currency)
+            .aggregate(total=Sum("owner_femto"))["total"] or 0)
 
 
 def owner_net_earnings(*, earned_femto: int, energy_cost: Decimal | None) -> Decimal | None:
@@ -52,7 +58,7 @@ def owner_net_earnings(*, earned_femto: int, energy_cost: Decimal | None) -> Dec
 
 def vehicle_earnings_femto(*, vehicle) -> int:
     """The owner's exact share of everything one car computed, in femto-units."""
-    return MeterRecord.objects.filter(vehicle=vehicle).aggregate(total=Sum("owner_femto"))["total"] or 0
+    return MeterRecord.objects.filter(EARNINGS_STAND, vehicle=vehicle).aggregate(total=Sum("owner_femto"))["total"] or 0
 
 
 def platform_fee_bps(*, at=None) -> int:

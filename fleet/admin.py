@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from fleet import services
+from fleet import selectors, services
 from fleet.models import HardwareGeneration, HardwareThroughput, Lease, OwnerPolicy, Vehicle, WorkUnit
 
 
@@ -28,16 +28,43 @@ class PolicyInline(admin.StackedInline):
     can_delete = False
 
 
+class SuspendedFilter(admin.SimpleListFilter):
+    """Cars suspended for wrong results (docs/verification.md), and cars under watch after one."""
+
+    title, parameter_name = "standing", "standing"
+
+    def lookups(self, request, model_admin):
+        return [("suspended", "Suspended"), ("watched", "Under watch (a recent wrong result)"), ("good", "Good")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "suspended":
+            return queryset.exclude(suspended_at=None)
+        if self.value() == "watched":
+            return queryset.filter(suspended_at=None, wrong_recent__gt=0)
+        if self.value() == "good":
+            return queryset.filter(suspended_at=None, wrong_recent=0)
+        return queryset
+
+
 @admin.register(Vehicle)
 class VehicleAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "owner", "hardware", "connected", "battery_pct", "driving", "on_wifi",
-                    "ineligible_reason", "last_seen_at"]
-    list_filter = ["connected", "hardware", "driving", "on_wifi", "policy__paused"]
+                    "ineligible_reason", "last_seen_at", "checks_passed", "wrong_results", "suspended_at"]
+    list_filter = [SuspendedFilter, "connected", "hardware", "agent_version", "driving", "on_wifi", "policy__paused"]
     search_fields = ["name", "owner__email", "token_prefix"]
     readonly_fields = ["token_prefix", "token_hash", "token_issued_at", "token_revoked_at", "pairing_code_hash",
                        "pairing_expires_at", "channel_name", "last_seen_at"]
     inlines = [PolicyInline]
-    actions = ["pause", "revoke_token"]
+    actions = ["pause", "revoke_token", "reinstate"]
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "standing_groups": selectors.standing_by_version_and_class()}
+        return super().changelist_view(request, extra_context=extra_context)
+
+    @admin.action(description="Reinstate the selected suspended cars (they start again as new cars)")
+    def reinstate(self, request, queryset):
+        for vehicle in queryset.exclude(suspended_at=None):
+            services.vehicle_reinstate(vehicle=vehicle)
 
     @admin.action(description="Pause the selected cars (withdraws their work)")
     def pause(self, request, queryset):

@@ -13,7 +13,7 @@ from django.db.models.functions import TruncDate
 
 from billing.models import MeterRecord
 from billing.money import femto_per_minor, format_femto_as_minor
-from billing.selectors import vehicle_earnings_femto
+from billing.selectors import EARNINGS_STAND, vehicle_earnings_femto
 from fleet import eligibility
 from fleet.models import Vehicle, WorkUnit
 from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
@@ -186,7 +186,7 @@ def daily_series(*, vehicle: Vehicle, tz: str, now: datetime, days: int = 30) ->
     start = eligibility.wall_clock_instant(first, datetime.min.time(), zone)
     rows = (MeterRecord.objects.filter(vehicle=vehicle, created_at__gte=start, currency=settings.CURRENCY)
             .annotate(day=TruncDate("created_at", tzinfo=zone)).values("day")
-            .annotate(energy=Sum("energy_mwh"), earned=Sum("owner_femto"), units=Count("pk")))
+            .annotate(energy=Sum("energy_mwh"), earned=Sum("owner_femto", filter=EARNINGS_STAND), units=Count("pk")))
     by_day = {row["day"]: row for row in rows}
     series = []
     for offset in range(days):
@@ -318,6 +318,35 @@ def usage_chart(series: list[Day], *, currency: str | None = None) -> list[Panel
                labels=[f"{format_femto_as_minor(d.earnings_femto, currency)} ¢" for d in series],
                total=f"{format_femto_as_minor(sum(d.earnings_femto for d in series), currency)} ¢"),
     ]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the checks of a car's results have shown, for its owner (docs/verification.md)."""
+
+    level: str  # "suspended", "watched", "new", "trusted"
+    title: str
+    explanation: str
+    voided: int  # its results voided when it was caught, their earnings taken back
+
+
+def car_standing(*, vehicle: Vehicle) -> Standing:
+    voided = vehicle.lease_history.filter(verdict="voided").count()
+    checked = f"{vehicle.checks_passed} of its results checked and found right, {vehicle.wrong_results} wrong"
+    taken = (f" The earnings of {voided} result{'s' if voided != 1 else ''} accepted before a check were taken "
+             "back." if voided else "")
+    if vehicle.suspended_at is not None:
+        return Standing("suspended", "Suspended",
+                        f"Since {vehicle.suspended_at:%Y-%m-%d %H:%M} UTC: {vehicle.suspension_reason}. It gets no "
+                        f"work until the operator reinstates it (contact support).{taken}", voided)
+    if vehicle.wrong_results and vehicle.wrong_recent:
+        return Standing("watched", "Under watch",
+                        f"A result disagreed with the platform's own computation: every result is checked again for "
+                        f"a while, and another wrong one suspends the car. {checked}.{taken}", voided)
+    if vehicle.results_streak < settings.VERIFY_PROBATION:
+        return Standing("new", "New", f"The first results of a car are all checked. {checked}.", voided)
+    return Standing("trusted", "In good standing", f"{checked}; a small share of its results is still checked.",
+                    voided)
 
 
 def recent_clearing_prices() -> dict[str, int]:

@@ -3,7 +3,7 @@ from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
 from billing.models import MeterRecord
@@ -173,3 +173,14 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
 def vehicles_of(*, owner) -> QuerySet[Vehicle]:
     """An owner's cars (removed ones excluded); every owner page and endpoint is scoped through this."""
     return Vehicle.objects.filter(owner=owner, removed_at=None).select_related("policy", "hardware")
+
+
+def standing_by_version_and_class() -> list[dict]:
+    """Per agent version and hardware class, what the checks of the cars' results have shown (the operator's
+    view, docs/verification.md): cars, results checked right and wrong, the wrong share, cars suspended."""
+    rows = (Vehicle.objects.filter(removed_at=None).values("agent_version", "hardware__code")
+            .annotate(cars=Count("pk"), passed=Sum("checks_passed"), wrong=Sum("wrong_results"),
+                      suspended=Count("pk", filter=Q(suspended_at__isnull=False)))
+            .order_by("-wrong", "agent_version", "hardware__code"))
+    return [{**row, "wrong_share": (row["wrong"] or 0) / max(1, (row["passed"] or 0) + (row["wrong"] or 0))}
+            for row in rows]

@@ -108,6 +108,7 @@ def vehicle_detail(request, pk):
         "departures": [{**d, "day": portal.WEEKDAY_NAMES[d["weekday"]]} for d in policy.departures],
         "categories": [name for code, name, _ in WORKLOAD_CATEGORIES if code in policy.categories],
         "blocked": policy.blocked_organisations.order_by("name"),
+        "standing": portal.car_standing(vehicle=vehicle),
     })
 
 

@@ -40,6 +40,8 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
                                                       embeddings_b64=embeddings_b64)
         if completion is None:
             return False, reason
+        fleet.vehicle_rate_record(vehicle_id=vehicle_id, precision=unit.job.precision, mops=unit.mops,
+                                  duration_ms=completion.duration_ms, now=unit.completed_at)
         billing.usage_record(unit=unit, vehicle=completion.vehicle, price_micros=unit.price_micros,
                              energy_mwh=completion.energy_mwh, duration_ms=completion.duration_ms,
                              reservation=locks.reservation)

@@ -48,12 +48,15 @@ class SuspendedFilter(admin.SimpleListFilter):
 
 @admin.register(Vehicle)
 class VehicleAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "owner", "hardware", "connected", "battery_pct", "driving", "on_wifi",
-                    "ineligible_reason", "last_seen_at", "checks_passed", "wrong_results", "suspended_at"]
-    list_filter = [SuspendedFilter, "connected", "hardware", "agent_version", "driving", "on_wifi", "policy__paused"]
+    list_display = ["id", "name", "owner", "hardware", "hardware_mismatch", "connected", "battery_pct", "driving",
+                    "on_wifi", "ineligible_reason", "last_seen_at", "work_requested_at", "checks_passed",
+                    "wrong_results", "suspended_at"]
+    list_filter = [SuspendedFilter, "connected", "hardware", "hardware_mismatch", "agent_version", "driving", "on_wifi",
+                   "policy__paused"]
     search_fields = ["name", "owner__email", "token_prefix"]
     readonly_fields = ["token_prefix", "token_hash", "token_issued_at", "token_revoked_at", "pairing_code_hash",
-                       "pairing_expires_at", "channel_name", "last_seen_at"]
+                       "pairing_expires_at", "channel_name", "last_seen_at", "work_requested_at",
+                       "hardware_mismatch", "hardware_mismatch_reason"]
     inlines = [PolicyInline]
     actions = ["pause", "revoke_token", "reinstate"]
 

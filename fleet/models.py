@@ -82,6 +82,14 @@ class Vehicle(models.Model):
         default=0, help_text="Leases that ran out without a result since lease_strike_at's memory began "
                              "(fleet.dispatch.inflight_after_strikes).")
     lease_strike_at = models.DateTimeField(null=True, blank=True, help_text="When a lease of the car last ran out.")
+    # Capacity is proven, not declared (docs/vehicle-protocol.md, "Capacity is measured"): the auction offers only
+    # cars that asked for work lately (the gateway writes this in its batch), at the rate they delivered (VehicleRate).
+    work_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the car last sent work.request (written in the gateway's batch).")
+    hardware_mismatch = models.BooleanField(
+        default=False, help_text="Delivers far below what cars of its hardware class deliver: sold at its measured "
+                                 "rate only (fleet.services.vehicles_hardware_check).")
+    hardware_mismatch_reason = models.CharField(max_length=300, blank=True)
 
     # Standing: what the checks of its results have shown (fleet.verification, docs/verification.md).
     results_streak = models.PositiveIntegerField(default=0, help_text="Results accepted since its last wrong one.")
@@ -97,6 +105,28 @@ class Vehicle(models.Model):
 
     def __str__(self):
         return self.name
+
+
+class VehicleRate(models.Model):
+    """What a car delivered at one precision: an exponentially weighted sum of the mega-ops of its accepted
+    results and of the time it was working on them (the union of its leases' intervals, so that units it held
+    at once count their time once). Its rate is ``mops / busy_s`` (fleet.selectors.rate_proven). Written only
+    by fleet.services.vehicle_rate_record, in the transaction that accepts a result; a row of its own, not the
+    car's, because a completion holds the unit and may not go back to the car's row (docs/concurrency.md)."""
+
+    vehicle = models.ForeignKey(Vehicle, on_delete=models.CASCADE, related_name="rates")
+    precision = models.CharField(max_length=8, choices=PRECISION_CHOICES)
+    mops = models.FloatField(default=0.0, help_text="Weighted mega-ops of accepted results.")
+    busy_s = models.FloatField(default=0.0, help_text="Weighted seconds the car was working on them.")
+    busy_until = models.FloatField(default=0.0, help_text="Unix time up to which working time is counted.")
+    units = models.PositiveIntegerField(default=0, help_text="Accepted results counted (not weighted).")
+    delivered_at = models.DateTimeField(null=True, blank=True, help_text="The last accepted result.")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["vehicle", "precision"], name="one_rate_per_precision")]
+
+    def __str__(self):
+        return f"{self.vehicle_id} {self.precision}: {self.mops:.0f} Mops in {self.busy_s:.1f} s"
 
 
 class OwnerPolicy(models.Model):

@@ -16,7 +16,14 @@ from billing.money import femto_per_minor, format_femto_as_minor
 from billing.selectors import EARNINGS_STAND, vehicle_earnings_femto
 from fleet import eligibility
 from fleet.models import Vehicle, WorkUnit
-from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
+from fleet.selectors import (
+    policy_rules,
+    vehicle_mops_per_s,
+    vehicle_rate_proven,
+    vehicle_status,
+    vehicle_usage,
+    vehicles_of,
+)
 from marketplace.models import AuctionRound
 
 WEEKDAYS = [(0, "Monday"), (1, "Tuesday"), (2, "Wednesday"), (3, "Thursday"), (4, "Friday"), (5, "Saturday"),
@@ -54,6 +61,7 @@ class CarSnapshot:
     earnings_femto: int
     next_departure: tuple[datetime, float] | None
     currency: str = field(default_factory=lambda: settings.CURRENCY)
+    capacity: list[str] = field(default_factory=list)
 
     @property
     def earnings_cents(self) -> str:
@@ -125,6 +133,22 @@ def owner_explanation(*, vehicle: Vehicle, status: str, reason: str | None, usag
     return texts.get(reason, eligibility.REASONS.get(reason, ""))
 
 
+def capacity_lines(*, vehicle: Vehicle) -> list[str]:
+    """What the car is sold at, per number format, in words: buyers get the capacity a car has proven
+    (docs/vehicle-protocol.md, "Capacity is measured")."""
+    lines = []
+    for throughput in vehicle.hardware.throughputs.all():
+        precision = throughput.precision
+        proven = vehicle_rate_proven(vehicle=vehicle, precision=precision)
+        sold = vehicle_mops_per_s(vehicle=vehicle, precision=precision)
+        if proven is None:
+            lines.append(f"{precision.upper()}: nothing delivered yet, so it is offered a small trial figure of "
+                         f"{sold:,} Mops/s until it has.")
+        else:
+            lines.append(f"{precision.upper()}: delivered {proven:,.0f} Mops/s lately; offered at {sold:,} Mops/s.")
+    return lines
+
+
 def car_snapshot(*, vehicle: Vehicle, now: datetime) -> CarSnapshot:
     leases = [CurrentLease(job_id, seq, since, price) for job_id, seq, since, price in
               WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED)
@@ -140,7 +164,8 @@ def car_snapshot(*, vehicle: Vehicle, now: datetime) -> CarSnapshot:
         vehicle=vehicle, status=status, label=STATUS_LABELS.get(status, status.title()), reason=reason,
         explanation=owner_explanation(vehicle=vehicle, status=status, reason=reason, usage=usage),
         leases=leases, usage=usage, units_done=vehicle.units_completed.count(),
-        earnings_femto=vehicle_earnings_femto(vehicle=vehicle), next_departure=departure)
+        earnings_femto=vehicle_earnings_femto(vehicle=vehicle), next_departure=departure,
+        capacity=capacity_lines(vehicle=vehicle))
 
 
 def dashboard_cars(*, owner, now: datetime) -> list[dict]:

@@ -3,12 +3,13 @@ from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
 from billing.models import MeterRecord
 from fleet import dispatch, eligibility
-from fleet.models import OwnerPolicy, Vehicle, VehicleDailyUsage
+from fleet.models import OwnerPolicy, Vehicle, VehicleDailyUsage, VehicleRate, WorkUnit
+from marketplace.models import Allocation, Job
 
 
 def _hhmm(value: str) -> time:
@@ -120,12 +121,74 @@ def vehicle_recent_strikes(*, vehicle: Vehicle) -> int:
     return dispatch.strikes_standing(strikes=vehicle.lease_strikes, since_s=since, forgive_s=settings.LEASE_STRIKE_FORGIVE_S)
 
 
+def rate_proven(*, row: VehicleRate) -> float | None:
+    """Mega-ops per second a car delivered (docs/vehicle-protocol.md, "Capacity is measured"): the weighted
+    mega-ops of its accepted results over the weighted time it worked on them, that time counted as at least
+    CAPACITY_MIN_BUSY_S (so that one quick first unit proves no more than its mega-ops per second); None
+    when it delivered nothing."""
+    if not row.units or row.mops <= 0:
+        return None
+    return row.mops / max(row.busy_s, settings.CAPACITY_MIN_BUSY_S)
+
+
+def vehicle_rate_proven(*, vehicle: Vehicle, precision: str) -> float | None:
+    """The car's delivered rate at ``precision`` (its ``rates`` prefetched, or one query), None if none."""
+    row = next((r for r in vehicle.rates.all() if r.precision == precision), None)
+    return None if row is None else rate_proven(row=row)
+
+
 def vehicle_mops_per_s(*, vehicle: Vehicle, precision: str) -> int:
-    """Mega-ops per second the car delivers at ``precision``: its measured figure (from its hello) capped by
-    its hardware's nominal peak; the nominal peak when it measured none; 0 if the hardware cannot run it."""
+    """Mega-ops per second the car is taken to deliver at ``precision``: what it delivered (rate_proven), or
+    CAPACITY_PROVISIONAL_MOPS_PER_S while it delivered nothing there; lowered, never raised, by the throughput
+    its hello claims; never above its hardware's nominal peak; 0 if the hardware cannot run it. The auction
+    sells it, the dispatcher sizes batches and lease lifetimes with it."""
     nominal = next((t.gops_per_s * 1000 for t in vehicle.hardware.throughputs.all() if t.precision == precision), 0)
-    measured = int(vehicle.throughput_mops.get(precision, 0) or 0)
-    return min(measured, nominal) if measured > 0 else nominal
+    if nominal <= 0:
+        return 0
+    proven = vehicle_rate_proven(vehicle=vehicle, precision=precision)
+    figure = settings.CAPACITY_PROVISIONAL_MOPS_PER_S if proven is None else proven
+    declared = int(vehicle.throughput_mops.get(precision, 0) or 0)
+    if declared > 0:
+        figure = min(figure, declared)
+    return max(1, round(min(figure, nominal)))
+
+
+def vehicles_standing(*, vehicle_ids: list[int], now: datetime) -> dict[int, float]:
+    """The factor each car's offer is scaled by for the capacity it won and left unused: of the mega-ops
+    allocated to it in the last CAPACITY_STANDING_WINDOW_S (jobs still open), the share it used itself (units
+    of those allocations it completed or holds; what other cars took from it, or nobody did, is unused).
+    At or above CAPACITY_USED_SHARE_OK it is 1; below, ``share / CAPACITY_USED_SHARE_OK``, at least
+    CAPACITY_WASTE_FLOOR. A car with no allocation in the window: 1. One query."""
+    if not vehicle_ids:
+        return {}
+    since = now - timedelta(seconds=settings.CAPACITY_STANDING_WINDOW_S)
+    used = (WorkUnit.objects.filter(allocation=OuterRef("pk"))
+            .filter(Q(state=WorkUnit.State.DONE, completed_by=OuterRef("vehicle_id"))
+                    | Q(state=WorkUnit.State.LEASED, leased_to=OuterRef("vehicle_id")))
+            .order_by().values("allocation").annotate(total=Sum("mops")).values("total"))
+    rows = (Allocation.objects.filter(vehicle_id__in=vehicle_ids, round__cleared_at__gte=since,
+                                      job__state__in=Job.OPEN_STATES)
+            .annotate(used=Subquery(used)).values_list("vehicle_id", "mops", "used"))
+    allocated: dict[int, int] = {}
+    taken: dict[int, int] = {}
+    for vehicle_id, mops, used_mops in rows:
+        allocated[vehicle_id] = allocated.get(vehicle_id, 0) + mops
+        taken[vehicle_id] = taken.get(vehicle_id, 0) + min(mops, used_mops or 0)
+    return {pk: standing_factor(allocated_mops=allocated.get(pk, 0), used_mops=taken.get(pk, 0)) for pk in vehicle_ids}
+
+
+def standing_factor(*, allocated_mops: int, used_mops: int) -> float:
+    """vehicles_standing's rule for one car."""
+    if allocated_mops <= 0:
+        return 1.0
+    share = used_mops / allocated_mops
+    return max(settings.CAPACITY_WASTE_FLOOR, min(1.0, share / settings.CAPACITY_USED_SHARE_OK))
+
+
+def asking_since(since: datetime) -> Q:
+    """Cars that sent work.request, or had a result accepted, since ``since``: the cars that want work."""
+    delivered = VehicleRate.objects.filter(vehicle=OuterRef("pk"), delivered_at__gte=since)
+    return Q(work_requested_at__gte=since) | Q(Exists(delivered))
 
 
 def vehicle_consents(*, vehicle: Vehicle, job_category: str, organisation_id: int) -> bool:
@@ -151,14 +214,17 @@ def vehicle_status(*, vehicle: Vehicle, now: datetime, working: bool) -> tuple[s
 
 
 def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, int, float | None]]:
-    """Connected, eligible cars whose hardware runs ``precision``, with the mega-ops per second each can
-    deliver (its measured figure, capped by the hardware's nominal peak) and the seconds it can still work
-    (fleet.eligibility.work_time_left; None: unbounded), so that no car sells time it will not be parked for."""
+    """Connected, eligible cars whose hardware runs ``precision`` and that asked for work (or delivered) in
+    the last CAPACITY_ASKED_WITHIN_S, with the mega-ops per second each is sold at (vehicle_mops_per_s: what
+    it delivered, scaled by its standing, vehicles_standing) and the seconds it can still work
+    (fleet.eligibility.work_time_left; None: unbounded), so that no car sells time it will not be parked for
+    nor capacity it has not proven or does not want to use."""
+    since = now - timedelta(seconds=settings.CAPACITY_ASKED_WITHIN_S)
     candidates = (
-        Vehicle.objects.filter(connected=True, removed_at=None, suspended_at=None,
-                                hardware__throughputs__precision=precision)
+        Vehicle.objects.filter(asking_since(since), connected=True, removed_at=None, suspended_at=None,
+                               hardware__throughputs__precision=precision)
         .select_related("policy", "hardware")
-        .prefetch_related("policy__blocked_organisations", "hardware__throughputs")
+        .prefetch_related("policy__blocked_organisations", "hardware__throughputs", "rates")
         .order_by("pk")
     )
     offering = []
@@ -167,7 +233,8 @@ def vehicles_offering(*, precision: str, now: datetime) -> list[tuple[Vehicle, i
         if decision.reason or not int(vehicle.throughput_mops.get(precision, 0)):
             continue
         offering.append((vehicle, vehicle_mops_per_s(vehicle=vehicle, precision=precision), time_left))
-    return offering
+    standing = vehicles_standing(vehicle_ids=[vehicle.pk for vehicle, _, _ in offering], now=now)
+    return [(vehicle, max(1, int(rate * standing[vehicle.pk])), time_left) for vehicle, rate, time_left in offering]
 
 
 def vehicles_of(*, owner) -> QuerySet[Vehicle]:

@@ -16,17 +16,18 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Subquery, Value
-from django.db.models.functions import Coalesce, Least
+from django.db.models import Exists, F, FloatField, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce, Exp, Greatest, Least
 from django.utils import timezone
 
 from fleet import dispatch, tokens, verification
 from fleet.agent.client import encode_embeddings
 from fleet.agent.models import get_runner
 from fleet.eligibility import Window, merge_windows
-from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, WorkUnit
+from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, VehicleRate, WorkUnit
 from fleet.selectors import (
     GatewayView,
+    rate_proven,
     vehicle_consents,
     vehicle_gateway_view,
     vehicle_ineligibility,
@@ -313,6 +314,44 @@ def _current_allocations(*, vehicle: Vehicle):
             .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id"))
 
 
+def _spare_allocations(*, vehicle: Vehicle, now: datetime):
+    """Capacity of the latest tick that other cars won and leave unused, which ``vehicle`` (with none of its own
+    left) may draw on (docs/vehicle-protocol.md, "Capacity is measured"): the tick is CAPACITY_RECLAIM_AFTER_S
+    old; the holder holds no unit of the allocation and has neither asked for work nor delivered a result for
+    CAPACITY_RECLAIM_AFTER_S; the job is open, runs on this car's runtimes and hardware, and pays the
+    allocation's price, which is within the job's bid and at least this car's reserve. Best price first."""
+    idle_since = now - timedelta(seconds=settings.CAPACITY_RECLAIM_AFTER_S)
+    latest = AuctionRound.objects.order_by("-cleared_at").values("cleared_at")[:1]
+    holder_holds = WorkUnit.objects.filter(allocation=OuterRef("pk"), state=WorkUnit.State.LEASED,
+                                           leased_to=OuterRef("vehicle_id"))
+    holder_delivered = VehicleRate.objects.filter(vehicle=OuterRef("vehicle_id"), delivered_at__gte=idle_since)
+    return (Allocation.objects.filter(
+                round__cleared_at=Subquery(latest), round__cleared_at__lte=idle_since, remaining_mops__gt=0,
+                job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes,
+                job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
+                price_micros__gte=vehicle.policy.reserve_price_micros, price_micros__lte=F("job__max_price_micros"))
+            .exclude(vehicle_id=vehicle.pk).exclude(vehicle__work_requested_at__gte=idle_since)
+            .exclude(Exists(holder_holds)).exclude(Exists(holder_delivered))
+            .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id", "pk")[:20])
+
+
+def _allocation_fit(*, allocation_id: int, units: list[WorkUnit], unit_mops: int) -> list[WorkUnit]:
+    """The claimed ``units`` (in sequence order) that the allocation's remainder covers, read again under its
+    row lock (rank 5, after the units: docs/concurrency.md): as many as ``ceil(remainder / unit_mops)``, the
+    rule the claim was sized by, so the last may overrun it by less than a unit; the rest are put back in the
+    queue. Another car may draw on an allocation its holder leaves unused (_spare_allocations), so the
+    remainder read before the claim may be stale: the lock makes the flow's draw
+    (marketplace.services.allocation_draw, in this transaction) safe on any number of gateways."""
+    remaining = (Allocation.objects.select_for_update().filter(pk=allocation_id)
+                 .values_list("remaining_mops", flat=True).first()) or 0
+    kept = units[:max(0, -(-remaining // max(1, unit_mops)))]
+    if len(kept) < len(units):
+        WorkUnit.objects.filter(pk__in=[u.pk for u in units[len(kept):]]).update(
+            state=WorkUnit.State.QUEUED, leased_to=None, leased_at=None, lease_expires_at=None,
+            lease_deadline_at=None, allocation=None, price_micros=None, attempts=F("attempts") - 1)
+    return kept
+
+
 # Lease a batch of a job's queued units in sequence order, in one statement. On PostgreSQL the units are
 # picked with FOR UPDATE SKIP LOCKED, so concurrent leasers (any number of gateway processes) never wait for
 # each other nor lease a unit twice; SQLite has a single writer (transactions are IMMEDIATE) and no row locks.
@@ -348,19 +387,21 @@ def _units_claim(*, job_id: int, count: int, vehicle_id: int, owner_id: int, all
 
 def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
     """Lease the car a batch of units of the best-paying job it won capacity for (the flow,
-    marketplace.flows.units_lease, then draws them from the car's allocation), sized to the car
-    (fleet.dispatch: within the in-flight limit its welcome announced, and no more than it can finish, at its
-    speed and over its uplink, in its remaining working time; at most ``max_units``). Returns (units, "") or
+    marketplace.flows.units_lease, then draws them from the allocation), sized to the car (fleet.dispatch:
+    within the in-flight limit its welcome announced, and no more than it can finish, at the rate it proved
+    and over its uplink, in its remaining working time; at most ``max_units``). A car with no capacity of its
+    own left draws on capacity other cars won and leave unused (_spare_allocations). Returns (units, "") or
     ([], why not).
 
-    Safe under any number of concurrent gateway processes: the car's row is locked (which also serialises the
-    use of its allocations), and units are claimed with SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL). Units
-    are leased while the allocation has capacity left, so the last one may overrun it by less than a unit.
+    Safe under any number of concurrent gateway processes: the car's row is locked, units are claimed with
+    SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation's remainder is read again under its row
+    lock before the leases are made (_allocation_fit), since another car may draw on it too. Units are leased
+    while the allocation has capacity left, so the last one may overrun it by less than a unit.
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         vehicle = (Vehicle.objects.select_for_update(of=("self",)).select_related("policy", "hardware")
-                   .prefetch_related("hardware__throughputs", "policy__blocked_organisations").get(pk=vehicle_id))
+                   .prefetch_related("hardware__throughputs", "policy__blocked_organisations", "rates").get(pk=vehicle_id))
         if vehicle.suspended_at is not None:
             return [], "suspended"
         decision, time_left = vehicle_outlook(vehicle=vehicle, now=now)
@@ -370,7 +411,12 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
         limit = vehicle_inflight_limit(vehicle=vehicle)  # the limit its welcome announced
         if held >= limit:
             return [], "lease_limit"
-        for allocation in _current_allocations(vehicle=vehicle):
+
+        def allocations():
+            yield from _current_allocations(vehicle=vehicle)  # its own first
+            yield from _spare_allocations(vehicle=vehicle, now=now)  # read only when its own gave nothing
+
+        for allocation in allocations():
             job = allocation.job
             if not vehicle_consents(vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
                 continue
@@ -381,13 +427,14 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
             count = dispatch.batch_size(limit=limit, held=held, unit_s=unit_s, time_left_s=time_left)
             if count == 0:
                 return [], "leaving_soon"
-            # The allocation is this car's own: the car's row lock above serialises its use.
             count = min(count, max_units or count, -(-allocation.remaining_mops // unit_mops))
             # Its leases live at most a few times what the car needs for all it will hold (fleet.dispatch).
             lifetime = dispatch.lease_lifetime_s(work_s=(held + count) * unit_s, ttl_s=settings.LEASE_TTL_S,
                                                  max_s=settings.LEASE_MAX_LIFETIME_S)
             units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, owner_id=vehicle.owner_id,
                                  allocation=allocation, now=now, lifetime_s=lifetime)
+            if units:
+                units = _allocation_fit(allocation_id=allocation.pk, units=units, unit_mops=unit_mops)
             if not units:
                 continue
             Lease.objects.bulk_create(Lease(unit_id=u.pk, vehicle_id=vehicle_id, epoch=u.lease_epoch,
@@ -517,6 +564,7 @@ class Payment:
     price_micros: int
     energy_mwh: int
     duration_ms: int
+    ended_at: datetime
 
 
 @dataclass
@@ -542,7 +590,7 @@ def _payment(lease: Lease, *, vehicle: Vehicle, role: str, unit: WorkUnit, preci
     ended = lease.ended_at or timezone.now()
     return Payment(vehicle=vehicle, epoch=lease.epoch, role=role, price_micros=lease.price_micros,
                    energy_mwh=energy_mwh(mops=unit.mops, mops_per_s=max(1, rate), watts=vehicle.hardware.watts),
-                   duration_ms=max(0, int((ended - lease.started_at).total_seconds() * 1000)))
+                   duration_ms=max(0, int((ended - lease.started_at).total_seconds() * 1000)), ended_at=ended)
 
 
 def _unit_done(unit: WorkUnit, *, result: list[str], vehicle: Vehicle | None, now: datetime) -> None:
@@ -794,6 +842,91 @@ def units_void(*, job: Job, vehicle_id: int, refs: list[tuple[int, int]], reopen
             unit.save(update_fields=["verify", "verify_since"])
         voided.append((unit, epoch))
     return voided
+
+
+# --- proven capacity ------------------------------------------------------------------------------------
+# docs/vehicle-protocol.md, "Capacity is measured".
+
+def vehicle_rate_record(*, vehicle_id: int, precision: str, mops: int, duration_ms: int, now: datetime) -> None:
+    """A result of ``mops`` mega-ops at ``precision`` was accepted ``now``, ``duration_ms`` after its lease began:
+    add it to what the car delivered (VehicleRate), in the transaction that accepts it.
+
+    The working time it adds is the part of its lease not already counted, ``now - max(lease start,
+    busy_until)``, so that units the car held at once (pipelined) count their common time once: a car given
+    four units at t and finishing them at t+1, t+2, t+3, t+4 worked 4 s, not 10. Both sums decay by
+    ``exp(-added / CAPACITY_RATE_WINDOW_S)`` first, so the rate follows the car's last minute or so of work,
+    and time it was idle changes nothing. One UPDATE of the car's rate row (a second and third, only the first
+    time): its own row, after the unit and lease rows and before the ledger accounts (docs/concurrency.md),
+    contended only by the car's other completions."""
+    end = now.timestamp()
+    start = end - max(0, duration_ms) / 1000
+    added = Greatest(Value(0.0), Value(end) - Greatest(Value(start), F("busy_until"), output_field=FloatField()),
+                     output_field=FloatField())
+    weight = Exp(Value(-1.0 / settings.CAPACITY_RATE_WINDOW_S) * added, output_field=FloatField())
+    fields = {"mops": F("mops") * weight + Value(float(mops)), "busy_s": F("busy_s") * weight + added,
+              "busy_until": Greatest(F("busy_until"), Value(end), output_field=FloatField()),
+              "units": F("units") + 1, "delivered_at": Value(now)}
+    rows = VehicleRate.objects.filter(vehicle_id=vehicle_id, precision=precision)
+    if not rows.update(**fields):
+        VehicleRate.objects.bulk_create([VehicleRate(vehicle_id=vehicle_id, precision=precision)], ignore_conflicts=True)
+        rows.update(**fields)
+
+
+def vehicles_asked_record(*, asked: dict[int, datetime], check: list[int] | None = None) -> None:
+    """One gateway process's batch of work requests (``asked``: car -> when it last sent work.request), written
+    in one statement per car in id order and its own transaction (the cars' rows alone, rank 1); then the cars
+    in ``check`` have their hardware class checked (vehicles_hardware_check)."""
+    if asked:
+        table = Vehicle._meta.db_table
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.executemany(f"UPDATE {table} SET work_requested_at = %s WHERE id = %s",
+                               [[connection.ops.adapt_datetimefield_value(at), pk] for pk, at in sorted(asked.items())])
+    if check:
+        vehicles_hardware_check(vehicle_ids=check)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def vehicles_hardware_check(*, vehicle_ids: list[int]) -> None:
+    """Check the cars' hardware class against what they deliver: a car that worked HARDWARE_CHECK_MIN_BUSY_S or
+    more at a precision and delivers less than HARDWARE_MISMATCH_SHARE of the median of its class's cars there
+    (taken over the cars with that much work, at least HARDWARE_CLASS_MIN_CARS of them, itself included) is
+    flagged ``hardware_mismatch`` with a plain-English reason; a flag is lifted when the rule no longer holds.
+    Compared with what cars of the class really deliver, never with the class's nominal TOPS, which no car
+    reaches. A flagged car is sold at what it delivered, like every car (fleet.selectors.vehicle_mops_per_s)."""
+    cars = list(Vehicle.objects.filter(pk__in=vehicle_ids).select_related("hardware")
+                .only("pk", "hardware__code", "hardware__name", "hardware_mismatch", "hardware_mismatch_reason"))
+    if not cars:
+        return
+    proven = (VehicleRate.objects.filter(vehicle__hardware_id__in={car.hardware_id for car in cars},
+                                         vehicle__removed_at=None, busy_s__gte=settings.HARDWARE_CHECK_MIN_BUSY_S)
+              .values_list("vehicle_id", "vehicle__hardware_id", "precision", "mops", "busy_s", "units"))
+    by_class: dict[tuple[int, str], list[float]] = defaultdict(list)
+    by_car: dict[int, dict[str, float]] = defaultdict(dict)
+    for vehicle_id, hardware_id, precision, mops, busy_s, units in proven:
+        rate = rate_proven(row=VehicleRate(mops=mops, busy_s=busy_s, units=units))
+        if rate is not None:
+            by_class[hardware_id, precision].append(rate)
+            by_car[vehicle_id][precision] = rate
+    for car in sorted(cars, key=lambda c: c.pk):
+        reason = ""
+        for precision, rate in sorted(by_car.get(car.pk, {}).items()):
+            peers = by_class[car.hardware_id, precision]
+            if len(peers) < settings.HARDWARE_CLASS_MIN_CARS:
+                continue
+            median = _median(peers)
+            if rate < settings.HARDWARE_MISMATCH_SHARE * median:
+                reason = (f"Registered as {car.hardware.name}, but it delivers {rate:,.0f} Mops/s in "
+                          f"{precision.upper()}, under {settings.HARDWARE_MISMATCH_SHARE:.0%} of the {median:,.0f} Mops/s "
+                          f"that {car.hardware.code} cars deliver (the median of {len(peers)}). It is sold at what it "
+                          f"delivers; check that the right hardware is chosen for it.")[:300]
+                break
+        if (bool(reason), reason) != (car.hardware_mismatch, car.hardware_mismatch_reason):
+            Vehicle.objects.filter(pk=car.pk).update(hardware_mismatch=bool(reason), hardware_mismatch_reason=reason)
 
 
 # --- a job's units -------------------------------------------------------------------------------------

@@ -194,6 +194,35 @@ VERIFY_REPLICATION_FLOOR = env.float("VERIFY_REPLICATION_FLOOR", default=0.04)
 CANARY_SHARE = env.float("CANARY_SHARE", default=0.01)
 REPLICA_WAIT_S = env.float("REPLICA_WAIT_S", default=60.0)
 VERIFY_SWEEP_INTERVAL_S = env.float("VERIFY_SWEEP_INTERVAL_S", default=10.0)
+# Capacity is proven, not declared (docs/vehicle-protocol.md, "Capacity is measured"). A car's rate per precision
+# is what it delivered: accepted mega-ops over the time it was working on them, weighted exp(-t / window) by
+# working seconds t since (so it follows about the last CAPACITY_RATE_WINDOW_S of work), over at least
+# CAPACITY_MIN_BUSY_S. A car that delivered nothing there yet gets CAPACITY_PROVISIONAL_MOPS_PER_S (a fifth of
+# what one CPU core delivers with all-MiniLM-L6-v2; far below any car computer's nominal figure). The hello's
+# claim only ever lowers either. Only cars that sent work.request (or delivered a result) within
+# CAPACITY_ASKED_WITHIN_S are offered.
+CAPACITY_RATE_WINDOW_S = env.float("CAPACITY_RATE_WINDOW_S", default=60.0)
+CAPACITY_MIN_BUSY_S = env.float("CAPACITY_MIN_BUSY_S", default=1.0)
+CAPACITY_PROVISIONAL_MOPS_PER_S = env.int("CAPACITY_PROVISIONAL_MOPS_PER_S", default=5_000)
+CAPACITY_ASKED_WITHIN_S = env.float("CAPACITY_ASKED_WITHIN_S", default=max(2 * AUCTION_INTERVAL_S, 6.0))
+# Capacity allocated and left unused is taken back: once a tick is CAPACITY_RECLAIM_AFTER_S old, a car with no
+# allocation left may lease from another car's remainder if that car holds none of it and has neither asked
+# for work nor delivered for CAPACITY_RECLAIM_AFTER_S. A car told "no_work" asks again after half of it.
+CAPACITY_RECLAIM_AFTER_S = env.float("CAPACITY_RECLAIM_AFTER_S", default=max(1.5, AUCTION_INTERVAL_S / 4))
+# A car's standing: of the capacity it won in the last CAPACITY_STANDING_WINDOW_S (jobs still open), the share
+# it used itself. Below CAPACITY_USED_SHARE_OK its offer shrinks in proportion, to no less than
+# CAPACITY_WASTE_FLOOR of its rate (so that it can earn its standing back).
+CAPACITY_STANDING_WINDOW_S = env.float("CAPACITY_STANDING_WINDOW_S", default=10 * AUCTION_INTERVAL_S)
+CAPACITY_USED_SHARE_OK = env.float("CAPACITY_USED_SHARE_OK", default=0.8)
+CAPACITY_WASTE_FLOOR = env.float("CAPACITY_WASTE_FLOOR", default=0.1)
+# Hardware class check: a car that worked at least HARDWARE_CHECK_MIN_BUSY_S at a precision and delivers less
+# than HARDWARE_MISMATCH_SHARE of the median of its class's cars there (at least HARDWARE_CLASS_MIN_CARS of them
+# with that much work) is flagged. 0.7: an HW3 (144 TOPS) sold as an HW4 (245) delivers about 0.59 of an HW4.
+# Each gateway process checks the cars that asked for work at most every HARDWARE_CHECK_INTERVAL_S.
+HARDWARE_CHECK_MIN_BUSY_S = env.float("HARDWARE_CHECK_MIN_BUSY_S", default=30.0)
+HARDWARE_MISMATCH_SHARE = env.float("HARDWARE_MISMATCH_SHARE", default=0.7)
+HARDWARE_CLASS_MIN_CARS = env.int("HARDWARE_CLASS_MIN_CARS", default=3)
+HARDWARE_CHECK_INTERVAL_S = env.float("HARDWARE_CHECK_INTERVAL_S", default=60.0)
 PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each charge goes to the platform
 CURRENCY = env("CURRENCY", default="usd")
 MAX_UPLOAD_LINE_BYTES = env.int("MAX_UPLOAD_LINE_BYTES", default=64 * 1024)

@@ -47,7 +47,9 @@ class OwnerFactory(factory.django.DjangoModelFactory):
 
 
 class VehicleFactory(factory.django.DjangoModelFactory):
-    """A connected, parked, charged car on WiFi that has said hello."""
+    """A connected, parked, charged car on WiFi that has said hello and asked for work (the auction offers only
+    cars that did: ``work_requested_at=None`` for one that never asked). It has delivered nothing yet, so it is
+    sold at the provisional rate until it has (tests.fleet.test_capacity_proven.deliver)."""
 
     class Meta:
         model = Vehicle
@@ -58,6 +60,7 @@ class VehicleFactory(factory.django.DjangoModelFactory):
     hardware = factory.LazyFunction(lambda: HardwareGeneration.objects.get(code="HW4"))
     connected = True
     last_seen_at = factory.LazyFunction(timezone.now)
+    work_requested_at = factory.LazyFunction(timezone.now)
     battery_pct = 80.0
     on_wifi = True
     plugged_in = True

@@ -16,14 +16,19 @@ pytestmark = pytest.mark.django_db(transaction=True)  # the flows' own transacti
 # Round trips in the steady state: a job already running, its car's ledger accounts already open, and a
 # completion that draws no new cent from the reservation (one more INSERT, of the ledger entries, when it does).
 PINNED = {
-    # the expiry and release sweeps, the open jobs with their queued work and budgets, the cars on offer, the round
-    "auction_tick": 13,
+    # the expiry and release sweeps, the open jobs with their queued work and budgets, the cars on offer, the round;
+    # capacity is proven (docs/vehicle-protocol.md, "Capacity is measured"): +1 the cars' delivered rates (one
+    # prefetch for all of them), +1 their standing (the share of their recent allocations they used; one query)
+    "auction_tick": 15,
     # the car's row, hardware, throughputs and block list, its held count, its allocations, the claim, the
-    # leases, the allocation drawn
-    "units_lease": 10,
+    # leases, the allocation drawn; +1 its delivered rates (prefetched with its row: batches are sized to them),
+    # +1 the allocation's remainder read again under its row lock (other cars may draw on what a car leaves unused)
+    "units_lease": 12,
     # the locks (reservation, job, unit), the car, the lease and the unit, the fee, the ledger accounts, the
-    # carries, the reservation, the ledger transaction, the meter record, the job, the buyer's webhook endpoints
-    "unit_complete": 24,
+    # carries, the reservation, the ledger transaction, the meter record, the job, the buyer's webhook endpoints;
+    # +1 the car's delivered rate (unit_result_accept meters energy at vehicle_mops_per_s, which reads it),
+    # +1 the rate row updated with this result (fleet.services.vehicle_rate_record)
+    "unit_complete": 26,
 }
 
 

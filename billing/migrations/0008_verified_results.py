@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('billing', '0007_rename_webhookevent_stripeevent'),
-        ('fleet', '0008_verified_results'),
+        ('fleet', '0009_verified_results'),
         ('marketplace', '0010_verified_results'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

@@ -363,9 +363,15 @@ class VehicleConsumer(DeviceConsumer):
                                                                                  data_bytes=data))
 
     async def on_work_request(self, msg: protocol.WorkRequest):
+        live_batch.work_requested(self.vehicle_id)  # only cars that ask are offered in the auction
         units, reason = await database_sync_to_async(flows.units_lease)(vehicle_id=self.vehicle_id)
         if not units:
-            await self.send_message(protocol.NoWork(reason=reason, retry_after_s=settings.AUCTION_INTERVAL_S))
+            # A car with nothing to do asks again soon enough to take up, within the round, capacity that other
+            # cars won and leave unused (fleet.services._spare_allocations).
+            retry = settings.AUCTION_INTERVAL_S
+            if reason == "no_work":
+                retry = min(retry, settings.CAPACITY_RECLAIM_AFTER_S / 2)
+            await self.send_message(protocol.NoWork(reason=reason, retry_after_s=retry))
             return
         for unit in units:
             self.unconfirmed[(unit.pk, unit.lease_epoch)] = time.monotonic()

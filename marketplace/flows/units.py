@@ -32,9 +32,12 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
 
 def _verdict_book(*, locks: JobLocks, unit: WorkUnit, verdict: fleet.Verdict) -> None:
     """Book what a judgement settled, in its transaction: the results it pays (the buyer's reservation for the
-    unit's result, the platform for a check), and the unit counted done; the last one completes the job and
+    unit's result, the platform for a check) and counts as delivered work, and the unit counted done; the last one completes the job and
     releases the rest of its reservation."""
     for payment in verdict.payments:
+        # What the car delivered (its proven capacity): results that stand, when they are settled.
+        fleet.vehicle_rate_record(vehicle_id=payment.vehicle.pk, precision=locks.job.precision, mops=unit.mops,
+                                  duration_ms=payment.duration_ms, now=payment.ended_at)
         if payment.role == "check":
             billing.check_record(unit=unit, vehicle=payment.vehicle, epoch=payment.epoch,
                                  price_micros=payment.price_micros, energy_mwh=payment.energy_mwh,

@@ -15,6 +15,7 @@ from fleet.models import Lease, Vehicle, WorkUnit
 from fleet.selectors import vehicle_inflight_limit
 from marketplace import flows
 from tests.factories import VehicleFactory
+from tests.support.capacity import deliver
 
 
 @pytest.mark.pure
@@ -42,6 +43,7 @@ def test_a_strike_is_forgiven_every_forgive_period_after_the_last():
 def test_heartbeats_do_not_extend_a_lease_past_its_deadline_and_running_out_is_a_strike(make_job):
     make_job(docs=64)
     car = VehicleFactory(policy__reserve_price_micros=0)
+    deliver(car, mops_per_s=50_000)  # proven: its in-flight limit is above one lease, so a strike can halve it
     limit = vehicle_inflight_limit(vehicle=car)
     flows.auction_tick()
     units, _ = flows.units_lease(vehicle_id=car.pk)
@@ -84,6 +86,7 @@ def test_a_car_that_heartbeats_its_work_and_never_answers_loses_it_at_the_deadli
     settings.LEASE_TTL_S = 2  # heartbeats are written once a second: the TTL outlives the gap between flushes
     job = make_job(docs=8 * 12)
     car = VehicleFactory(policy__reserve_price_micros=0)
+    deliver(car, mops_per_s=200_000)  # proven fast, so that it may hold several leases at once
     token = services.vehicle_pair(code=services.pairing_code_issue(vehicle=car))[1]
 
     async def scenario():

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
@@ -18,6 +19,7 @@ from marketplace.core.errors import ValidationFailed
 from marketplace.models import Allocation, AuctionRound, Job
 from tests.conftest import jsonl
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory, future
+from tests.support.capacity import deliver
 
 pytestmark = pytest.mark.django_db
 
@@ -342,8 +344,10 @@ ROUND_FIELDS = {"id", "market", "cleared_at", "interval_s", "clearing_price_micr
 def test_rounds_give_prices_and_volumes_and_never_a_bid_a_buyer_or_a_job(api, make_job):
     # Given two rounds where a job traded, and a round where nothing did,
     job = make_job(price=2_345_678)
-    VehicleFactory()
+    deliver(VehicleFactory(), mops_per_s=50_000)  # proven: more capacity than the job wants, so its bid is not the price
     (first,) = flows.auction_tick()
+    # (the first round's allocation, left unused, would cost the car standing in the second: it is older)
+    AuctionRound.objects.update(cleared_at=timezone.now() - timedelta(seconds=settings.CAPACITY_STANDING_WINDOW_S + 1))
     (second,) = flows.auction_tick()
     AuctionRound.objects.create(market="fp32", cleared_at=timezone.now(), interval_s=2.0)
     # then each round shows its price and volumes, and nothing else,

@@ -18,6 +18,7 @@ from django.utils import timezone
 from fleet.models import Vehicle
 from marketplace import buyer_webhooks, flows, services, tasks
 from marketplace.models import Job, WebhookDelivery, BuyerWebhookEvent
+from tests.support.capacity import deliver
 from tests.factories import BuyerFactory, VehicleFactory
 from tests.marketplace.test_api import assert_error, client_with
 
@@ -89,7 +90,10 @@ def endpoint_create(api, url: str, events=()) -> dict:
 
 def complete_units(job: Job, count: int) -> None:
     """``count`` more of the job's units computed by a car, through the fleet's real lease and result path."""
-    car = Vehicle.objects.first() or VehicleFactory()
+    car = Vehicle.objects.first()
+    if car is None:  # proven fast enough to be sold, and to hold, several units in a round
+        car = VehicleFactory()
+        deliver(car, mops_per_s=50_000)
     flows.auction_tick()
     units, why = flows.units_lease(vehicle_id=car.pk, max_units=count)
     assert len(units) == count, why

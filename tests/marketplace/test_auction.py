@@ -11,6 +11,7 @@ from fleet.models import HardwareGeneration, WorkUnit
 from marketplace import flows, services
 from marketplace.models import Allocation, AuctionRound, Job
 from tests.factories import VehicleFactory
+from tests.support.capacity import deliver
 
 pytestmark = pytest.mark.django_db
 
@@ -50,6 +51,8 @@ def test_a_car_in_two_markets_sells_each_second_of_the_interval_once(make_job):
     make_job(docs=400, precision="int8", price=3_000_000)
     make_job(docs=400, precision="fp32", price=2_000_000)
     car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 2_000})
+    deliver(car, precision="int8", mops_per_s=20_000)  # capacity is sold at what a car delivered
+    deliver(car, precision="fp32", mops_per_s=2_000)
 
     rounds = flows.auction_tick()
 
@@ -68,6 +71,8 @@ def test_a_car_in_two_markets_sells_its_time_where_surplus_is_highest_not_to_the
     int8 = make_job(docs=400, precision="int8", price=300_000)
     make_job(docs=400, precision="fp32", price=400_000)
     car = VehicleFactory(throughput_mops={"int8": 20_000, "fp32": 10_000}, policy__reserve_price_micros=100_000)
+    deliver(car, precision="int8", mops_per_s=20_000)  # capacity is sold at what a car delivered
+    deliver(car, precision="fp32", mops_per_s=10_000)
 
     rounds = {r.market: r for r in flows.auction_tick()}
 
@@ -87,6 +92,7 @@ def test_the_dispatcher_leases_only_sold_capacity_best_price_first(make_job):
     low = make_job(docs=16, price=1_000_000)
     high = make_job(docs=16, price=2_000_000)
     car = VehicleFactory()
+    deliver(car, mops_per_s=50_000)  # proven: its batch is sized to its allocation, not to one provisional lease
     assert flows.units_lease(vehicle_id=car.pk) == ([], "no_work")  # nothing sold yet
 
     flows.auction_tick()

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('fleet', '0007_bounded_leases'),
+        ('fleet', '0008_proven_capacity'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -317,21 +317,20 @@ def _current_allocations(*, vehicle: Vehicle):
 def _spare_allocations(*, vehicle: Vehicle, now: datetime):
     """Capacity of the latest tick that other cars won and leave unused, which ``vehicle`` (with none of its own
     left) may draw on (docs/vehicle-protocol.md, "Capacity is measured"): the tick is CAPACITY_RECLAIM_AFTER_S
-    old; the holder holds no unit of the allocation and has neither asked for work nor delivered a result for
-    CAPACITY_RECLAIM_AFTER_S; the job is open, runs on this car's runtimes and hardware, and pays the
+    old and the holder holds no unit of the allocation (a car that uses its capacity holds a pipeline of its
+    units; one that asks and can take none, e.g. when what is left are replicas of its own owner's results,
+    holds none, like one that does not ask); the job is open, runs on this car's runtimes and hardware, and pays the
     allocation's price, which is within the job's bid and at least this car's reserve. Best price first."""
     idle_since = now - timedelta(seconds=settings.CAPACITY_RECLAIM_AFTER_S)
     latest = AuctionRound.objects.order_by("-cleared_at").values("cleared_at")[:1]
     holder_holds = WorkUnit.objects.filter(allocation=OuterRef("pk"), state=WorkUnit.State.LEASED,
                                            leased_to=OuterRef("vehicle_id"))
-    holder_delivered = VehicleRate.objects.filter(vehicle=OuterRef("vehicle_id"), delivered_at__gte=idle_since)
     return (Allocation.objects.filter(
                 round__cleared_at=Subquery(latest), round__cleared_at__lte=idle_since, remaining_mops__gt=0,
                 job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes,
                 job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
                 price_micros__gte=vehicle.policy.reserve_price_micros, price_micros__lte=F("job__max_price_micros"))
-            .exclude(vehicle_id=vehicle.pk).exclude(vehicle__work_requested_at__gte=idle_since)
-            .exclude(Exists(holder_holds)).exclude(Exists(holder_delivered))
+            .exclude(vehicle_id=vehicle.pk).exclude(Exists(holder_holds))
             .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id", "pk")[:20])
 
 

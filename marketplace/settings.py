@@ -206,8 +206,8 @@ CAPACITY_MIN_BUSY_S = env.float("CAPACITY_MIN_BUSY_S", default=1.0)
 CAPACITY_PROVISIONAL_MOPS_PER_S = env.int("CAPACITY_PROVISIONAL_MOPS_PER_S", default=5_000)
 CAPACITY_ASKED_WITHIN_S = env.float("CAPACITY_ASKED_WITHIN_S", default=max(2 * AUCTION_INTERVAL_S, 6.0))
 # Capacity allocated and left unused is taken back: once a tick is CAPACITY_RECLAIM_AFTER_S old, a car with no
-# allocation left may lease from another car's remainder if that car holds none of it and has neither asked
-# for work nor delivered for CAPACITY_RECLAIM_AFTER_S. A car told "no_work" asks again after half of it.
+# allocation left may lease from another car's remainder if that car holds none of its units. A car told
+# "no_work" asks again after half of it.
 CAPACITY_RECLAIM_AFTER_S = env.float("CAPACITY_RECLAIM_AFTER_S", default=max(1.5, AUCTION_INTERVAL_S / 4))
 # A car's standing: of the capacity it won in the last CAPACITY_STANDING_WINDOW_S (jobs still open), the share
 # it used itself. Below CAPACITY_USED_SHARE_OK its offer shrinks in proportion, to no less than

@@ -57,6 +57,14 @@ def work(cars: dict, *, rounds: int = 60) -> None:
             return
 
 
+@pytest.fixture
+def market(verifying):
+    """Verification as deployed, in a market where rounds follow each other at once (the work loop does not
+    wait): capacity a car leaves unused is taken back in the same round (CAPACITY_RECLAIM_AFTER_S 0)."""
+    verifying.CAPACITY_RECLAIM_AFTER_S = 0
+    return verifying
+
+
 def delivered_wrong(job: Job) -> int:
     wrong = 0
     for unit in WorkUnit.objects.filter(job=job, state=WorkUnit.State.DONE):
@@ -94,7 +102,7 @@ def test_every_cheat_disagrees_with_the_honest_result_and_honest_runs_agree(kind
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("kind", ["random_vectors", "one_vector", "rotate_rows", "negate", "replay", "first_words"])
-def test_a_cheating_car_beside_honest_ones_is_caught_suspended_and_delivers_nothing(verifying, make_job, kind):
+def test_a_cheating_car_beside_honest_ones_is_caught_suspended_and_delivers_nothing(market, make_job, kind):
     job = make_job(docs=96)
     liar = VehicleFactory(policy__reserve_price_micros=0)
     good = [VehicleFactory(policy__reserve_price_micros=0) for _ in range(2)]
@@ -119,7 +127,7 @@ def test_a_cheating_car_beside_honest_ones_is_caught_suspended_and_delivers_noth
 
 
 @pytest.mark.django_db
-def test_a_car_that_builds_trust_then_cheats_is_caught_and_its_unchecked_results_are_voided(verifying, make_job):
+def test_a_car_that_builds_trust_then_cheats_is_caught_and_its_unchecked_results_are_voided(market, make_job):
     """Honest long enough to be checked rarely, then negated vectors: caught at its first check, its unchecked
     results voided (clawed back, computed again by others), none delivered."""
     job = make_job(docs=800)
@@ -140,7 +148,7 @@ def test_a_car_that_builds_trust_then_cheats_is_caught_and_its_unchecked_results
 
 
 @pytest.mark.django_db
-def test_without_a_car_of_another_owner_the_platform_checks_and_the_job_completes(verifying, make_job):
+def test_without_a_car_of_another_owner_the_platform_checks_and_the_job_completes(market, make_job):
     job = make_job(docs=24)
     car = VehicleFactory(policy__reserve_price_micros=0)
     work({car.pk: honest})

@@ -53,7 +53,9 @@ def work(cars: dict, *, rounds: int = 60) -> None:
                 accepted, _ = flows.unit_complete(vehicle_id=vehicle_id, unit_id=unit.pk, epoch=unit.lease_epoch,
                                                   embeddings_b64=compute([d["text"] for d in unit.inputs]))
                 assert accepted  # a well-formed result is accepted whatever its judgement: the car learns nothing
-        if not busy and not WorkUnit.objects.filter(state=WorkUnit.State.QUEUED).exists():
+        waiting = WorkUnit.objects.filter(state=WorkUnit.State.QUEUED) | WorkUnit.objects.filter(
+            verify=WorkUnit.Verify.ARBITER)
+        if not busy and not waiting.exists():
             return
 
 
@@ -162,3 +164,48 @@ def test_without_a_car_of_another_owner_the_platform_checks_and_the_job_complete
 def verification_probation():
     from django.conf import settings
     return settings.VERIFY_PROBATION
+
+
+@pytest.mark.django_db
+def test_rows_of_a_closed_job_from_a_car_caught_later_are_corrected_and_the_buyer_told_and_refunded(market, make_job):
+    """The promise for rows already delivered: a car that cheats unchecked on a job that completes, and is caught
+    later on another job, has those rows replaced by the platform's own, the buyer told (job.results_corrected)
+    and refunded; its earnings for them are taken back."""
+    from marketplace.models import BuyerWebhookEvent, WebhookEndpoint
+
+    turncoat = VehicleFactory(policy__reserve_price_micros=0)
+    Vehicle.objects.filter(pk=turncoat.pk).update(results_streak=10**6)  # trusted: almost never checked
+    market.VERIFY_REPLICATION_FLOOR, market.CANARY_SHARE = 0.0, 0.0
+    first = make_job(docs=40)
+    WebhookEndpoint.objects.create(organisation=first.organisation, url="https://buyer.example/hook", secret="whsec_x")
+    work({turncoat.pk: cheat("negate")})
+    first.refresh_from_db()
+    assert first.state == Job.State.COMPLETED and delivered_wrong(first) == first.units_total  # got away with it
+    balance_before = LedgerEntry.objects.filter(account__organisation=first.organisation,
+                                                account__kind="buyer").aggregate(t=Sum("amount_minor"))["t"]
+
+    market.VERIFY_REPLICATION_FLOOR = 1.0  # now every result of it is checked: the next one catches it
+    honest_car = VehicleFactory(policy__reserve_price_micros=0)
+    second = make_job(docs=8)
+    work({turncoat.pk: cheat("negate"), honest_car.pk: honest})
+    second.refresh_from_db()
+    turncoat.refresh_from_db()
+    assert turncoat.wrong_results >= 1 and second.state == Job.State.COMPLETED and delivered_wrong(second) == 0
+
+    assert delivered_wrong(first) == 0  # every row of the closed job is the platform's own now
+    assert not WorkUnit.objects.filter(job=first, verify=WorkUnit.Verify.ARBITER).exists()
+    corrected = BuyerWebhookEvent.objects.filter(job=first, type="job.results_corrected")
+    assert corrected.count() == first.units_total
+    voided = Clawback.objects.filter(meter__job=first)
+    assert voided.count() == first.units_total
+    balance_after = LedgerEntry.objects.filter(account__organisation=first.organisation,
+                                               account__kind="buyer").aggregate(t=Sum("amount_minor"))["t"]
+    # The refund is what the owner's and the platform's shares give back, in whole cents through their carries
+    # (here sub-cent units: the exact amounts are the meters' charges, which the clawbacks return).
+    refund = LedgerEntry.objects.filter(transaction__kind="clawback", account__kind="buyer",
+                                        transaction__job=first).aggregate(t=Sum("amount_minor"))["t"] or 0
+    assert balance_after - balance_before == refund >= 0
+    assert sum(c.meter.charge_femto for c in voided) == first.meter_records.filter(role="buyer").aggregate(
+        t=Sum("charge_femto"))["t"] > 0
+    assert owner_earned_minor(turncoat) <= 0
+    assert (LedgerEntry.objects.aggregate(total=Sum("amount_minor"))["total"] or 0) == 0

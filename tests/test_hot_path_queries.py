@@ -27,8 +27,10 @@ PINNED = {
     # the locks (reservation, job, unit), the car, the lease and the unit, the fee, the ledger accounts, the
     # carries, the reservation, the ledger transaction, the meter record, the job, the buyer's webhook endpoints;
     # +1 the car's delivered rate (unit_result_accept meters energy at vehicle_mops_per_s, which reads it),
-    # +1 the rate row updated with this result (fleet.services.vehicle_rate_record)
-    "unit_complete": 26,
+    # +1 the rate row updated with this result (fleet.services.vehicle_rate_record); results are judged
+    # (docs/verification.md): +1 the lease read before it is settled with its verdict, +3 the car's standing (its
+    # streak) in a transaction of its own after the unit's, since the car's row comes before units in the lock order
+    "unit_complete": 30,
 }
 
 

@@ -42,6 +42,9 @@ CARS = 3
 BID_MICROS = 5_000_000_000
 TOP_UP_MINOR = 2_500  # $25.00 by card: enough for the job's reservation at the bid (about $4)
 OUTPUT = Path(settings.BASE_DIR) / "test-output"
+# The servers run verification as deployed (this process turns it off, tests/conftest.py): a new car's first
+# VERIFY_PROBATION results are all checked.
+PROBATION = 3
 
 
 def cosine(a, b):
@@ -117,13 +120,26 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_booked_paid_for
     assert min(similarities) >= 0.99
 
     # computed by several cars (one car's capacity per round is less than the job; whether the dearest of
-    # the three is needed depends on how fast the other two are), every unit exactly once,
+    # the three is needed depends on how fast the other two are), every unit paid by the buyer exactly once,
+    # and the new cars' results checked (docs/verification.md: their first results are all replicated, on a car
+    # of another owner, and the platform pays that car): every completed lease is a paid result or a paid
+    # check, and no honest car's result was found wrong;
     job = Job.objects.get(pk=job_id)
-    records = list(MeterRecord.objects.filter(job=job).select_related("unit__allocation__round"))
+    metered = MeterRecord.objects.filter(job=job).select_related("unit__allocation__round")
+    records = list(metered.filter(role=MeterRecord.Role.BUYER))
+    checks = list(metered.filter(role=MeterRecord.Role.CHECK))
     assert len(records) == job.units_total == WorkUnit.objects.filter(job=job, state="done").count()
+    assert len({r.unit_id for r in records}) == job.units_total
     assert {r.vehicle_id for r in records} == set(job.units.values_list("completed_by", flat=True)) and len(
         {r.vehicle_id for r in records}) >= 2
-    assert Lease.objects.filter(unit__job=job, outcome="completed").count() == job.units_total
+    completed = Lease.objects.filter(unit__job=job, outcome="completed")
+    for vehicle_id in {r.vehicle_id for r in records}:  # a new car's first results are all checked
+        mine = completed.filter(vehicle_id=vehicle_id).order_by("ended_at")[:PROBATION]
+        assert all(lease.verdict in ("agreed", "right") for lease in mine), [lease.verdict for lease in mine]
+    assert all(c.charge_femto == 0 and c.owner_id != r.owner_id
+               for c in checks for r in records if r.unit_id == c.unit_id)
+    assert completed.count() == len(records) + len(checks)
+    assert not Lease.objects.filter(unit__job=job, verdict__in=["wrong", "voided", "pending"]).exists()
     # each metered with its tokens, compute, energy, time on the car and its round's clearing price,
     assert all(r.tokens > 0 and r.mops > 0 and r.energy_mwh > 0 and r.duration_ms > 0 for r in records)
 
@@ -142,14 +158,15 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_booked_paid_for
     assert reservation.status == Reservation.Status.RELEASED
     assert buyer_balance_minor(organisation=buyer.organisation) == TOP_UP_MINOR - buyer_paid
     assert buyer_balance_minor(organisation=buyer.organisation, kind="buyer_reserved") == 0
-    # the owners got units x price less the fee,
+    # the owners got units x price less the fee, for their results and for their checks (paid by the platform),
     fee = settings.PLATFORM_FEE_BPS
     owed = {}
-    for owner_id in {r.owner_id for r in records}:
-        mine = [r for r in records if r.owner_id == owner_id]
+    for owner_id in {r.owner_id for r in records + checks}:
+        mine = [r for r in records + checks if r.owner_id == owner_id]
         owed[owner_id] = sum(r.mops * r.price_micros * (10_000 - fee) // 10_000 for r in mine) // per_minor
         earned = LedgerEntry.objects.filter(account__kind="owner", account__owner_id=owner_id,
-                                            transaction__kind="usage").aggregate(total=Sum("amount_minor"))["total"]
+                                            transaction__kind__in=["usage", "verification"]
+                                            ).aggregate(total=Sum("amount_minor"))["total"]
         assert earned == owed[owner_id]
         # (and, once paid, owes them nothing more)
         assert account_balance_minor(account=LedgerAccount.objects.get(kind="owner", owner_id=owner_id)) == 0

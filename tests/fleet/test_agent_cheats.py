@@ -206,6 +206,25 @@ def test_the_simulator_command_refuses_bad_cheats_and_shares_before_doing_anythi
         call_command("simulate_fleet", "--faults", "negate=1", "--cheaters", "1.5")
 
 
+@pytest.mark.django_db
+def test_the_simulated_fleet_spreads_its_cars_over_owners_so_that_other_owners_can_check_them():
+    from fleet.management.commands.simulate_fleet import Command
+    from fleet.models import Vehicle
+
+    with pytest.raises(CommandError, match="--owners must be 0"):
+        call_command("simulate_fleet", "--owners", "-1")
+    # By default each car is its own owner's, as in a real fleet;
+    Command()._provision(4, 1, "sim@cars.example", 4)
+    owners = list(Vehicle.objects.order_by("name").values_list("owner__email", flat=True))
+    assert owners == ["sim@cars.example", "sim+2@cars.example", "sim+3@cars.example", "sim+4@cars.example"]
+    # with fewer owners, the cars go round them; provisioning again reuses the cars, with new pairing codes.
+    cars = Command()._provision(6, 1, "fleet@cars.example", 2)
+    emails = [Vehicle.objects.get(name=car["name"], owner__email__startswith="fleet").owner.email for car in cars]
+    assert emails == ["fleet@cars.example", "fleet+2@cars.example"] * 3
+    assert Command()._provision(6, 1, "fleet@cars.example", 2)[0]["code"] != cars[0]["code"]
+    assert Vehicle.objects.filter(owner__email__startswith="fleet").count() == 6
+
+
 def test_cheats_are_drawn_with_their_probabilities_at_most_one_per_result():
     faults = Faults(random_vectors=0.1, one_vector=0.1, rotate_rows=0.1, negate=0.1, replay=0.1, first_words=0.2)
     rng = random.Random(3)

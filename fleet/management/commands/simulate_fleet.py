@@ -35,7 +35,13 @@ class Command(BaseCommand):
         parser.add_argument("--server", default="http://127.0.0.1:8000")
         parser.add_argument("--time-scale", type=float, default=60.0, help="Simulated seconds per real second.")
         parser.add_argument("--seed", type=int, default=1)
-        parser.add_argument("--owner", default=SIM_OWNER)
+        parser.add_argument("--owner", default=SIM_OWNER,
+                            help="The simulation owner's e-mail; car i belongs to owner i mod --owners, the "
+                                 "first being this address and the others it plus-addressed (fleet-sim+2@...).")
+        parser.add_argument("--owners", type=int, default=0, metavar="N",
+                            help="Spread the cars over N owners (default 0: one owner per car, as in a real "
+                                 "fleet, so that results can be checked by a car of another owner; 1: all cars "
+                                 "of one owner, whose checks the platform computes itself).")
         parser.add_argument("--faults", default="", metavar="NAME=VALUE,...",
                             help="Inject faults and cheats (see fleet.agent.client.Faults). Off by default. "
                                  "Faults, probabilities per lease: drop_socket (abort the socket instead of "
@@ -56,7 +62,7 @@ class Command(BaseCommand):
         parser.add_argument("--processes", type=int, default=1,
                             help="Split the cars over this many child processes (default 1: this process).")
 
-    def handle(self, cars, server, time_scale, seed, owner, faults, cheaters, processes, **options):
+    def handle(self, cars, server, time_scale, seed, owner, owners, faults, cheaters, processes, **options):
         faults = faults_option(faults)
         if not 0 <= cheaters <= 1:
             raise CommandError("--cheaters must be a share between 0 and 1")
@@ -64,13 +70,15 @@ class Command(BaseCommand):
             raise CommandError("--cars must be 1 or more")
         if processes < 1:
             raise CommandError("--processes must be 1 or more")
+        if owners < 0:
+            raise CommandError("--owners must be 0 (one per car) or more")
         processes = min(processes, cars)
         if not wait_until_up(server, timeout=120):
             raise CommandError(f"{server} did not answer /healthz")
         # Each car gets its seed here, so that it behaves the same whichever process runs it.
         car_seeds = random.Random(seed)
         fleet = [{**car, "token": pair(server, car.pop("code"))["token"], "seed": car_seeds.getrandbits(64)}
-                 for car in self._provision(cars, seed, owner)]
+                 for car in self._provision(cars, seed, owner, owners or cars)]
         self.stdout.write(f"simulate_fleet: {len(fleet)} cars paired with {server}"
                           + (f", faults {faults}" if faults.enabled else "")
                           + (f" for a share {cheaters:g} of them" if faults.enabled and cheaters else ""))
@@ -145,14 +153,18 @@ class Command(BaseCommand):
             raise CommandError(f"{len(failed)} of {processes} simulator processes failed: {', '.join(failed)}")
 
     @transaction.atomic
-    def _provision(self, count: int, seed: int, owner_email: str) -> list[dict]:
-        """Register ``count`` cars with varied hardware and owner limits, and a fresh pairing code for each."""
+    def _provision(self, count: int, seed: int, owner_email: str, owners: int) -> list[dict]:
+        """Register ``count`` cars with varied hardware and owner limits, spread over ``owners`` owners, and a
+        fresh pairing code for each."""
         rng = random.Random(seed)
-        owner = User.objects.filter(email=owner_email).first() or User.objects.create_user(
-            email=owner_email, password=None, role=User.Role.OWNER)
+        local, _, domain = owner_email.partition("@")
+        emails = [owner_email] + [f"{local}+{k}@{domain}" for k in range(2, owners + 1)]
         hardware = {hw.code: hw for hw in HardwareGeneration.objects.filter(code__in=["HW3", "HW4"])}
         cars = []
         for i in range(1, count + 1):
+            email = emails[(i - 1) % owners]
+            owner = User.objects.filter(email=email).first() or User.objects.create_user(
+                email=email, password=None, role=User.Role.OWNER)
             name = f"Sim car {i:03d}"
             vehicle = Vehicle.objects.filter(owner=owner, name=name, removed_at=None).first()
             if vehicle is None:

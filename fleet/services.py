@@ -384,7 +384,8 @@ def _units_claim(*, job_id: int, count: int, vehicle_id: int, owner_id: int, all
     return sorted(units, key=lambda u: u.seq)
 
 
-def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
+def units_lease(*, vehicle_id: int, max_units: int | None = None,
+                inflight_limit: int | None = None) -> tuple[list[WorkUnit], str]:
     """Lease the car a batch of units of the best-paying job it won capacity for (the flow,
     marketplace.flows.units_lease, then draws them from the allocation), sized to the car (fleet.dispatch:
     within the in-flight limit its welcome announced, and no more than it can finish, at the rate it proved
@@ -407,7 +408,12 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[
         if decision.reason:
             return [], decision.reason
         held = WorkUnit.objects.filter(leased_to=vehicle, state=WorkUnit.State.LEASED).count()
-        limit = vehicle_inflight_limit(vehicle=vehicle)  # the limit its welcome announced
+        # Its in-flight limit now (it falls with strikes at once), never above what its welcome announced
+        # (``inflight_limit``): a proven rate raises the limit only at its next hello, and the car releases
+        # what it cannot hold (over_capacity), which would waste the allocation drawn for it.
+        limit = vehicle_inflight_limit(vehicle=vehicle)
+        if inflight_limit is not None:
+            limit = min(limit, inflight_limit)
         if held >= limit:
             return [], "lease_limit"
 
@@ -608,7 +614,9 @@ def _unit_wait(unit: WorkUnit, *, verify: str, owner_id: int | None, now: dateti
     """Queue the unit again, for a replica by a car of another owner than ``owner_id``, or for the platform."""
     unit.state, unit.leased_to = WorkUnit.State.QUEUED, None
     unit.leased_at = unit.lease_expires_at = unit.lease_deadline_at = None
-    unit.allocation, unit.price_micros = None, None
+    if verify == WorkUnit.Verify.NONE:  # recomputed from scratch; a result waiting for its check used its car's
+        unit.allocation = None          # allocation (vehicles_standing counts it when the check settles it)
+    unit.price_micros = None
     unit.verify, unit.verify_owner_id, unit.verify_since = verify, owner_id, now
     unit.save(update_fields=["state", "leased_to", "leased_at", "lease_expires_at", "lease_deadline_at", "allocation",
                              "price_micros", "verify", "verify_owner", "verify_since"])

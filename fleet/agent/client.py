@@ -762,10 +762,12 @@ class _Session:
                     agent.on_connect(msg)
             case protocol.UnitAssign():
                 # One request may be answered by a batch of assignments, sent back to back: the request is
-                # answered, and the next one waits a moment for the rest of the batch.
+                # answered, and the next one waits a moment for the rest of the batch, if the car has room for
+                # more (a full car gets no more: it asks again as soon as a result frees a place).
                 self.request_sent_at = None
-                self.retry_at = max(self.retry_at, self.loop.time() + BATCH_SETTLE_S)
                 await self._accept(msg)
+                if len(self.agent.held) < self.capacity:
+                    self.retry_at = max(self.retry_at, self.loop.time() + BATCH_SETTLE_S)
             case protocol.NoWork():
                 self.request_sent_at = None
                 self.retry_at = self.loop.time() + msg.retry_after_s * random.uniform(1.0, 1.2)

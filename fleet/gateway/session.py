@@ -58,6 +58,7 @@ class DeviceConsumer:
 
     vehicle_id: int | None = None
     close_sent = False
+    max_inflight: int | None = None  # what the welcome announced: the car holds no more, so it is leased no more
     channel_layer_alias = DEFAULT_CHANNEL_LAYER
 
     @classmethod
@@ -308,6 +309,7 @@ class VehicleConsumer(DeviceConsumer):
         self.hello_received = True
         liveness.hello(self)
         self._set_view(view)
+        self.max_inflight = view.max_inflight
         await self.send_message(protocol.Welcome(vehicle_id=self.vehicle_id, heartbeat_s=settings.HEARTBEAT_INTERVAL_S,
                                                  lease_ttl_s=settings.LEASE_TTL_S, max_inflight=view.max_inflight))
         await self._withdraw(stale, reason="not_current")
@@ -364,7 +366,8 @@ class VehicleConsumer(DeviceConsumer):
 
     async def on_work_request(self, msg: protocol.WorkRequest):
         live_batch.work_requested(self.vehicle_id)  # only cars that ask are offered in the auction
-        units, reason = await database_sync_to_async(flows.units_lease)(vehicle_id=self.vehicle_id)
+        units, reason = await database_sync_to_async(flows.units_lease)(vehicle_id=self.vehicle_id,
+                                                                        inflight_limit=self.max_inflight)
         if not units:
             # A car with nothing to do asks again soon enough to take up, within the round, capacity that other
             # cars won and leave unused (fleet.services._spare_allocations).

@@ -16,13 +16,14 @@ from marketplace.flows.locks import JobLocks, job_lock, unit_lock
 from marketplace.models import Job
 
 
-def units_lease(*, vehicle_id: int, max_units: int | None = None) -> tuple[list[WorkUnit], str]:
+def units_lease(*, vehicle_id: int, max_units: int | None = None,
+                inflight_limit: int | None = None) -> tuple[list[WorkUnit], str]:
     """Lease the car a batch of units of the best-paying job it won capacity for (fleet.services.units_lease
     says which and how many), drawn from the car's allocation in the same transaction. Returns (units, "") or
     ([], why not). A queued job is marked running after its first lease, in a transaction of its own, so that
     leasing (the car's row, then units it claims without waiting) never waits for a job's lock."""
     with transaction.atomic():
-        units, reason = fleet.units_lease(vehicle_id=vehicle_id, max_units=max_units)
+        units, reason = fleet.units_lease(vehicle_id=vehicle_id, max_units=max_units, inflight_limit=inflight_limit)
         if units:
             market.allocation_draw(allocation_id=units[0].allocation.pk, mops=sum(unit.mops for unit in units))
     if units and units[0].job.state == Job.State.QUEUED:

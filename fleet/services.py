@@ -751,9 +751,9 @@ def units_verify_overdue(*, now: datetime, batch: int = 200) -> list[int]:
     wait for the platform from now on), and arbitrations pending for as long (their task was lost)."""
     since = now - timedelta(seconds=settings.REPLICA_WAIT_S)
     replicas = WorkUnit.objects.filter(state=WorkUnit.State.QUEUED, verify=WorkUnit.Verify.REPLICA, verify_since__lt=since)
-    overdue = list(replicas.values_list("pk", flat=True)[:batch])
-    WorkUnit.objects.filter(pk__in=overdue, verify=WorkUnit.Verify.REPLICA).update(
-        verify=WorkUnit.Verify.ARBITER, verify_owner=None, verify_since=now)
+    with transaction.atomic():  # the rows locked, so that no car claims one between the read and the update
+        overdue = list(replicas.select_for_update(skip_locked=True).values_list("pk", flat=True)[:batch])
+        replicas.filter(pk__in=overdue).update(verify=WorkUnit.Verify.ARBITER, verify_owner=None, verify_since=now)
     stuck = list(WorkUnit.objects.filter(verify=WorkUnit.Verify.ARBITER, verify_since__lt=since)
                  .values_list("pk", flat=True)[:batch])
     WorkUnit.objects.filter(pk__in=stuck).update(verify_since=now)

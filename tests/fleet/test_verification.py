@@ -209,3 +209,44 @@ def test_rows_of_a_closed_job_from_a_car_caught_later_are_corrected_and_the_buye
         t=Sum("charge_femto"))["t"] > 0
     assert owner_earned_minor(turncoat) <= 0
     assert (LedgerEntry.objects.aggregate(total=Sum("amount_minor"))["total"] or 0) == 0
+
+
+@pytest.mark.django_db
+def test_a_replica_no_other_owner_takes_in_time_goes_to_the_platform_but_never_one_a_car_holds(market, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    # Given a new car's results waiting for a car of another owner to replicate them,
+    make_job(docs=32)
+    first, other = VehicleFactory(policy__reserve_price_micros=0), VehicleFactory(policy__reserve_price_micros=0)
+    flows.auction_tick()
+    units = []
+    for _ in range(2):  # (a new car holds one lease at a time)
+        (unit,), _ = flows.units_lease(vehicle_id=first.pk, max_units=1)
+        assert flows.unit_complete(vehicle_id=first.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
+                                   embeddings_b64=honest([d["text"] for d in unit.inputs]))[0]
+        units.append(unit)
+    waiting = WorkUnit.objects.filter(pk__in=[u.pk for u in units])
+    assert set(waiting.values_list("verify", "state")) == {(WorkUnit.Verify.REPLICA, WorkUnit.State.QUEUED)}
+    # and the other owner's car holding one of them,
+    taken, _ = flows.units_lease(vehicle_id=other.pk, max_units=1)
+    assert [u.pk for u in taken] == [units[0].pk]
+    # when both have waited longer than REPLICA_WAIT_S and the sweep runs,
+    waiting.update(verify_since=timezone.now() - timedelta(seconds=market.REPLICA_WAIT_S + 1))
+    assert fleet_sweep() == [units[1].pk]
+    # then only the one no car holds goes to the platform; the held one stays the other car's replica, and its
+    # result settles it.
+    assert WorkUnit.objects.get(pk=units[1].pk).verify == WorkUnit.Verify.ARBITER
+    held = WorkUnit.objects.get(pk=units[0].pk)
+    assert (held.verify, held.state, held.leased_to_id) == (WorkUnit.Verify.REPLICA, WorkUnit.State.LEASED, other.pk)
+    assert flows.unit_complete(vehicle_id=other.pk, unit_id=held.pk, epoch=taken[0].lease_epoch,
+                               embeddings_b64=honest([d["text"] for d in held.inputs]))[0]
+    assert set(Lease.objects.filter(unit=held).values_list("verdict", flat=True)) == {Lease.Verdict.AGREED}
+
+
+def fleet_sweep() -> list[int]:
+    from django.utils import timezone
+
+    from fleet import services as fleet
+    return fleet.units_verify_overdue(now=timezone.now())

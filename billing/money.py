@@ -47,6 +47,18 @@ def major_to_minor(amount: Decimal | int, currency: str) -> int:
     return -minor if sign else minor
 
 
+def major_to_micros(amount: Decimal | int) -> int:
+    """A unit price in the major unit, as a person or a client types it (0.02 dollars per million tokens), in
+    micro-units (20,000), exactly: an amount finer than a micro-unit, NaN or infinity raises ValueError, a float
+    or a bool TypeError."""
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | int):
+        raise TypeError(f"a price is a Decimal or an int, not {type(amount).__name__}")
+    micros = Decimal(amount) * MICROS_PER_MAJOR
+    if not micros.is_finite() or micros != micros.to_integral_value():
+        raise ValueError(f"{amount} is finer than a millionth of the currency")
+    return int(micros)
+
+
 def minor_to_major(amount_minor: int, currency: str) -> Decimal:
     """Whole minor units as a Decimal of the major unit with the currency's decimals, exactly: 1234 cents are
     Decimal("12.34"), 1500 cents Decimal("15.00"), 1500 yen Decimal("1500"). The inverse of

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from marketplace import buyer_webhooks, flows, selectors, services
 from marketplace.idempotency import SCHEMA_PARAMETER as IDEMPOTENCY_KEY, idempotent
-from marketplace.models import PRECISION_CHOICES, AIModel, AuctionRound, Job, WebhookDelivery, WebhookEndpoint
+from marketplace.models import PRECISION_CHOICES, AIModel, ApiKey, AuctionRound, Job, WebhookDelivery, WebhookEndpoint
 
 # A sanity bound on bids ($1,000,000 per 10^15 operations), far above any market: it catches a bid typed in
 # the wrong unit and keeps every charge computed from a bid within 64-bit database integers.
@@ -445,3 +445,52 @@ class WebhookDeliveryListApi(BuyerApi, generics.GenericAPIView):
         endpoint = get_object_or_404(selectors.webhook_endpoints_for(organisation=self.organisation), pk=pk)
         page = self.paginate_queryset(selectors.webhook_deliveries_for(endpoint=endpoint))
         return self.get_paginated_response(WebhookDeliverySerializer(page, many=True).data)
+
+
+# --- API keys ------------------------------------------------------------------------------------------
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at",
+                  "default_bid_per_million_tokens_micros"]
+        read_only_fields = ["id", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+
+
+class ApiKeyDefaultBidSerializer(serializers.Serializer):
+    default_bid_per_million_tokens_micros = serializers.IntegerField(
+        min_value=1, max_value=MAX_PRICE_MICROS, allow_null=True,
+        help_text="The bid of the OpenAI-compatible batches (/v1/batches) made with this key that name none, in "
+                  "micro-units per million tokens of their model; null: the documented default (docs/api.md).")
+
+
+class ApiKeyListApi(BuyerApi, generics.GenericAPIView):
+    """Your organisation's API keys (never their secrets: create keys on the buyer page)."""
+
+    pagination_class = Pagination
+    serializer_class = ApiKeySerializer
+
+    @extend_schema(responses={200: ApiKeySerializer(many=True), **_errors(401, 403, 429)})
+    def get(self, request):
+        page = self.paginate_queryset(selectors.api_keys_for(organisation=self.organisation))
+        return self.get_paginated_response(ApiKeySerializer(page, many=True).data)
+
+
+class ApiKeyDetailApi(BuyerApi):
+    def key(self, pk) -> ApiKey:
+        return get_object_or_404(selectors.api_keys_for(organisation=self.organisation), pk=pk)
+
+    @extend_schema(responses={200: ApiKeySerializer, **_errors(401, 403, 404, 429)})
+    def get(self, request, pk):
+        return Response(ApiKeySerializer(self.key(pk)).data)
+
+    @extend_schema(request=ApiKeyDefaultBidSerializer, responses={200: ApiKeySerializer, **_errors(400, 401, 403, 404, 429)},
+                   examples=[OpenApiExample("$0.02 per million tokens", request_only=True,
+                                            value={"default_bid_per_million_tokens_micros": 20000})])
+    def patch(self, request, pk):
+        """Set (or remove, with null) the key's default bid for OpenAI-compatible batches."""
+        data = ApiKeyDefaultBidSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        key = services.api_key_default_bid_set(
+            key=self.key(pk), per_million_tokens_micros=data.validated_data["default_bid_per_million_tokens_micros"])
+        return Response(ApiKeySerializer(key).data)

@@ -31,6 +31,7 @@ from rest_framework.utils.encoders import JSONEncoder
 from marketplace.core.errors import ValidationFailed
 from marketplace.models import (
     WEBHOOK_EVENT_TYPES,
+    Batch,
     Job,
     Organisation,
     User,
@@ -38,7 +39,7 @@ from marketplace.models import (
     WebhookEndpoint,
     BuyerWebhookEvent,
 )
-from marketplace.selectors import job_public
+from marketplace.selectors import batch_public, job_public
 
 EVENT_TYPES = [event_type for event_type, _ in WEBHOOK_EVENT_TYPES]
 SIGNATURE_HEADER = "Marketplace-Signature"
@@ -145,12 +146,31 @@ def job_rows_corrected_record(*, job: Job, rows: list) -> BuyerWebhookEvent | No
                          data={"rows": rows})
 
 
-def _event_create(*, job: Job, event_type: str, endpoints: list, now, data: dict) -> BuyerWebhookEvent:
+def batch_event_record(*, batch: Batch) -> BuyerWebhookEvent | None:
+    """Record ``batch.completed``, ``batch.failed``, ``batch.expired`` or ``batch.cancelled`` for a batch whose
+    files were just written, in that transaction (the job's own ``job.*`` events were recorded with its
+    changes). ``data.id`` is the batch's id, as OpenAI's batch events carry it; ``data.batch`` the batch as
+    ``GET /v1/batches/{id}`` shows it, and ``data.job`` its job, if it has one."""
+    event_type = f"batch.{batch_public(batch)['status']}"
+    if event_type not in EVENT_TYPES:
+        return None
+    endpoints = [e for e in WebhookEndpoint.objects.filter(organisation_id=batch.organisation_id, disabled_at=None)
+                 if e.receives(event_type)]
+    if not endpoints:
+        return None
+    return _event_create(job=batch.job, organisation_id=batch.organisation_id, event_type=event_type,
+                         endpoints=endpoints, now=timezone.now(),
+                         data={"id": batch.public_id, "batch": batch_public(batch)})
+
+
+def _event_create(*, job: Job | None, event_type: str, endpoints: list, now, data: dict,
+                  organisation_id: int | None = None) -> BuyerWebhookEvent:
     public_id = f"evt_{secrets.token_hex(12)}"
+    about = {"job": job_public(job)} if job is not None else {}
     body = json.dumps({"id": public_id, "type": event_type, "created": int(now.timestamp()),
-                       "data": {"job": job_public(job), **data}}, cls=JSONEncoder, separators=(",", ":"))
-    event = BuyerWebhookEvent.objects.create(public_id=public_id, organisation_id=job.organisation_id, job=job,
-                                             type=event_type, body=body, created_at=now)
+                       "data": {**about, **data}}, cls=JSONEncoder, separators=(",", ":"))
+    event = BuyerWebhookEvent.objects.create(public_id=public_id, organisation_id=organisation_id or job.organisation_id,
+                                             job=job, type=event_type, body=body, created_at=now)
     WebhookDelivery.objects.bulk_create(WebhookDelivery(event=event, endpoint=endpoint, next_attempt_at=now)
                                         for endpoint in endpoints)
     return event

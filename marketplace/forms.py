@@ -4,7 +4,7 @@ from django import forms
 from django.conf import settings
 from django.utils import timezone
 
-from billing.money import (MICROS_PER_MAJOR, MINOR_EXPONENT, major_to_minor, minor_to_major,
+from billing.money import (MINOR_EXPONENT, major_to_micros, major_to_minor, minor_to_major,
                            price_micros_for_per_million_tokens)
 from marketplace.models import PRECISION_CHOICES, AIModel, User
 
@@ -50,7 +50,7 @@ class BudgetField(forms.DecimalField):
 
 def bid_micros(*, ai_model: AIModel, per_mtok: Decimal) -> int:
     """A bid typed in dollars per million tokens of ``ai_model``, as µ$ per compute unit (rounded down)."""
-    return price_micros_for_per_million_tokens(per_million_tokens_micros=int(per_mtok * MICROS_PER_MAJOR),
+    return price_micros_for_per_million_tokens(per_million_tokens_micros=major_to_micros(per_mtok),
                                                ops_per_token=ai_model.ops_per_token)
 
 
@@ -132,3 +132,14 @@ class MemberAddForm(forms.Form):
 
 class ApiKeyForm(forms.Form):
     name = forms.CharField(max_length=100, initial="default")
+
+
+class ApiKeyDefaultBidForm(forms.Form):
+    default_bid = forms.DecimalField(
+        label="Default batch bid", required=False, min_value=Decimal("0.000001"), max_digits=18, decimal_places=6,
+        help_text="$ per million tokens for OpenAI-compatible batches made with this key that name no bid; empty: "
+                  "the suggested price, capped by the balance.")
+
+    def per_million_tokens_micros(self) -> int | None:
+        value = self.cleaned_data["default_bid"]
+        return None if value is None else major_to_micros(value)

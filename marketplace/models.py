@@ -94,6 +94,9 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    default_bid_per_million_tokens_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The bid of the OpenAI-compatible batches made with this key that name none, in "
+                                         "micro-units per million tokens of their model; null: the documented default.")
 
     class Meta:
         verbose_name = "API key"
@@ -265,6 +268,10 @@ WEBHOOK_EVENT_TYPES = [
     ("job.progress", "more of the job is done (at most once a minute per job)"),
     ("job.results_corrected", "rows of a finished job were corrected: their car was caught cheating after they "
                               "were delivered (data.rows: the documents' ids)"),
+    ("batch.completed", "an OpenAI-compatible batch completed: its output file is ready"),
+    ("batch.failed", "an OpenAI-compatible batch failed: its file had no valid request, or too many"),
+    ("batch.expired", "an OpenAI-compatible batch expired: what finished is in its output file"),
+    ("batch.cancelled", "an OpenAI-compatible batch was cancelled: what finished is in its output file"),
 ]
 
 
@@ -340,3 +347,83 @@ class WebhookDelivery(models.Model):
 
     def __str__(self):
         return f"{self.event.public_id} to {self.endpoint.url}"
+
+
+class BatchFile(models.Model):
+    """A file of the OpenAI-compatible Files API (``/v1/files``): a buyer's upload of batch requests
+    (purpose ``batch``), or what a batch produced (``batch_output``: its output or its error file). The content
+    is kept in the database, so that deleting the row deletes the data (docs/api.md, "OpenAI-compatible
+    batches")."""
+
+    class Purpose(models.TextChoices):
+        BATCH = "batch", "Batch input"
+        BATCH_OUTPUT = "batch_output", "Batch output"
+
+    public_id = models.CharField(max_length=40, unique=True, help_text="file-...: the id the API shows.")
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="batch_files")
+    purpose = models.CharField(max_length=16, choices=Purpose.choices)
+    filename = models.CharField(max_length=255)
+    bytes = models.PositiveBigIntegerField(help_text="Size of the content in bytes.")
+    content = models.BinaryField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True,
+                                      help_text="When the batch-files-expire sweep deletes it (and it stops being shown).")
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self):
+        return f"{self.public_id} ({self.filename})"
+
+
+class Batch(models.Model):
+    """An OpenAI-compatible batch (``/v1/batches``): a file of requests run as one of our jobs. Its status is
+    derived from its job's state (marketplace.selectors.batch_status); ``finalized_at`` is set once its output
+    and error files are written."""
+
+    public_id = models.CharField(max_length=40, unique=True, help_text="batch_...: the id the API shows.")
+    organisation = models.ForeignKey(Organisation, on_delete=models.CASCADE, related_name="batches")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="batch",
+                               help_text="Null when the file had no valid request (the batch failed).")
+    input_file = models.ForeignKey(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="batches")
+    input_file_public_id = models.CharField(max_length=40, help_text="Kept when the input file is deleted.")
+    endpoint = models.CharField(max_length=64)
+    completion_window = models.CharField(max_length=8)
+    metadata = models.JSONField(null=True, blank=True)
+    fingerprint = models.CharField(max_length=64, db_index=True,
+                                   help_text="SHA-256 of the create request: a repeat within a short window is the same batch.")
+    model_slug = models.CharField(max_length=64, blank=True)
+    encoding_formats = models.JSONField(default=list, help_text="Per valid request, in order: float or base64.")
+    requests = models.JSONField(default=list, help_text='The valid requests in input order: [[custom_id, line, inputs]].')
+    docs_per_unit = models.PositiveIntegerField(default=8, help_text="Documents per work unit when the job was cut.")
+    class BidSource(models.TextChoices):
+        REQUEST = "request", "Named by the batch request"
+        API_KEY = "api_key", "The API key's default bid"
+        DEFAULT = "default", "The suggested price, capped by the balance"
+
+    bid_source = models.CharField(max_length=8, choices=BidSource.choices, default=BidSource.REQUEST,
+                                  help_text="Where the job's bid came from (marketplace.flows.batches.batch_create).")
+    line_errors = models.JSONField(default=list, help_text="The lines refused at validation: {line, custom_id, code, message}.")
+    errors = models.JSONField(null=True, blank=True, help_text="Why the whole batch failed: [{code, message, line, param}].")
+    request_total = models.PositiveIntegerField(default=0)
+    request_completed = models.PositiveIntegerField(default=0)
+    request_failed = models.PositiveIntegerField(default=0)
+    usage_tokens = models.PositiveBigIntegerField(default=0, help_text="Input tokens of the delivered requests.")
+    output_expires_after_s = models.PositiveIntegerField(
+        null=True, blank=True, help_text="output_expires_after: its output and error files expire this many seconds "
+                                         "after they are written; null: BATCH_FILE_RETENTION_S.")
+    output_file_id = models.CharField(max_length=40, blank=True)
+    error_file_id = models.CharField(max_length=40, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+    finalized_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name_plural = "batches"
+
+    def __str__(self):
+        return self.public_id

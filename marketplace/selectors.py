@@ -1,7 +1,7 @@
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterator
 
 import numpy as np
@@ -11,7 +11,8 @@ from django.utils import timezone
 from billing.models import Reservation
 from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_million_tokens_micros
 from fleet.models import WorkUnit
-from marketplace.models import AIModel, ApiKey, AuctionRound, Job, Organisation, WebhookDelivery, WebhookEndpoint
+from marketplace.models import (AIModel, ApiKey, AuctionRound, Batch, BatchFile, Job, Organisation, WebhookDelivery,
+                                WebhookEndpoint)
 
 #: The new-job form suggests a bid this much above the market's last clearing price (docs/examples/submit_job.py
 #: bids the same margin by default)...
@@ -62,6 +63,10 @@ def rounds_public(*, market: str | None = None, since: datetime | None = None,
     if traded is not None:
         rounds = rounds.filter(clearing_price_micros__isnull=not traded)
     return rounds.order_by("-cleared_at", "-pk")
+
+
+def api_keys_for(*, organisation: Organisation) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(organisation=organisation).order_by("-created_at", "-pk")
 
 
 def webhook_endpoints_for(*, organisation: Organisation) -> QuerySet[WebhookEndpoint]:
@@ -208,3 +213,112 @@ def bid_quantity_mops(*, queued_mops: int, max_price_micros: int, budget_left_fe
     if queued_mops * max_price_micros <= budget_left_femto:
         return queued_mops
     return max(0, budget_left_femto // max_price_micros - largest_unit_mops)
+
+
+# --- OpenAI-compatible files and batches (marketplace.openai_api) ---------------------------------------
+
+def _unix(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def batch_files_for(*, organisation: Organisation, purpose: str | None = None) -> QuerySet[BatchFile]:
+    """The organisation's files, newest first, without their content; not those whose retention has ended."""
+    files = (BatchFile.objects.filter(organisation=organisation).defer("content").order_by("-pk")
+             .exclude(expires_at__lt=timezone.now()))  # expired: gone, even before the sweep deletes it
+    return files.filter(purpose=purpose) if purpose else files
+
+
+def batch_file_public(file: BatchFile) -> dict:
+    """A file as OpenAI's FileObject."""
+    return {"id": file.public_id, "object": "file", "bytes": file.bytes, "created_at": _unix(file.created_at),
+            "filename": file.filename, "purpose": file.purpose, "status": "processed",
+            "expires_at": _unix(file.expires_at),
+            "status_details": None}
+
+
+def batches_for(*, organisation: Organisation) -> QuerySet[Batch]:
+    return Batch.objects.filter(organisation=organisation).select_related("job__ai_model").order_by("-pk")
+
+
+def batch_repeat(*, organisation: Organisation, fingerprint: str, window_s: int) -> Batch | None:
+    """The batch an identical create request made within the last ``window_s`` seconds, if any."""
+    since = timezone.now() - timedelta(seconds=window_s)
+    return batches_for(organisation=organisation).filter(fingerprint=fingerprint, created_at__gte=since).first()
+
+
+BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                  "cancelled")
+
+
+def batch_status(batch: Batch) -> str:
+    """OpenAI's status from the job's state. Validation runs while the batch is created, so a batch is never
+    seen ``validating``; a closed job's batch is ``finalizing`` (``cancelling``) until its files are written."""
+    job = batch.job
+    if batch.failed_at is not None or job is None:
+        return "failed"
+    if job.state in Job.OPEN_STATES:
+        return "cancelling" if batch.cancelling_at else "in_progress"
+    if job.state == Job.State.CANCELLED:
+        return "cancelled" if batch.finalized_at else "cancelling"
+    if batch.finalized_at is None:
+        return "finalizing"
+    return "completed" if job.state == Job.State.COMPLETED else "expired"
+
+
+def _requests_done(batch: Batch) -> int:
+    """How many of an open batch's requests are wholly computed (their documents' units all done)."""
+    done = set(WorkUnit.objects.filter(job_id=batch.job_id, state=WorkUnit.State.DONE).values_list("seq", flat=True))
+    if not done:
+        return 0
+    per_unit, start, count = batch.docs_per_unit, 0, 0
+    for _, _, docs in batch.requests:
+        if all(seq in done for seq in range(start // per_unit, (start + docs - 1) // per_unit + 1)):
+            count += 1
+        start += docs
+    return count
+
+
+def batch_public(batch: Batch) -> dict:
+    """A batch as OpenAI's Batch object."""
+    status, job = batch_status(batch), batch.job
+    finished = job.finished_at if job is not None and job.state not in Job.OPEN_STATES else None
+    if batch.finalized_at is not None:
+        completed, failed, tokens = batch.request_completed, batch.request_failed, batch.usage_tokens
+    else:
+        completed, failed = _requests_done(batch), batch.request_failed
+        tokens = job_progress(job=job).tokens_done if job is not None else 0
+    return {
+        "id": batch.public_id, "object": "batch", "endpoint": batch.endpoint, "model": batch.model_slug or None,
+        "errors": None if not batch.errors else {"object": "list", "data": batch.errors},
+        "input_file_id": batch.input_file_public_id, "completion_window": batch.completion_window, "status": status,
+        "output_file_id": batch.output_file_id or None, "error_file_id": batch.error_file_id or None,
+        "created_at": _unix(batch.created_at),
+        "in_progress_at": None if batch.failed_at else _unix(batch.created_at),
+        "expires_at": _unix(job.deadline) if job is not None else None,
+        "finalizing_at": _unix(finished) if finished and job.state != Job.State.CANCELLED else None,
+        "completed_at": _unix(batch.finalized_at) if status == "completed" else None,
+        "failed_at": _unix(batch.failed_at),
+        "expired_at": _unix(finished) if status == "expired" else None,
+        "cancelling_at": _unix(batch.cancelling_at or (finished if job and job.state == Job.State.CANCELLED else None)),
+        "cancelled_at": _unix(batch.finalized_at) if status == "cancelled" else None,
+        "request_counts": {"total": batch.request_total, "completed": completed, "failed": failed},
+        "usage": {"input_tokens": tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": tokens},
+        "metadata": batch.metadata,
+        # Ours, beyond OpenAI's object: the job that runs the batch (GET /api/v1/jobs/{id}/), and its bid.
+        "job_id": batch.job_id,
+        "max_price_micros": job.max_price_micros if job is not None else None, "bid_source": batch.bid_source,
+        "precision": job.precision if job is not None else None,
+    }
+
+
+def batch_of_job(*, job: Job, custom_ids: int = 20) -> dict | None:
+    """What a job's page shows of the OpenAI-compatible batch it runs, if any: the batch, and the first
+    ``custom_ids`` of its requests' custom_ids (with how many more there are)."""
+    batch = Batch.objects.filter(job=job).first()
+    if batch is None:
+        return None
+    batch.job = job
+    ids = [custom_id for custom_id, _, _ in batch.requests[:custom_ids]]
+    return {"batch": batch_public(batch), "bid_source": batch.get_bid_source_display(), "custom_ids": ids,
+            "more_custom_ids": max(0, len(batch.requests) - custom_ids), "refused": len(batch.line_errors)}

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import secrets
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -24,10 +25,11 @@ from fleet import tokens
 from fleet.agent.models import MODELS, count_tokens
 from fleet.models import WorkUnit
 from fleet.selectors import vehicle_consents, vehicles_offering
-from marketplace import buyer_webhooks, clearing, selectors
-from marketplace.core.errors import Conflict, ValidationFailed
+from marketplace import batches, buyer_webhooks, clearing, selectors
+from marketplace.core.errors import ApplicationError, Conflict, ValidationFailed
 from marketplace.errors import AuctionError
-from marketplace.models import AIModel, Allocation, ApiKey, AuctionRound, Job, JobEvent, Organisation, User
+from marketplace.models import (AIModel, Allocation, ApiKey, AuctionRound, Batch, BatchFile, Job, JobEvent, Organisation,
+                                User)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,16 @@ def api_key_revoke(*, key: ApiKey) -> None:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+
+
+def api_key_default_bid_set(*, key: ApiKey, per_million_tokens_micros: int | None) -> ApiKey:
+    """Set (None: remove) the bid that OpenAI-compatible batches made with ``key`` take when they name none."""
+    if per_million_tokens_micros is not None and per_million_tokens_micros <= 0:
+        raise ValidationFailed("The default bid must be a positive number of micro-units per million tokens, or none.",
+                               extra={"fields": {"default_bid_per_million_tokens_micros": ["Must be positive."]}})
+    key.default_bid_per_million_tokens_micros = per_million_tokens_micros
+    key.save(update_fields=["default_bid_per_million_tokens_micros"])
+    return key
 
 
 def api_key_authenticate(*, secret: str) -> ApiKey | None:
@@ -516,3 +528,177 @@ def catalogue_sync() -> None:
                              "description": f"Sentence embeddings: {spec.dims} dimensions, documents of up to "
                                             f"{spec.max_tokens} tokens (longer ones are truncated)."},
         )
+
+
+# --- OpenAI-compatible files and batches (docs/api.md; the format: marketplace.batches) -----------------
+
+class FileTooLarge(ApplicationError):
+    code = "file_too_large"
+    status = 413
+
+
+def _public_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def batch_file_expiry_check(*, seconds: int | None, param: str) -> None:
+    """OpenAI's rule for ``expires_after`` and ``output_expires_after``: 1 hour to 30 days after creation."""
+    if seconds is not None and not 3600 <= seconds <= 30 * 24 * 3600:
+        raise ValidationFailed(f"{param} seconds must be from 3600 (1 hour) to 2592000 (30 days).",
+                               code="invalid_value", extra={"param": param})
+
+
+def batch_file_create(*, organisation: Organisation, user: User | None, upload: BinaryIO, filename: str,
+                      purpose: str, expires_after_s: int | None = None) -> BatchFile:
+    """Keep an uploaded file of batch requests (checked when a batch is created from it, not now), until it
+    expires: ``expires_after_s`` seconds from now, or BATCH_FILE_RETENTION_S."""
+    batch_file_expiry_check(seconds=expires_after_s, param="expires_after")
+    if purpose != BatchFile.Purpose.BATCH:
+        raise ValidationFailed(f"purpose must be 'batch', not {purpose!r}: only batch files are accepted.",
+                               code="invalid_purpose", extra={"param": "purpose"})
+    content = upload.read(batches.MAX_FILE_BYTES + 1)
+    if len(content) > batches.MAX_FILE_BYTES:
+        raise FileTooLarge(f"A batch file may hold at most {batches.MAX_FILE_BYTES} bytes.", extra={"param": "file"})
+    now = timezone.now()
+    return BatchFile.objects.create(public_id=_public_id("file-"), organisation=organisation, created_by=user,
+                                    purpose=purpose, filename=(filename or "upload.jsonl")[:255], bytes=len(content),
+                                    content=content, created_at=now,
+                                    expires_at=now + timedelta(seconds=expires_after_s or settings.BATCH_FILE_RETENTION_S))
+
+
+def batch_file_delete(*, file: BatchFile) -> None:
+    """Delete a file and its content. A batch made from it keeps running (its job holds its documents) and
+    keeps showing its id, as OpenAI's do."""
+    file.delete()
+
+
+def _batch_file_write(*, batch: Batch, kind: str, content: bytes) -> str:
+    now = timezone.now()
+    keep = timedelta(seconds=batch.output_expires_after_s or settings.BATCH_FILE_RETENTION_S)
+    file = BatchFile.objects.create(public_id=_public_id("file-"), organisation_id=batch.organisation_id,
+                                    purpose=BatchFile.Purpose.BATCH_OUTPUT, filename=f"{batch.public_id}_{kind}.jsonl",
+                                    bytes=len(content), content=content, created_by=batch.created_by, created_at=now,
+                                    expires_at=now + keep)
+    return file.public_id
+
+
+def _line_errors_jsonl(batch: Batch, extra: Iterable[dict] = ()) -> bytes:
+    rows = [batches.error_line(batch_id=batch.public_id, line=e["line"], custom_id=e["custom_id"], code=e["code"],
+                               message=e["message"]) for e in batch.line_errors]
+    return batches.jsonl([*rows, *extra])
+
+
+@transaction.atomic
+def batch_record(*, organisation: Organisation, user: User | None, input_file: BatchFile, endpoint: str,
+                 completion_window: str, metadata: dict | None, fingerprint: str, parsed: batches.ParsedFile,
+                 job: Job | None, bid_source: str = Batch.BidSource.REQUEST,
+                 created_at: datetime | None = None, output_expires_after_s: int | None = None) -> Batch:
+    """Save a batch: one run as ``job`` (marketplace.flows.batch_create), or, when its file failed as a whole
+    (``parsed.file_errors``, no job), a failed one with its error file written at once."""
+    batch = Batch(
+        public_id=_public_id("batch_"), organisation=organisation, job=job, input_file=input_file,
+        input_file_public_id=input_file.public_id, endpoint=endpoint, completion_window=completion_window,
+        metadata=metadata, fingerprint=fingerprint, model_slug=parsed.model or "", created_by=user,
+        bid_source=bid_source, created_at=created_at or timezone.now(), output_expires_after_s=output_expires_after_s,
+        requests=[[r.custom_id, r.line, len(r.texts)] for r in parsed.requests],
+        encoding_formats=[r.encoding_format for r in parsed.requests], docs_per_unit=settings.DOCS_PER_UNIT,
+        line_errors=[{"line": e.line, "custom_id": e.custom_id, "code": e.code, "message": e.message}
+                     for e in parsed.errors],
+        request_total=parsed.total, request_failed=len(parsed.errors))
+    if job is None:
+        now = timezone.now()
+        batch.failed_at = batch.finalized_at = now
+        batch.errors = [{"code": e.code, "message": e.message, "param": e.param, "line": e.line or None}
+                        for e in (parsed.file_errors + parsed.errors)[:batches.MAX_ERRORS_LISTED]]
+        batch.request_failed = batch.request_total
+    batch.save()
+    if job is None and batch.line_errors:
+        batch.error_file_id = _batch_file_write(batch=batch, kind="error", content=_line_errors_jsonl(batch))
+        batch.save(update_fields=["error_file_id"])
+    if job is None:
+        buyer_webhooks.batch_event_record(batch=batch)  # batch.failed
+    return batch
+
+
+def batch_cancelling_mark(*, batch: Batch) -> None:
+    if batch.cancelling_at is None:
+        batch.cancelling_at = timezone.now()
+        batch.save(update_fields=["cancelling_at"])
+
+
+def _batch_documents(job: Job) -> Iterator[tuple[str | None, int]]:
+    """Every document of a job in input order: (its vector as base64 float32, or None when it was not
+    computed, its tokens). Only a finished unit's result is delivered."""
+    units = WorkUnit.objects.filter(job=job).order_by("seq").only("seq", "inputs", "result", "state")
+    for unit in units.iterator(chunk_size=50):
+        done = unit.state == WorkUnit.State.DONE and unit.result
+        texts = [doc["text"] for doc in unit.inputs]
+        tokens = count_tokens(job.ai_model.runtime, texts) if done else [0] * len(texts)
+        for k in range(len(unit.inputs)):
+            yield (unit.result[k] if done else None), tokens[k]
+
+
+_UNDONE = {Job.State.EXPIRED: ("batch_expired", "The request was not computed before the batch's completion "
+                                                "window ended."),
+           Job.State.CANCELLED: ("batch_cancelled", "The request was not computed before the batch was cancelled.")}
+
+
+def batch_finalize(*, batch_id: int) -> bool:
+    """Write a finished batch's output file (the delivered requests, in input order) and error file (the lines
+    refused at validation, then the requests not computed when its job expired or was cancelled), once.
+    Returns whether it wrote them now; a batch whose job is still open is left as it is."""
+    with transaction.atomic():
+        batch = Batch.objects.select_for_update().get(pk=batch_id)
+        job = Job.objects.select_related("ai_model").filter(pk=batch.job_id).first()
+        if batch.finalized_at is not None or job is None or job.state in Job.OPEN_STATES:
+            return False
+        documents = _batch_documents(job)
+        output, undone, tokens_total = [], [], 0
+        for (custom_id, line, count), encoding in zip(batch.requests, batch.encoding_formats):
+            docs = [next(documents) for _ in range(count)]
+            if all(vector is not None for vector, _ in docs):
+                tokens = sum(count for _, count in docs)
+                tokens_total += tokens
+                output.append(batches.output_line(batch_id=batch.public_id, line=line, custom_id=custom_id,
+                                                  model=batch.model_slug, vectors=[v for v, _ in docs],
+                                                  encoding_format=encoding, tokens=tokens))
+            else:
+                code, message = _UNDONE.get(job.state, ("not_computed", "The request was not computed."))
+                undone.append(batches.error_line(batch_id=batch.public_id, line=line, custom_id=custom_id, code=code,
+                                                 message=message))
+        if output:
+            batch.output_file_id = _batch_file_write(batch=batch, kind="output", content=batches.jsonl(output))
+        if undone or batch.line_errors:
+            batch.error_file_id = _batch_file_write(batch=batch, kind="error",
+                                                    content=_line_errors_jsonl(batch, undone))
+        batch.request_completed, batch.request_failed = len(output), len(batch.line_errors) + len(undone)
+        batch.usage_tokens, batch.finalized_at = tokens_total, timezone.now()
+        batch.save(update_fields=["output_file_id", "error_file_id", "request_completed", "request_failed",
+                                  "usage_tokens", "finalized_at"])
+        batch.job = job
+        buyer_webhooks.batch_event_record(batch=batch)  # batch.completed, batch.expired or batch.cancelled
+    log.info("batch %s finalized: %s delivered, %s failed", batch.public_id, len(output), batch.request_failed)
+    return True
+
+
+def batches_finalize() -> int:
+    """Finalize every batch whose job has closed (the periodic ``batches-finalize`` task; reading a batch
+    through the API does it too, so that a client polling sees it at once)."""
+    pending = Batch.objects.filter(finalized_at=None, job__isnull=False).exclude(job__state__in=Job.OPEN_STATES)
+    return sum(batch_finalize(batch_id=pk) for pk in pending.values_list("pk", flat=True))
+
+
+def batches_finalize_for(*, organisation: Organisation) -> int:
+    """:func:`batches_finalize` for one organisation's batches (before its batches are listed)."""
+    pending = (Batch.objects.filter(organisation=organisation, finalized_at=None, job__isnull=False)
+               .exclude(job__state__in=Job.OPEN_STATES))
+    return sum(batch_finalize(batch_id=pk) for pk in pending.values_list("pk", flat=True))
+
+
+def batch_files_expire() -> int:
+    """Delete, content and all, every batch file whose retention has ended (the ``batch-files-expire`` task).
+    A batch keeps the ids of its deleted files, as after ``DELETE /v1/files/{id}``."""
+    deleted, _ = BatchFile.objects.filter(expires_at__lt=timezone.now()).delete()
+    if deleted:
+        log.info("%s expired batch files deleted", deleted)
+    return deleted

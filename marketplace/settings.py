@@ -227,6 +227,16 @@ PLATFORM_FEE_BPS = env.int("PLATFORM_FEE_BPS", default=1500)  # 15.00 % of each 
 CURRENCY = env("CURRENCY", default="usd")
 MAX_UPLOAD_LINE_BYTES = env.int("MAX_UPLOAD_LINE_BYTES", default=64 * 1024)
 MAX_ERRORS_REPORTED = 50
+# OpenAI-compatible batches (docs/api.md): the same POST /v1/batches (same file and parameters) within this many
+# seconds returns the batch it made, since the OpenAI client sends no Idempotency-Key; its files are written by
+# the batches-finalize sweep every BATCH_FINALIZE_INTERVAL_S (and when a client reads the batch).
+BATCH_REPEAT_WINDOW_S = env.int("BATCH_REPEAT_WINDOW_S", default=600)
+BATCH_FINALIZE_INTERVAL_S = env.float("BATCH_FINALIZE_INTERVAL_S", default=10.0)
+# Buyers' batch files (inputs, outputs, errors) are deleted this long after they were made unless the upload's
+# expires_after or the batch's output_expires_after says otherwise (OpenAI's default: 30 days), by the
+# batch-files-expire sweep.
+BATCH_FILE_RETENTION_S = env.int("BATCH_FILE_RETENTION_S", default=30 * 24 * 3600)
+BATCH_FILE_SWEEP_INTERVAL_S = env.float("BATCH_FILE_SWEEP_INTERVAL_S", default=300.0)
 
 # Periodic work, called by Celery beat in the services profile and by the in-process scheduler in the
 # embedded profile (marketplace.scheduler): one list, two drivers.
@@ -235,6 +245,10 @@ CELERY_BEAT_SCHEDULE = {
     "leases-sweep": {"task": "fleet.tasks.leases_sweep", "schedule": timedelta(seconds=LEASE_SWEEP_INTERVAL_S)},
     "units-verify-sweep": {"task": "marketplace.tasks.units_verify_sweep",
                            "schedule": timedelta(seconds=VERIFY_SWEEP_INTERVAL_S)},
+    "batches-finalize": {"task": "marketplace.tasks.batches_finalize",
+                         "schedule": timedelta(seconds=BATCH_FINALIZE_INTERVAL_S)},
+    "batch-files-expire": {"task": "marketplace.tasks.batch_files_expire",
+                           "schedule": timedelta(seconds=BATCH_FILE_SWEEP_INTERVAL_S)},
 }
 
 # --- Accounts -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from marketplace import buyer_webhooks, demo, flows, idempotency
+from marketplace import buyer_webhooks, demo, flows, idempotency, services
 
 
 @shared_task(ignore_result=True, max_retries=0)
@@ -45,3 +45,15 @@ def units_reference(unit_ids: list[int]) -> int:
 def units_verify_sweep() -> int:
     """Replicas nobody took, and arbitrations lost, go to the platform (periodic)."""
     return flows.units_verify_sweep()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def batches_finalize() -> int:
+    """Write the output and error files of the OpenAI-compatible batches whose jobs have closed (periodic)."""
+    return services.batches_finalize()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def batch_files_expire() -> int:
+    """Delete the batch files (buyers' inputs and results) whose retention has ended (periodic)."""
+    return services.batch_files_expire()

@@ -1,10 +1,10 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from fleet import api as fleet_api
 from fleet import views as fleet_views
-from marketplace import api, views
+from marketplace import api, openai_api, views
 
 api_v1 = [
     path("models/", api.ModelListApi.as_view(), name="api-models"),
@@ -15,6 +15,8 @@ api_v1 = [
     path("jobs/<int:pk>/budget/", api.JobBudgetApi.as_view(), name="api-job-budget"),
     path("jobs/<int:pk>/results/", api.JobResultsApi.as_view(), name="api-job-results"),
     path("rounds/", api.RoundListApi.as_view(), name="api-rounds"),
+    path("keys/", api.ApiKeyListApi.as_view(), name="api-keys"),
+    path("keys/<int:pk>/", api.ApiKeyDetailApi.as_view(), name="api-key"),
     path("webhooks/", api.WebhookEndpointListCreateApi.as_view(), name="api-webhooks"),
     path("webhooks/<int:pk>/", api.WebhookEndpointDetailApi.as_view(), name="api-webhook"),
     path("webhooks/<int:pk>/deliveries/", api.WebhookDeliveryListApi.as_view(), name="api-webhook-deliveries"),
@@ -29,6 +31,19 @@ api_v1 = [
     path("vehicles/<int:pk>/pairing-code/", fleet_api.PairingCodeApi.as_view(), name="api-vehicle-pairing-code"),
     path("vehicles/<int:pk>/rotate-token/", fleet_api.TokenRotateApi.as_view(), name="api-vehicle-rotate-token"),
     path("vehicles/<int:pk>/revoke-token/", fleet_api.TokenRevokeApi.as_view(), name="api-vehicle-revoke-token"),
+]
+
+# The OpenAI-compatible API (marketplace.openai_api): every route with or without a trailing slash, since the
+# OpenAI client does not follow APPEND_SLASH's redirect.
+openai_v1 = [
+    re_path(r"^models/?$", openai_api.ModelListApi.as_view(), name="openai-models"),
+    re_path(r"^files/?$", openai_api.FileListCreateApi.as_view(), name="openai-files"),
+    re_path(r"^files/(?P<file_id>[\w-]+)/?$", openai_api.FileDetailApi.as_view(), name="openai-file"),
+    re_path(r"^files/(?P<file_id>[\w-]+)/content/?$", openai_api.FileContentApi.as_view(), name="openai-file-content"),
+    re_path(r"^batches/?$", openai_api.BatchListCreateApi.as_view(), name="openai-batches"),
+    re_path(r"^batches/(?P<batch_id>[\w-]+)/?$", openai_api.BatchDetailApi.as_view(), name="openai-batch"),
+    re_path(r"^batches/(?P<batch_id>[\w-]+)/cancel/?$", openai_api.BatchCancelApi.as_view(), name="openai-batch-cancel"),
+    re_path(r"^(?P<path>.*)$", openai_api.not_found),
 ]
 
 urlpatterns = [
@@ -46,6 +61,7 @@ urlpatterns = [
     path("buyer/team/<int:pk>/remove/", views.team_member_remove, name="team-member-remove"),
     path("buyer/keys/", views.api_key_create, name="api-key-create"),
     path("buyer/keys/<int:pk>/revoke/", views.api_key_revoke, name="api-key-revoke"),
+    path("buyer/keys/<int:pk>/default-bid/", views.api_key_default_bid, name="api-key-default-bid"),
     path("owner/", fleet_views.owner_dashboard, name="owner-dashboard"),
     path("owner/pause-all/", fleet_views.vehicles_pause_all, {"pause": True}, name="vehicles-pause-all"),
     path("owner/resume-all/", fleet_views.vehicles_pause_all, {"pause": False}, name="vehicles-resume-all"),
@@ -61,6 +77,7 @@ urlpatterns = [
     path("billing/", include("billing.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
+    path("v1/", include(openai_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),

@@ -16,7 +16,7 @@ from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet.models import Vehicle
 from marketplace import flows, market, selectors, services
 from marketplace.core.errors import ApplicationError
-from marketplace.forms import ApiKeyForm, EstimateForm, JobForm, JobTermsForm, MemberAddForm, bid_micros
+from marketplace.forms import ApiKeyDefaultBidForm, ApiKeyForm, EstimateForm, JobForm, JobTermsForm, MemberAddForm, bid_micros
 from marketplace.models import PRECISION_CHOICES, AIModel, ApiKey, AuctionRound, Job, User
 
 MARKET_HISTORY_HOURS = 6
@@ -156,7 +156,8 @@ def job_detail(request, pk):
     if request.GET.get("fragment"):
         template, extra = "marketplace/_job_progress.html", {}
     else:
-        template, extra = "marketplace/job_detail.html", {"events": job.events.select_related("by"), "terms_form": _terms_form(job)}
+        template, extra = "marketplace/job_detail.html", {"events": job.events.select_related("by"), "terms_form": _terms_form(job),
+                                                          "batch": selectors.batch_of_job(job=job)}
     return render(request, template, {
         **extra, "job": job, "progress": progress, "estimate": estimate,
         "bid_per_mtok": price_per_million_tokens_micros(price_micros=job.max_price_micros,
@@ -225,6 +226,21 @@ def api_key_create(request):
         _, secret = services.api_key_create(organisation=organisation, name=form.cleaned_data["name"],
                                             created_by=request.user)
         request.session["new_api_key"] = secret
+    return redirect(reverse("buyer-dashboard") + "#keys")
+
+
+@login_required
+@require_POST
+def api_key_default_bid(request, pk):
+    """Set or clear a key's default bid for OpenAI-compatible batches (docs/api.md)."""
+    organisation = _buyer_organisation(request)
+    key = get_object_or_404(ApiKey, pk=pk, organisation=organisation)
+    form = ApiKeyDefaultBidForm(request.POST)
+    if form.is_valid():
+        services.api_key_default_bid_set(key=key, per_million_tokens_micros=form.per_million_tokens_micros())
+        messages.info(request, f"The default batch bid of {key.name} is saved.")
+    else:
+        messages.error(request, "Default batch bid: " + " ".join(form.errors.get("default_bid", [])))
     return redirect(reverse("buyer-dashboard") + "#keys")
 
 

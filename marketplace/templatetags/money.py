@@ -20,6 +20,15 @@ def micros_dollars(micros) -> str:
 
 
 @register.filter
+def micros_decimal(micros) -> str:
+    """Micro-units as an exact decimal of the major unit, for a form's field: 20000 → "0.02"; None → ""."""
+    if micros is None or micros == "":
+        return ""
+    value = Decimal(int(micros)) / MICROS_PER_MAJOR
+    return f"{value.normalize():f}"
+
+
+@register.filter
 def minor_money(minor, currency: str = "usd") -> str:
     """Minor units (cents) of ``currency`` as an amount: 12345 → "$123.45"."""
     if minor is None or minor == "":

@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -5,6 +7,7 @@ from billing.money import (
     charge_femto,
     femto_per_minor,
     femto_to_minor_with_carry,
+    major_to_micros,
     price_per_million_tokens_micros,
     split_revenue,
 )
@@ -125,3 +128,18 @@ def test_cents_typed_in_dollars_are_a_hundred_times_the_dollars(amount):
 
     minor = major_to_minor(amount, "usd")
     assert minor == amount * 100 and minor_to_major(minor, "usd") == amount
+
+
+@pytest.mark.parametrize("amount, micros", [(Decimal("0.02"), 20_000), (Decimal("1.5"), 1_500_000), (3, 3_000_000),
+                                            (Decimal("0.000001"), 1), (Decimal("0"), 0)])
+def test_a_typed_unit_price_becomes_micro_units_exactly(amount, micros):
+    assert major_to_micros(amount) == micros
+
+
+def test_a_unit_price_finer_than_a_micro_unit_or_a_float_is_refused_not_rounded():
+    for amount in (Decimal("0.0000001"), Decimal("NaN"), Decimal("Infinity")):
+        with pytest.raises(ValueError):
+            major_to_micros(amount)
+    for amount in (0.02, True):
+        with pytest.raises(TypeError):
+            major_to_micros(amount)

@@ -705,6 +705,8 @@ def unit_reference_compute(*, unit_id: int) -> list[str] | None:
     if row is None:
         return None
     inputs, runtime, precision = row
+    if not inputs:  # the job's data was deleted: nothing to compute
+        return None
     return encode_embeddings(get_runner(runtime, precision).embed([doc["text"] for doc in inputs]))
 
 
@@ -844,7 +846,7 @@ def units_void(*, job: Job, vehicle_id: int, refs: list[tuple[int, int]], reopen
             unit.result, unit.completed_by, unit.completed_at = None, None, None
             unit.save(update_fields=["result", "completed_by", "completed_at"])
             _unit_wait(unit, verify=WorkUnit.Verify.NONE, owner_id=None, now=now)
-        else:
+        elif job.data_deleted_at is None:  # (a job whose data was deleted has no result left to correct)
             unit.verify, unit.verify_since = WorkUnit.Verify.ARBITER, now
             unit.save(update_fields=["verify", "verify_since"])
         voided.append((unit, epoch))
@@ -947,6 +949,18 @@ def units_create(*, job: Job, units) -> None:
             WorkUnit.objects.bulk_create(batch)
             batch = []
     WorkUnit.objects.bulk_create(batch)
+
+
+def units_data_wipe(*, job_id: int) -> int:
+    """Delete the buyer's content that a closed job's units and leases hold: the documents (``inputs``), the
+    results (``result``, and a car's result still waiting for its check on its lease row) and the platform's
+    reference results. The rows stay, with their counts, states and prices: the meter records and the ledger
+    point at them. The job's row is locked by the flow (marketplace.flows.job_data_delete), so no completion
+    or arbitration of its units runs meanwhile. Returns how many units were wiped."""
+    wiped = WorkUnit.objects.filter(job_id=job_id).update(
+        inputs=[], result=None, reference=None, verify=WorkUnit.Verify.NONE, verify_owner=None, verify_since=None)
+    Lease.objects.filter(unit__job_id=job_id, result__isnull=False).update(result=None)
+    return wiped
 
 
 def units_stop(*, job_id: int, units: list[tuple[int, str, int | None, int]], reason: str) -> None:

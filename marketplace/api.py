@@ -77,6 +77,8 @@ _ERROR_MEANINGS = {
     403: "The credentials are not a buyer organisation's.",
     404: "No such object in your organisation.",
     409: "A conflict: the job is closed, or a request with this Idempotency-Key is still running.",
+    410: "Code job_data_deleted: the job's documents and results were deleted (on request, or when its retention "
+         "ended); its counts and charges stay.",
     413: "A JSON body over 2.5 MB.",
     422: "This Idempotency-Key was used for another request.",
     429: "Too many requests for this API key: wait Retry-After seconds.",
@@ -311,14 +313,24 @@ class JobBudgetApi(BuyerApi):
 class JobResultsApi(BuyerApi):
     @extend_schema(responses={(200, "application/x-ndjson"): OpenApiResponse(str, description=(
         'One line per input, in input order: {"index": 0, "id": "doc-1", "embedding": [...]}; an input not yet '
-        'computed has "error": "not computed" instead.')), **_errors(401, 403, 404, 429)})
+        'computed has "error": "not computed" instead.')), **_errors(401, 403, 404, 410, 429)})
     def get(self, request, pk):
-        """The results as JSON Lines in input order, streamed."""
+        """The results as JSON Lines in input order, streamed. 410 once the job's data is deleted."""
         job = self.job(pk)
+        services.job_data_check(job=job)
         response = StreamingHttpResponse(_stream(selectors.job_results_lines(job=job)),
                                          content_type="application/x-ndjson")
         response["Content-Disposition"] = f'attachment; filename="job-{job.pk}-results.jsonl"'
         return response
+
+
+class JobDataApi(BuyerApi):
+    @extend_schema(request=None, responses={200: JobSerializer, **_errors(401, 403, 404, 429)})
+    def delete(self, request, pk):
+        """Delete the job's documents and results now (docs/api.md, "Data retention and deletion"). An open job
+        is cancelled first. The job, its counts, charges and history stay; `data_deleted_at` says when its data
+        went, and its results answer 410 `job_data_deleted`. Deleting again changes nothing."""
+        return Response(JobSerializer(flows.job_data_delete(job=self.job(pk), by=_acting_user(request))).data)
 
 
 # --- rounds --------------------------------------------------------------------------------------------

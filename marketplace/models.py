@@ -162,6 +162,16 @@ class Job(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Retention (docs/api.md, "Data retention and deletion"): the buyer's documents and results are deleted when
+    # it ends, or at once on request; the row, its counts, its meter records and the ledger stay.
+    data_retention_s = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How long after the job finishes its documents and results are kept, in "
+                                         "seconds; null: BATCH_FILE_RETENTION_S (30 days, as a batch file's).")
+    data_expires_at = models.DateTimeField(
+        null=True, blank=True, db_index=True,
+        help_text="When the jobs-data-expire sweep deletes its documents and results; set when the job finishes.")
+    data_deleted_at = models.DateTimeField(null=True, blank=True,
+                                           help_text="When its documents and results were deleted.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -176,6 +186,10 @@ class Job(models.Model):
     def progress_pct(self) -> int:
         return int(100 * self.units_done / self.units_total) if self.units_total else 0
 
+    @property
+    def data_deleted(self) -> bool:
+        return self.data_deleted_at is not None
+
 
 class JobEvent(models.Model):
     """A job's history as its buyer sees it: state changes, bid and budget changes, in order."""
@@ -189,6 +203,7 @@ class JobEvent(models.Model):
         COMPLETED = "completed", "Completed"
         CANCELLED = "cancelled", "Cancelled"
         EXPIRED = "expired", "Expired"
+        DATA_DELETED = "data_deleted", "Data deleted"
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices)

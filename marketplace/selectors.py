@@ -149,7 +149,8 @@ def job_progress(*, job: Job) -> JobProgress:
 # the same fields for the schema; tests/marketplace/test_api.py checks that the two agree).
 JOB_PUBLIC_FIELDS = ("id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
                      "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total",
-                     "units_total", "units_done", "progress_pct", "created_at", "started_at", "finished_at")
+                     "units_total", "units_done", "progress_pct", "created_at", "started_at", "finished_at",
+                     "data_expires_at", "data_deleted_at")
 
 
 def _api_datetime(value: datetime | None) -> str | None:
@@ -172,6 +173,7 @@ def job_public(job: Job) -> dict:
         "units_total": job.units_total, "units_done": job.units_done, "progress_pct": job.progress_pct,
         "created_at": _api_datetime(job.created_at), "started_at": _api_datetime(job.started_at),
         "finished_at": _api_datetime(job.finished_at),
+        "data_expires_at": _api_datetime(job.data_expires_at), "data_deleted_at": _api_datetime(job.data_deleted_at),
     }
 
 def jobs_budget_left_femto(*, job_ids: list[int]) -> dict[int, int]:

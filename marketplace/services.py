@@ -264,8 +264,8 @@ def job_unit_done(*, job: Job) -> bool:
     job.units_done += 1
     fields = ["units_done"]
     if job.units_done == job.units_total:
-        job.state, job.finished_at = Job.State.COMPLETED, now
-        fields += ["state", "finished_at"]
+        job.state, job.finished_at, job.data_expires_at = Job.State.COMPLETED, now, job_data_expiry(job=job, now=now)
+        fields += ["state", "finished_at", "data_expires_at"]
         job_history_add(job=job, kind=JobEvent.Kind.COMPLETED, detail=f"{job.units_total} units done")
     job.save(update_fields=fields)
     buyer_webhooks.job_event_record(job=job)  # job.progress or job.completed
@@ -285,9 +285,66 @@ _CLOSE_EVENTS = {Job.State.CANCELLED: JobEvent.Kind.CANCELLED, Job.State.EXPIRED
 def job_close(*, job: Job, state: str, reason: str, by: User | None = None) -> None:
     """Mark an open job (its row locked by the caller) cancelled or expired, in its history and to the buyer."""
     job.state, job.finished_at = state, timezone.now()
-    job.save(update_fields=["state", "finished_at"])
+    job.data_expires_at = job_data_expiry(job=job, now=job.finished_at)
+    job.save(update_fields=["state", "finished_at", "data_expires_at"])
     job_history_add(job=job, kind=_CLOSE_EVENTS[state], detail=reason.replace("_", " "), by=by)
     buyer_webhooks.job_event_record(job=job)
+
+
+# --- a job's data: retention and deletion (docs/api.md, "Data retention and deletion") --------------------
+
+class JobDataDeleted(ApplicationError):
+    code = "job_data_deleted"
+    status = 410
+
+
+def job_data_retention_s(*, job: Job) -> int:
+    """How long after it finishes a job keeps its documents and results: its own retention (a batch's
+    ``output_expires_after``), else BATCH_FILE_RETENTION_S, the one default for buyers' files and jobs."""
+    return job.data_retention_s or settings.BATCH_FILE_RETENTION_S
+
+
+def job_data_expiry(*, job: Job, now: datetime) -> datetime:
+    """When the data of a job finishing ``now`` is deleted (the jobs-data-expire sweep)."""
+    return now + timedelta(seconds=job_data_retention_s(job=job))
+
+
+def job_data_check(*, job: Job) -> None:
+    """410 ``job_data_deleted`` when the job's documents and results were deleted."""
+    if job.data_deleted_at is not None:
+        raise JobDataDeleted(f"The data of job {job.pk} was deleted on {job.data_deleted_at:%Y-%m-%d %H:%M} UTC: its "
+                             f"documents and results are gone. Its counts and charges stay.",
+                             extra={"data_deleted_at": job.data_deleted_at.isoformat()})
+
+
+def job_data_wipe(*, job: Job, by: User | None = None) -> bool:
+    """Delete what the marketplace holds of a closed job's data (its row locked by the caller; its units are
+    wiped by fleet.services.units_data_wipe in the same flow, marketplace.flows.job_data_delete): the input,
+    output and error files of the batch it runs, and the batch's copy of the requests (custom_ids and line
+    errors; its counts stay). The job row, its history, counts and charges stay. Returns False if already done."""
+    if job.data_deleted_at is not None:
+        return False
+    now = timezone.now()
+    batch = Batch.objects.select_for_update().filter(job=job).first()
+    if batch is not None:
+        outputs = [public_id for public_id in (batch.output_file_id, batch.error_file_id) if public_id]
+        (BatchFile.objects.filter(organisation_id=job.organisation_id)
+         .filter(Q(public_id__in=outputs) | Q(pk=batch.input_file_id)).delete())
+        batch.requests, batch.encoding_formats, batch.line_errors = [], [], []
+        batch.finalized_at = batch.finalized_at or now  # nothing is left to write its files from
+        batch.save(update_fields=["requests", "encoding_formats", "line_errors", "finalized_at"])
+    job.data_deleted_at = now
+    job.save(update_fields=["data_deleted_at"])
+    job_history_add(job=job, kind=JobEvent.Kind.DATA_DELETED, by=by,
+                    detail="documents and results deleted" + ("" if by else ": its retention ended"))
+    log.info("job %s: data deleted", job.pk)
+    return True
+
+
+def jobs_data_expired(*, now: datetime | None = None) -> list[int]:
+    """The closed jobs whose data retention has ended and whose data is not deleted yet."""
+    return list(Job.objects.filter(data_deleted_at=None, data_expires_at__lt=now or timezone.now())
+                .exclude(state__in=Job.OPEN_STATES).order_by("pk").values_list("pk", flat=True))
 
 
 def jobs_overdue() -> list[int]:
@@ -567,8 +624,9 @@ def batch_file_create(*, organisation: Organisation, user: User | None, upload: 
 
 
 def batch_file_delete(*, file: BatchFile) -> None:
-    """Delete a file and its content. A batch made from it keeps running (its job holds its documents) and
-    keeps showing its id, as OpenAI's do."""
+    """Delete a file and its content. A batch made from it keeps running and keeps showing its id, as OpenAI's
+    do: its job holds its own copy of the documents until the job's retention ends or its data is deleted
+    (marketplace.flows.job_data_delete; docs/api.md, "Data retention and deletion")."""
     file.delete()
 
 
@@ -612,6 +670,9 @@ def batch_record(*, organisation: Organisation, user: User | None, input_file: B
                         for e in (parsed.file_errors + parsed.errors)[:batches.MAX_ERRORS_LISTED]]
         batch.request_failed = batch.request_total
     batch.save()
+    if job is not None and output_expires_after_s is not None:  # the job's data is kept as long as its files
+        job.data_retention_s = output_expires_after_s
+        job.save(update_fields=["data_retention_s"])
     if job is None and batch.line_errors:
         batch.error_file_id = _batch_file_write(batch=batch, kind="error", content=_line_errors_jsonl(batch))
         batch.save(update_fields=["error_file_id"])

@@ -234,7 +234,9 @@ BATCH_REPEAT_WINDOW_S = env.int("BATCH_REPEAT_WINDOW_S", default=600)
 BATCH_FINALIZE_INTERVAL_S = env.float("BATCH_FINALIZE_INTERVAL_S", default=10.0)
 # Buyers' batch files (inputs, outputs, errors) are deleted this long after they were made unless the upload's
 # expires_after or the batch's output_expires_after says otherwise (OpenAI's default: 30 days), by the
-# batch-files-expire sweep.
+# batch-files-expire sweep. A job's documents and results are kept as long after the job finishes (a batch's
+# job: its output_expires_after), then deleted by the jobs-data-expire sweep (docs/api.md, "Data retention and
+# deletion"): one retention setting for both.
 BATCH_FILE_RETENTION_S = env.int("BATCH_FILE_RETENTION_S", default=30 * 24 * 3600)
 BATCH_FILE_SWEEP_INTERVAL_S = env.float("BATCH_FILE_SWEEP_INTERVAL_S", default=300.0)
 
@@ -249,6 +251,8 @@ CELERY_BEAT_SCHEDULE = {
                          "schedule": timedelta(seconds=BATCH_FINALIZE_INTERVAL_S)},
     "batch-files-expire": {"task": "marketplace.tasks.batch_files_expire",
                            "schedule": timedelta(seconds=BATCH_FILE_SWEEP_INTERVAL_S)},
+    "jobs-data-expire": {"task": "marketplace.tasks.jobs_data_expire",
+                         "schedule": timedelta(seconds=BATCH_FILE_SWEEP_INTERVAL_S)},
 }
 
 # --- Accounts -------------------------------------------------------------------------------------

@@ -57,3 +57,9 @@ def batches_finalize() -> int:
 def batch_files_expire() -> int:
     """Delete the batch files (buyers' inputs and results) whose retention has ended (periodic)."""
     return services.batch_files_expire()
+
+
+@shared_task(ignore_result=True, max_retries=0)
+def jobs_data_expire() -> int:
+    """Delete the documents and results of the jobs whose retention has ended (periodic)."""
+    return flows.jobs_data_expire()

@@ -160,10 +160,20 @@ def job_detail(request, pk):
                                                           "batch": selectors.batch_of_job(job=job)}
     return render(request, template, {
         **extra, "job": job, "progress": progress, "estimate": estimate,
+        "data_retention": _duration(services.job_data_retention_s(job=job)),
         "bid_per_mtok": price_per_million_tokens_micros(price_micros=job.max_price_micros,
                                                         ops_per_token=job.ai_model.ops_per_token),
         "spent_minor": job_spend_minor(job=job),
     })
+
+
+def _duration(seconds: int) -> str:
+    """A retention in words: whole days, else whole hours, else seconds."""
+    for size, unit in ((86400, "day"), (3600, "hour"), (1, "second")):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} seconds"
 
 
 def _terms_form(job: Job, data=None) -> JobTermsForm:
@@ -203,6 +213,11 @@ def job_results(request, pk):
     """The job's results as JSON Lines in input order, streamed (what is done so far while it runs)."""
     organisation = _buyer_organisation(request)
     job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
+    try:
+        services.job_data_check(job=job)
+    except ApplicationError as exc:
+        messages.error(request, exc.message)
+        return redirect("job-detail", pk=job.pk)
     response = StreamingHttpResponse(selectors.job_results_lines(job=job), content_type="application/x-ndjson")
     response["Content-Disposition"] = f'attachment; filename="job-{job.pk}-results.jsonl"'
     return response
@@ -215,6 +230,22 @@ def job_cancel(request, pk):
     job = flows.job_cancel(job=get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk), by=request.user)
     messages.info(request, f"Job {job.pk} is {job.get_state_display().lower()}.")
     return redirect("job-detail", pk=job.pk)
+
+
+@login_required
+def job_data_delete(request, pk):
+    """GET: the confirmation step; POST: delete the job's documents and results now (an open job is cancelled
+    first). The job, its counts and its charges stay."""
+    organisation = _buyer_organisation(request)
+    job = get_object_or_404(selectors.jobs_for(organisation=organisation), pk=pk)
+    if request.method == "POST":
+        job = flows.job_data_delete(job=job, by=request.user)
+        messages.info(request, f"The data of job {job.pk} is deleted: its documents and results are gone. "
+                               f"Its counts and charges stay.")
+        return redirect("job-detail", pk=job.pk)
+    if job.data_deleted_at is not None:
+        return redirect("job-detail", pk=job.pk)
+    return render(request, "marketplace/job_data_delete.html", {"job": job, "batch": selectors.batch_of_job(job=job)})
 
 
 @login_required

@@ -69,7 +69,9 @@ def load_state(path: Path) -> dict | None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write ``{"vehicle_id", "token"}`` atomically, readable by the owner only (0600)."""
+    """Write ``{"vehicle_id", "token"}`` atomically, readable by the owner only (0600), and nothing else of
+    ``state``: a car never persists a unit's texts or results (docs/vehicle-protocol.md, "Cars never persist
+    inputs"); they live in the agent's memory while it holds the lease."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -20,6 +20,7 @@ from marketplace.flows.jobs import (
                                     job_terms_update,
                                     jobs_expire,
 )
+from marketplace.flows.retention import job_data_delete, jobs_data_expire
 from marketplace.flows.units import (
     unit_arbitrate,
     unit_complete,
@@ -30,5 +31,5 @@ from marketplace.flows.units import (
 )
 
 __all__ = ["UNCHANGED", "batch_cancel", "batch_create", "auction_tick", "job_bid_update", "job_budget_update", "job_cancel", "job_close", "job_create",
-           "job_create_from", "job_terms_update", "jobs_expire", "unit_arbitrate", "unit_complete", "units_lease",
+           "job_create_from", "job_data_delete", "jobs_data_expire", "job_terms_update", "jobs_expire", "unit_arbitrate", "unit_complete", "units_lease",
            "units_reference", "units_verify_sweep", "vehicle_caught"]

@@ -114,7 +114,7 @@ def unit_arbitrate(*, unit_id: int) -> bool:
         if locked is None:
             return False
         locks, unit = locked
-        if unit.verify != WorkUnit.Verify.ARBITER:
+        if unit.verify != WorkUnit.Verify.ARBITER or locks.job.data_deleted_at is not None:
             return False
         corrected = unit.state == WorkUnit.State.DONE
         verdict = fleet.unit_arbitrate(unit=unit, reference=reference)
@@ -153,7 +153,7 @@ def vehicle_caught(*, vehicle_id: int) -> int:
                 billing.clawback(unit=unit, epoch=epoch, reason="car caught", reservation=locks.reservation)
                 if reopen:
                     market.job_unit_undone(job=locks.job)
-                else:
+                elif locks.job.data_deleted_at is None:  # its data deleted: no row to correct
                     transaction.on_commit(lambda pk=unit.pk: unit_arbitrate_later(unit_id=pk))
             voided += len(units)
     return voided

@@ -27,6 +27,10 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 SLOW_EXAMPLES = hypothesis_settings(max_examples=max(1, hypothesis_settings.default.max_examples // 80))
 
 
+#: Verification as marketplace.settings deploys it (read before this process turns it off, below).
+DEPLOYED_VERIFICATION = dict.fromkeys(["VERIFY_PROBATION", "VERIFY_REPLICATION_FLOOR", "CANARY_SHARE"])
+
+
 def pytest_configure(config):
     # The SQLite test database is a file (the live-server and end-to-end tests' processes open it too), by
     # default under VAR_DIR, which the settings no longer create on import: its directory is made here.
@@ -36,6 +40,7 @@ def pytest_configure(config):
     # Verification draws at random which results are checked. In this process, tests about other things accept
     # every result unchecked; tests of verification turn it on with the ``verifying`` fixture. The servers the
     # end-to-end and chaos tests start run the defaults: verification on.
+    DEPLOYED_VERIFICATION.update({name: getattr(django_settings, name) for name in DEPLOYED_VERIFICATION})
     django_settings.VERIFY_PROBATION, django_settings.VERIFY_REPLICATION_FLOOR, django_settings.CANARY_SHARE = 0, 0.0, 0.0
 
 
@@ -43,7 +48,8 @@ def pytest_configure(config):
 def verifying(settings):
     """Verification as deployed (marketplace.settings' defaults): every result of a new car is replicated,
     then fewer; 1 % of every job's units are canaries."""
-    settings.VERIFY_PROBATION, settings.VERIFY_REPLICATION_FLOOR, settings.CANARY_SHARE = 3, 0.04, 0.01
+    for name, value in DEPLOYED_VERIFICATION.items():
+        setattr(settings, name, value)
     return settings
 
 

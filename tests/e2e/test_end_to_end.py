@@ -28,7 +28,7 @@ from fleet.agent.models import get_runner
 from fleet.models import HardwareGeneration, Lease, Vehicle, WorkUnit
 from marketplace import corpus, services
 from marketplace.models import AuctionRound, Job
-from tests.conftest import jsonl
+from tests.conftest import DEPLOYED_VERIFICATION, jsonl
 from tests.factories import BuyerFactory, OwnerFactory
 from tests.support.live import live_product
 from tests.support.stripe_peer import PeerClient
@@ -42,9 +42,6 @@ CARS = 3
 BID_MICROS = 5_000_000_000
 TOP_UP_MINOR = 2_500  # $25.00 by card: enough for the job's reservation at the bid (about $4)
 OUTPUT = Path(settings.BASE_DIR) / "test-output"
-# The servers run verification as deployed (this process turns it off, tests/conftest.py): a new car's first
-# VERIFY_PROBATION results are all checked.
-PROBATION = 3
 
 
 def cosine(a, b):
@@ -133,8 +130,10 @@ def test_a_job_of_300_documents_is_computed_by_three_real_agents_booked_paid_for
     assert {r.vehicle_id for r in records} == set(job.units.values_list("completed_by", flat=True)) and len(
         {r.vehicle_id for r in records}) >= 2
     completed = Lease.objects.filter(unit__job=job, outcome="completed")
-    for vehicle_id in {r.vehicle_id for r in records}:  # a new car's first results are all checked
-        mine = completed.filter(vehicle_id=vehicle_id).order_by("ended_at")[:PROBATION]
+    # the servers verify as deployed (this process does not, tests/conftest.py): a new car's first results are
+    # all checked
+    for vehicle_id in {r.vehicle_id for r in records}:
+        mine = completed.filter(vehicle_id=vehicle_id).order_by("ended_at")[:DEPLOYED_VERIFICATION["VERIFY_PROBATION"]]
         assert all(lease.verdict in ("agreed", "right") for lease in mine), [lease.verdict for lease in mine]
     assert all(c.charge_femto == 0 and c.owner_id != r.owner_id
                for c in checks for r in records if r.unit_id == c.unit_id)

@@ -77,6 +77,7 @@ class LedgerTransaction(AppendOnlyModel):
         GRANT = "grant", "Credit granted by the platform"
         VERIFICATION = "verification", "Result check paid by the platform"
         CLAWBACK = "clawback", "Earnings of a wrong or voided result taken back"
+        UNDELIVERED = "undelivered", "Work not delivered credited back"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)
     reference = models.CharField(

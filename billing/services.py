@@ -211,6 +211,31 @@ def clawback(*, unit, epoch: int, reason: str, reservation: Reservation | None =
         return Clawback.objects.create(meter=meter, transaction=txn, reason=reason[:64])
 
 
+def undelivered_credit(*, job, femto: int, reference: str, description: str) -> LedgerTransaction | None:
+    """Give a buyer back what a closed job was charged for work it could not deliver: the finished documents of
+    a batch request left unfinished when its batch expired or was cancelled (docs/api.md). The owners keep their
+    pay (they did the work); the platform pays it from its fee revenue. The job paid its exact cost rounded up
+    once; with this credit it pays its exact cost less ``femto``, rounded up once. Once per ``reference``; None
+    when there is nothing to give back."""
+    with transaction.atomic():
+        if LedgerTransaction.objects.filter(reference=reference).exists():
+            return None
+        reservation = Reservation.objects.filter(job=job).first()
+        if reservation is None or femto <= 0:
+            return None
+        femto = min(femto, reservation.charged_femto)
+        amount = reservation.drawn_minor - femto_to_minor_ceil(femto=reservation.charged_femto - femto,
+                                                               currency=job.currency)
+        if amount <= 0:
+            return None
+        buyer, platform = accounts_lock(
+            account_get(kind=LedgerAccount.Kind.BUYER, currency=job.currency, organisation=job.organisation),
+            account_get(kind=LedgerAccount.Kind.PLATFORM_FEE, currency=job.currency))
+        return ledger_post(kind=LedgerTransaction.Kind.UNDELIVERED, currency=job.currency, job=job,
+                           reference=reference, description=description[:200],
+                           postings=[Posting(buyer, amount), Posting(platform, -amount)])
+
+
 # --- Job budget reservations ------------------------------------------------------------------------------
 
 class InsufficientBalance(BillingError):

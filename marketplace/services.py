@@ -20,6 +20,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from billing import services as billing
+from billing.models import MeterRecord
 from billing.money import mops_for_tokens
 from fleet import tokens
 from fleet.agent.models import MODELS, count_tokens
@@ -687,16 +689,20 @@ def batch_cancelling_mark(*, batch: Batch) -> None:
         batch.save(update_fields=["cancelling_at"])
 
 
-def _batch_documents(job: Job) -> Iterator[tuple[str | None, int]]:
+def _batch_documents(job: Job) -> Iterator[tuple[str | None, int, int]]:
     """Every document of a job in input order: (its vector as base64 float32, or None when it was not
-    computed, its tokens). Only a finished unit's result is delivered."""
+    computed, its tokens, what the buyer was charged for it in femto-units: its share by tokens of its unit's
+    charge). Only a finished unit's result is delivered."""
+    charged = dict(MeterRecord.objects.filter(job=job, role=MeterRecord.Role.BUYER, clawback=None)
+                   .values("unit_id").annotate(femto=Sum("charge_femto")).values_list("unit_id", "femto"))
     units = WorkUnit.objects.filter(job=job).order_by("seq").only("seq", "inputs", "result", "state")
     for unit in units.iterator(chunk_size=50):
         done = unit.state == WorkUnit.State.DONE and unit.result
         texts = [doc["text"] for doc in unit.inputs]
         tokens = count_tokens(job.ai_model.runtime, texts) if done else [0] * len(texts)
+        charge, total = charged.get(unit.pk, 0), sum(tokens) or 1
         for k in range(len(unit.inputs)):
-            yield (unit.result[k] if done else None), tokens[k]
+            yield (unit.result[k] if done else None), tokens[k], charge * tokens[k] // total
 
 
 _UNDONE = {Job.State.EXPIRED: ("batch_expired", "The request was not computed before the batch's completion "
@@ -704,42 +710,75 @@ _UNDONE = {Job.State.EXPIRED: ("batch_expired", "The request was not computed be
            Job.State.CANCELLED: ("batch_cancelled", "The request was not computed before the batch was cancelled.")}
 
 
+@dataclass
+class _BatchLines:
+    output: list[dict]
+    undone: list[dict]
+    tokens: int  # delivered
+    undelivered_femto: int  # charged for finished documents of requests not delivered
+
+
+def _batch_lines(*, batch: Batch, job: Job) -> _BatchLines:
+    """A closed batch's output lines (the requests all of whose documents were computed, in input order) and
+    the error lines of the others, from its job's units as they are now."""
+    documents = _batch_documents(job)
+    lines = _BatchLines(output=[], undone=[], tokens=0, undelivered_femto=0)
+    for (custom_id, line, count), encoding in zip(batch.requests, batch.encoding_formats):
+        docs = [next(documents) for _ in range(count)]
+        if all(vector is not None for vector, _, _ in docs):
+            tokens = sum(t for _, t, _ in docs)
+            lines.tokens += tokens
+            lines.output.append(batches.output_line(batch_id=batch.public_id, line=line, custom_id=custom_id,
+                                                    model=batch.model_slug, vectors=[v for v, _, _ in docs],
+                                                    encoding_format=encoding, tokens=tokens))
+        else:
+            lines.undelivered_femto += sum(femto for _, _, femto in docs)
+            code, message = _UNDONE.get(job.state, ("not_computed", "The request was not computed."))
+            lines.undone.append(batches.error_line(batch_id=batch.public_id, line=line, custom_id=custom_id,
+                                                   code=code, message=message))
+    return lines
+
+
 def batch_finalize(*, batch_id: int) -> bool:
     """Write a finished batch's output file (the delivered requests, in input order) and error file (the lines
-    refused at validation, then the requests not computed when its job expired or was cancelled), once.
+    refused at validation, then the requests not computed when its job expired or was cancelled), once, and
+    give the buyer back what the finished documents of undelivered requests were charged (a request with a
+    list input can be half computed): a batch's buyer pays only for the lines in its output file.
     Returns whether it wrote them now; a batch whose job is still open is left as it is."""
     with transaction.atomic():
         batch = Batch.objects.select_for_update().get(pk=batch_id)
-        job = Job.objects.select_related("ai_model").filter(pk=batch.job_id).first()
+        job = Job.objects.select_related("ai_model", "organisation").filter(pk=batch.job_id).first()
         if batch.finalized_at is not None or job is None or job.state in Job.OPEN_STATES:
             return False
-        documents = _batch_documents(job)
-        output, undone, tokens_total = [], [], 0
-        for (custom_id, line, count), encoding in zip(batch.requests, batch.encoding_formats):
-            docs = [next(documents) for _ in range(count)]
-            if all(vector is not None for vector, _ in docs):
-                tokens = sum(count for _, count in docs)
-                tokens_total += tokens
-                output.append(batches.output_line(batch_id=batch.public_id, line=line, custom_id=custom_id,
-                                                  model=batch.model_slug, vectors=[v for v, _ in docs],
-                                                  encoding_format=encoding, tokens=tokens))
-            else:
-                code, message = _UNDONE.get(job.state, ("not_computed", "The request was not computed."))
-                undone.append(batches.error_line(batch_id=batch.public_id, line=line, custom_id=custom_id, code=code,
-                                                 message=message))
-        if output:
-            batch.output_file_id = _batch_file_write(batch=batch, kind="output", content=batches.jsonl(output))
-        if undone or batch.line_errors:
+        lines = _batch_lines(batch=batch, job=job)
+        if lines.output:
+            batch.output_file_id = _batch_file_write(batch=batch, kind="output", content=batches.jsonl(lines.output))
+        if lines.undone or batch.line_errors:
             batch.error_file_id = _batch_file_write(batch=batch, kind="error",
-                                                    content=_line_errors_jsonl(batch, undone))
-        batch.request_completed, batch.request_failed = len(output), len(batch.line_errors) + len(undone)
-        batch.usage_tokens, batch.finalized_at = tokens_total, timezone.now()
+                                                    content=_line_errors_jsonl(batch, lines.undone))
+        batch.request_completed, batch.request_failed = len(lines.output), len(batch.line_errors) + len(lines.undone)
+        batch.usage_tokens, batch.finalized_at = lines.tokens, timezone.now()
         batch.save(update_fields=["output_file_id", "error_file_id", "request_completed", "request_failed",
                                   "usage_tokens", "finalized_at"])
+        billing.undelivered_credit(job=job, femto=lines.undelivered_femto, reference=f"undelivered:{batch.public_id}",
+                                   description=f"Batch {batch.public_id}: finished parts of requests not delivered")
         batch.job = job
         buyer_webhooks.batch_event_record(batch=batch)  # batch.completed, batch.expired or batch.cancelled
-    log.info("batch %s finalized: %s delivered, %s failed", batch.public_id, len(output), batch.request_failed)
+    log.info("batch %s finalized: %s delivered, %s failed", batch.public_id, len(lines.output), batch.request_failed)
     return True
+
+
+def batch_output_rewrite(*, job_id: int) -> bool:
+    """Rewrite a finalized batch's output file after rows of its job were corrected (a car caught cheating
+    after the batch ended: docs/verification.md, "Delivery"), so that the file holds the platform's rows. The
+    file keeps its id; the requests in it stay the same (a corrected unit was computed). False when the job
+    is no batch's, the batch is not finalized, or its output file is gone."""
+    batch = Batch.objects.filter(job_id=job_id).exclude(finalized_at=None).first()
+    job = Job.objects.select_related("ai_model").filter(pk=job_id).first()
+    if batch is None or job is None or not batch.output_file_id:
+        return False
+    content = batches.jsonl(_batch_lines(batch=batch, job=job).output)
+    return bool(BatchFile.objects.filter(public_id=batch.output_file_id).update(content=content, bytes=len(content)))
 
 
 def batches_finalize() -> int:

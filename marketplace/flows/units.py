@@ -122,6 +122,8 @@ def unit_arbitrate(*, unit_id: int) -> bool:
         if corrected:  # a row the buyer may have had already: tell them it changed
             buyer_webhooks.job_rows_corrected_record(job=locks.job, rows=[doc.get("id") for doc in unit.inputs])
     _verdict_after(verdict)
+    if corrected:  # and in a batch's output file, if it was written
+        market.batch_output_rewrite(job_id=unit.job_id)
     return True
 
 

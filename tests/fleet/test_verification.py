@@ -3,6 +3,8 @@ way the agent knows (fleet.agent.client.cheat_embed) beside honest ones, through
 embedding runtime: no wrong row is delivered or paid, cheaters are caught, suspended and clawed back, honest
 cars never are."""
 
+import json
+
 import numpy as np
 import pytest
 from django.db.models import Sum
@@ -250,3 +252,41 @@ def fleet_sweep() -> list[int]:
 
     from fleet import services as fleet
     return fleet.units_verify_overdue(now=timezone.now())
+
+
+@pytest.mark.django_db
+def test_a_finished_batchs_output_file_is_rewritten_with_the_rows_corrected_after_its_car_was_caught(market, buyer,
+                                                                                                     make_job):
+    """A batch's output file is written once its job closes; rows corrected later (docs/verification.md,
+    "Delivery") must reach the file too, not only the job's results: a buyer of a batch reads the file."""
+    from marketplace import services
+    from marketplace.models import Batch, BatchFile
+    from tests.marketplace.test_data_retention import batch_for, request_line
+
+    turncoat = VehicleFactory(policy__reserve_price_micros=0)
+    Vehicle.objects.filter(pk=turncoat.pk).update(results_streak=10**6)
+    market.VERIFY_REPLICATION_FLOOR, market.CANARY_SHARE = 0.0, 0.0
+    texts = [f"Batch request {i} about the harbour's tides and the ferry timetable." for i in range(12)]
+    batch = batch_for(buyer, [request_line(f"r{i}", text) for i, text in enumerate(texts)])
+    work({turncoat.pk: cheat("negate")})
+    assert services.batches_finalize() == 1
+    batch = Batch.objects.get(pk=batch.pk)
+    file_id = batch.output_file_id
+
+    def output_vectors():
+        lines = [json.loads(line) for line in BatchFile.objects.get(public_id=file_id).content.splitlines()]
+        assert [line["custom_id"] for line in lines] == [f"r{i}" for i in range(12)]
+        return np.array([line["response"]["body"]["data"][0]["embedding"] for line in lines], dtype="<f4")
+
+    truth = _embed(texts)
+    assert not verification.results_agree(encode_embeddings(output_vectors()), encode_embeddings(truth),
+                                           precision="int8")  # the cheat was written into the file
+
+    market.VERIFY_REPLICATION_FLOOR = 1.0  # caught on its next job
+    make_job(docs=8)
+    work({turncoat.pk: cheat("negate"), VehicleFactory(policy__reserve_price_micros=0).pk: honest})
+    assert delivered_wrong(batch.job) == 0
+    # The same file now holds the platform's rows, for the same requests.
+    assert verification.results_agree(encode_embeddings(output_vectors()), encode_embeddings(truth),
+                                      precision="int8")
+    assert Batch.objects.get(pk=batch.pk).output_file_id == file_id

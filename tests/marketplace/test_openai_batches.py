@@ -16,19 +16,24 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from django.conf import settings as django_settings
 from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from billing.models import Reservation
-from billing.money import femto_per_minor, price_micros_for_per_million_tokens
+from billing.models import LedgerTransaction, MeterRecord, Reservation
+from billing.money import femto_per_minor, femto_to_minor_ceil, price_micros_for_per_million_tokens
+from billing.selectors import account_balance_minor, unbalanced_transaction_ids
+from billing.services import account_get
 from fleet import services as fleet
 from fleet.agent.models import get_runner
 from fleet.models import HardwareGeneration, WorkUnit
 from marketplace import batches, buyer_webhooks, corpus, flows, selectors, services
 from marketplace.core.errors import Conflict
 from marketplace.models import AuctionRound, Batch, BatchFile, BuyerWebhookEvent, Job
-from tests.factories import BuyerFactory, OwnerFactory
+from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory
+from tests.marketplace.test_api_webhooks import complete_units
+from tests.support.capacity import deliver
 from tests.support.live import live_product
 
 # The live server reads what the tests write: the tests against it commit (the pure ones need no database).
@@ -562,3 +567,48 @@ def test_a_file_past_its_retention_is_gone_at_once_and_deleted_by_the_sweep(buye
     # and the sweep deletes it, content and all, and only it.
     assert services.batch_files_expire() == 1
     assert list(BatchFile.objects.values_list("public_id", flat=True)) == [kept.public_id]
+
+
+@pytest.mark.django_db
+def test_a_cancelled_batchs_buyer_pays_only_for_the_requests_in_its_output_file(buyer, settings):
+    # Given a batch whose third request is a list of four inputs cut across two units (8 + 4 documents),
+    settings.DOCS_PER_UNIT = 8
+    rows = ([request_line(f"r{i}", f"a single document, number {i}, about tides") for i in range(6)]
+            + [request_line("list", [f"one of four parts, part {k}, about ferries" for k in range(4)])]
+            + [request_line(f"s{i}", f"a later document, number {i}") for i in range(2)])
+    balance = lambda: account_balance_minor(account=account_get(  # noqa: E731
+        kind="buyer", currency=django_settings.CURRENCY, organisation=buyer.organisation))
+    before = balance()
+    batch = flows.batch_create(organisation=buyer.organisation, user=buyer, input_file_id=batch_file_for(buyer, rows)
+                               .public_id, endpoint="/v1/embeddings", completion_window="24h",
+                               max_price_per_million_tokens_micros=20_000 * 10**6)
+    job = batch.job
+    # and the first unit computed (six whole requests and two of the list's four parts) and charged,
+    reserve = price_micros_for_per_million_tokens(per_million_tokens_micros=10_000 * 10**6,
+                                                  ops_per_token=job.ai_model.ops_per_token)
+    car = VehicleFactory(policy__reserve_price_micros=reserve)
+    deliver(car, mops_per_s=50_000)
+    complete_units(job, 1)
+    meter = MeterRecord.objects.get(job=job, role=MeterRecord.Role.BUYER)
+    assert meter.charge_femto > 0
+    # when the buyer cancels it (which finalizes it; again does nothing),
+    flows.batch_cancel(batch=batch)
+    assert not services.batch_finalize(batch_id=batch.pk) and services.batches_finalize() == 0
+    batch = Batch.objects.get(pk=batch.pk)
+    output = [json.loads(line) for line in BatchFile.objects.get(public_id=batch.output_file_id).content.splitlines()]
+    assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(6)]
+    errors = [json.loads(line) for line in BatchFile.objects.get(public_id=batch.error_file_id).content.splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("list", "batch_cancelled"), ("s0", "batch_cancelled"), ("s1", "batch_cancelled")]
+    # then the buyer paid for the six delivered requests only: the unit's charge by their share of its tokens,
+    # rounded up once (a cent either way for the per-document shares' rounding),
+    delivered = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in output)
+    owed = femto_to_minor_ceil(femto=meter.charge_femto * delivered // meter.tokens, currency=job.currency)
+    assert 0 < delivered < meter.tokens and owed < femto_to_minor_ceil(femto=meter.charge_femto, currency=job.currency)
+    assert abs((before - balance()) - owed) <= 1
+    # the credit comes from the platform's fee (the car keeps its pay for work it did), once, and balanced.
+    credit = LedgerTransaction.objects.get(job=job, kind=LedgerTransaction.Kind.UNDELIVERED)
+    assert {e.account.kind: e.amount_minor for e in credit.entries.select_related("account")} == {
+        "buyer": credit.entries.get(account__kind="buyer").amount_minor,
+        "platform_fee": -credit.entries.get(account__kind="buyer").amount_minor}
+    assert not unbalanced_transaction_ids()

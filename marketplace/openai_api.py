@@ -258,7 +258,7 @@ def _string(data: dict, name: str, required: bool = True) -> str | None:
 
 class BatchListCreateApi(OpenAIApi):
     def get(self, request):
-        services.batches_finalize_for(organisation=self.organisation)
+        flows.batches_finalize(organisation=self.organisation)
         return _page(request, selectors.batches_for(organisation=self.organisation), selectors.batch_public)
 
     def post(self, request):
@@ -280,7 +280,7 @@ class BatchDetailApi(OpenAIApi):
         batch = selectors.batches_for(organisation=self.organisation).filter(public_id=batch_id).first()
         if batch is None:
             raise Http404
-        if services.batch_finalize(batch_id=batch.pk):  # its job closed: write its files before answering
+        if flows.batch_finalize(batch_id=batch.pk):  # its job closed: write its files before answering
             batch = selectors.batches_for(organisation=self.organisation).get(pk=batch.pk)
         return batch
 

@@ -20,7 +20,6 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from billing import services as billing
 from billing.models import MeterRecord
 from billing.money import mops_for_tokens
 from fleet import tokens
@@ -739,33 +738,38 @@ def _batch_lines(*, batch: Batch, job: Job) -> _BatchLines:
     return lines
 
 
-def batch_finalize(*, batch_id: int) -> bool:
+def batch_files_write(*, batch_id: int) -> tuple[Batch, int] | None:
     """Write a finished batch's output file (the delivered requests, in input order) and error file (the lines
     refused at validation, then the requests not computed when its job expired or was cancelled), once, and
-    give the buyer back what the finished documents of undelivered requests were charged (a request with a
-    list input can be half computed): a batch's buyer pays only for the lines in its output file.
-    Returns whether it wrote them now; a batch whose job is still open is left as it is."""
-    with transaction.atomic():
-        batch = Batch.objects.select_for_update().get(pk=batch_id)
-        job = Job.objects.select_related("ai_model", "organisation").filter(pk=batch.job_id).first()
-        if batch.finalized_at is not None or job is None or job.state in Job.OPEN_STATES:
-            return False
-        lines = _batch_lines(batch=batch, job=job)
-        if lines.output:
-            batch.output_file_id = _batch_file_write(batch=batch, kind="output", content=batches.jsonl(lines.output))
-        if lines.undone or batch.line_errors:
-            batch.error_file_id = _batch_file_write(batch=batch, kind="error",
-                                                    content=_line_errors_jsonl(batch, lines.undone))
-        batch.request_completed, batch.request_failed = len(lines.output), len(batch.line_errors) + len(lines.undone)
-        batch.usage_tokens, batch.finalized_at = lines.tokens, timezone.now()
-        batch.save(update_fields=["output_file_id", "error_file_id", "request_completed", "request_failed",
-                                  "usage_tokens", "finalized_at"])
-        billing.undelivered_credit(job=job, femto=lines.undelivered_femto, reference=f"undelivered:{batch.public_id}",
-                                   description=f"Batch {batch.public_id}: finished parts of requests not delivered")
-        batch.job = job
-        buyer_webhooks.batch_event_record(batch=batch)  # batch.completed, batch.expired or batch.cancelled
+    record its webhook. Returns the batch and what its buyer was charged for the finished documents of
+    undelivered requests (femto-units; marketplace.flows.batch_finalize gives it back), or None when it was
+    written before or its job is still open. Call it in a transaction: the batch row is locked."""
+    batch = Batch.objects.select_for_update().get(pk=batch_id)
+    job = Job.objects.select_related("ai_model", "organisation").filter(pk=batch.job_id).first()
+    if batch.finalized_at is not None or job is None or job.state in Job.OPEN_STATES:
+        return None
+    lines = _batch_lines(batch=batch, job=job)
+    if lines.output:
+        batch.output_file_id = _batch_file_write(batch=batch, kind="output", content=batches.jsonl(lines.output))
+    if lines.undone or batch.line_errors:
+        batch.error_file_id = _batch_file_write(batch=batch, kind="error",
+                                                content=_line_errors_jsonl(batch, lines.undone))
+    batch.request_completed, batch.request_failed = len(lines.output), len(batch.line_errors) + len(lines.undone)
+    batch.usage_tokens, batch.finalized_at = lines.tokens, timezone.now()
+    batch.save(update_fields=["output_file_id", "error_file_id", "request_completed", "request_failed",
+                              "usage_tokens", "finalized_at"])
+    batch.job = job
+    buyer_webhooks.batch_event_record(batch=batch)  # batch.completed, batch.expired or batch.cancelled
     log.info("batch %s finalized: %s delivered, %s failed", batch.public_id, len(lines.output), batch.request_failed)
-    return True
+    return batch, lines.undelivered_femto
+
+
+def batches_to_finalize(*, organisation: Organisation | None = None) -> list[int]:
+    """The batches whose job has closed and whose files are not written yet (of one organisation, or all)."""
+    pending = Batch.objects.filter(finalized_at=None, job__isnull=False).exclude(job__state__in=Job.OPEN_STATES)
+    if organisation is not None:
+        pending = pending.filter(organisation=organisation)
+    return list(pending.values_list("pk", flat=True))
 
 
 def batch_output_rewrite(*, job_id: int) -> bool:
@@ -779,20 +783,6 @@ def batch_output_rewrite(*, job_id: int) -> bool:
         return False
     content = batches.jsonl(_batch_lines(batch=batch, job=job).output)
     return bool(BatchFile.objects.filter(public_id=batch.output_file_id).update(content=content, bytes=len(content)))
-
-
-def batches_finalize() -> int:
-    """Finalize every batch whose job has closed (the periodic ``batches-finalize`` task; reading a batch
-    through the API does it too, so that a client polling sees it at once)."""
-    pending = Batch.objects.filter(finalized_at=None, job__isnull=False).exclude(job__state__in=Job.OPEN_STATES)
-    return sum(batch_finalize(batch_id=pk) for pk in pending.values_list("pk", flat=True))
-
-
-def batches_finalize_for(*, organisation: Organisation) -> int:
-    """:func:`batches_finalize` for one organisation's batches (before its batches are listed)."""
-    pending = (Batch.objects.filter(organisation=organisation, finalized_at=None, job__isnull=False)
-               .exclude(job__state__in=Job.OPEN_STATES))
-    return sum(batch_finalize(batch_id=pk) for pk in pending.values_list("pk", flat=True))
 
 
 def batch_files_expire() -> int:

@@ -50,7 +50,7 @@ def units_verify_sweep() -> int:
 @shared_task(ignore_result=True, max_retries=0)
 def batches_finalize() -> int:
     """Write the output and error files of the OpenAI-compatible batches whose jobs have closed (periodic)."""
-    return services.batches_finalize()
+    return flows.batches_finalize()
 
 
 @shared_task(ignore_result=True, max_retries=0)

@@ -7,7 +7,7 @@ docs/concurrency.md writes down, through :mod:`marketplace.flows.locks`. Views, 
 tasks and management commands call these functions (and an app's own services for what stays in one app).
 """
 
-from marketplace.flows.batches import batch_cancel, batch_create
+from marketplace.flows.batches import batch_cancel, batch_create, batch_finalize, batches_finalize
 from marketplace.flows.jobs import (
                                     UNCHANGED,
                                     auction_tick,
@@ -30,6 +30,6 @@ from marketplace.flows.units import (
     vehicle_caught,
 )
 
-__all__ = ["UNCHANGED", "batch_cancel", "batch_create", "auction_tick", "job_bid_update", "job_budget_update", "job_cancel", "job_close", "job_create",
+__all__ = ["UNCHANGED", "batch_cancel", "batch_create", "batch_finalize", "batches_finalize", "auction_tick", "job_bid_update", "job_budget_update", "job_cancel", "job_close", "job_create",
            "job_create_from", "job_data_delete", "jobs_data_expire", "job_terms_update", "jobs_expire", "unit_arbitrate", "unit_complete", "units_lease",
            "units_reference", "units_verify_sweep", "vehicle_caught"]

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from billing import services as billing
 from billing.money import femto_per_minor, price_micros_for_per_million_tokens
 from billing.selectors import buyer_balance_minor
 from marketplace import batches, selectors, services as market
@@ -132,5 +133,27 @@ def batch_cancel(*, batch: Batch, by: User | None = None) -> Batch:
     else:
         market.batch_cancelling_mark(batch=batch)
         job_cancel(job=batch.job, by=by)
-        market.batch_finalize(batch_id=batch.pk)
+        batch_finalize(batch_id=batch.pk)
     return Batch.objects.select_related("job__ai_model").get(pk=batch.pk)
+
+
+def batch_finalize(*, batch_id: int) -> bool:
+    """Write a closed batch's files (marketplace.services.batch_files_write), once, and give its buyer back what
+    the finished documents of its undelivered requests were charged (a request with a list input can be half
+    computed when its batch expires or is cancelled): a batch's buyer pays only for the lines in its output
+    file. Returns whether it wrote them now; a batch whose job is still open is left as it is."""
+    with transaction.atomic():
+        written = market.batch_files_write(batch_id=batch_id)
+        if written is None:
+            return False
+        batch, undelivered_femto = written
+        billing.undelivered_credit(job=batch.job, femto=undelivered_femto, reference=f"undelivered:{batch.public_id}",
+                                   description=f"Batch {batch.public_id}: finished parts of requests not delivered")
+    return True
+
+
+def batches_finalize(*, organisation: Organisation | None = None) -> int:
+    """Finalize every batch whose job has closed (of one organisation, before its batches are listed, or all:
+    the periodic ``batches-finalize`` task; reading a batch through the API finalizes it too, so that a client
+    polling sees it at once). Returns how many."""
+    return sum(batch_finalize(batch_id=pk) for pk in market.batches_to_finalize(organisation=organisation))

@@ -7,6 +7,7 @@ from django.db import transaction
 
 from fleet import services as fleet
 from marketplace import services as market
+from marketplace.flows.batches import batch_finalize
 from marketplace.flows.jobs import job_cancel
 from marketplace.flows.locks import job_lock
 from marketplace.models import Batch, Job, User
@@ -21,7 +22,7 @@ def job_data_delete(*, job: Job, by: User | None = None) -> Job:
     if job.state in Job.OPEN_STATES:
         job_cancel(job=job, by=by)
     if batch_id := Batch.objects.filter(job_id=job.pk, finalized_at=None).values_list("pk", flat=True).first():
-        market.batch_finalize(batch_id=batch_id)
+        batch_finalize(batch_id=batch_id)
     with transaction.atomic():
         locked = job_lock(job_id=job.pk).job
         if locked.state not in Job.OPEN_STATES and locked.data_deleted_at is None:

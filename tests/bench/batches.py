@@ -17,7 +17,7 @@ job API's, each pair interleaved in this run (medians and minimums of ``--repeat
   JSON Lines (marketplace.services._lines and _parse_line, as job_prepare does);
 - ``prepare``: the same plus marketplace.services.job_prepare (tokenizing, costing, cutting into units), which
   both paths run: the batch's whole create-time work against the job API's;
-- ``assembly``: marketplace.services.batch_finalize writing the batch's output file (reading the units,
+- ``assembly``: marketplace.flows.batch_finalize writing the batch's output file (reading the units,
   counting tokens for ``usage``, OpenAI's output lines, the file saved) against
   marketplace.selectors.job_results_lines, what ``GET /api/v1/jobs/{id}/results/`` streams, over the same job.
 
@@ -220,7 +220,7 @@ def _overhead(batch_public_id: str, batch_body: bytes, job_body: bytes, repeats:
     from django.db import connections
 
     from fleet.models import WorkUnit
-    from marketplace import batches, selectors, services
+    from marketplace import batches, flows, selectors, services
     from marketplace.models import AIModel, Batch, BatchFile
 
     models = {m.slug: batches.ModelInfo(slug=m.slug, task=m.task, dims=m.dims)
@@ -259,7 +259,7 @@ def _overhead(batch_public_id: str, batch_body: bytes, job_body: bytes, repeats:
 
     def batch_assemble():
         Batch.objects.filter(pk=batch.pk).update(finalized_at=None, output_file_id="", error_file_id="")
-        assert services.batch_finalize(batch_id=batch.pk)
+        assert flows.batch_finalize(batch_id=batch.pk)
         written = Batch.objects.get(pk=batch.pk)
         assert written.request_completed == len(batch.requests), written.request_completed
         size = BatchFile.objects.get(public_id=written.output_file_id).bytes

@@ -269,7 +269,7 @@ def test_a_finished_batchs_output_file_is_rewritten_with_the_rows_corrected_afte
     texts = [f"Batch request {i} about the harbour's tides and the ferry timetable." for i in range(12)]
     batch = batch_for(buyer, [request_line(f"r{i}", text) for i, text in enumerate(texts)])
     work({turncoat.pk: cheat("negate")})
-    assert services.batches_finalize() == 1
+    assert flows.batches_finalize() == 1
     batch = Batch.objects.get(pk=batch.pk)
     file_id = batch.output_file_id
 

@@ -404,7 +404,7 @@ def test_an_expired_batch_delivers_its_finished_requests_and_lists_the_rest_as_e
     # when its deadline passes (the auction tick closes the job) and it is finalized,
     flows.job_close(job_id=job.pk, state=Job.State.EXPIRED, reason="job_expired")
     assert selectors.batch_status(Batch.objects.get(pk=batch.pk)) == "finalizing"
-    assert services.batches_finalize() == 1 and services.batches_finalize() == 0  # once
+    assert flows.batches_finalize() == 1 and flows.batches_finalize() == 0  # once
     batch = Batch.objects.get(pk=batch.pk)
     public = selectors.batch_public(batch)
     # then it is expired, with the eight finished requests in its output file and the two others in its error file,
@@ -593,7 +593,7 @@ def test_a_cancelled_batchs_buyer_pays_only_for_the_requests_in_its_output_file(
     assert meter.charge_femto > 0
     # when the buyer cancels it (which finalizes it; again does nothing),
     flows.batch_cancel(batch=batch)
-    assert not services.batch_finalize(batch_id=batch.pk) and services.batches_finalize() == 0
+    assert not flows.batch_finalize(batch_id=batch.pk) and flows.batches_finalize() == 0
     batch = Batch.objects.get(pk=batch.pk)
     output = [json.loads(line) for line in BatchFile.objects.get(public_id=batch.output_file_id).content.splitlines()]
     assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(6)]

@@ -15,14 +15,14 @@ from rest_framework.views import APIView
 
 from billing.money import femto_per_minor
 from billing.selectors import vehicle_earnings_femto
-from fleet import services, tokens
+from fleet import services, tokens, workloads
 from fleet.eligibility import next_departure
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from fleet.selectors import policy_rules, vehicle_status, vehicle_usage, vehicles_of
 from marketplace.api import ErrorSerializer
 from marketplace.core.errors import ValidationFailed
 from marketplace.idempotency import idempotent
-from marketplace.models import WORKLOAD_CATEGORIES, Organisation
+from marketplace.models import Organisation
 
 
 
@@ -66,7 +66,7 @@ class PolicySerializer(serializers.ModelSerializer):
     windows = WindowSerializer(many=True, required=False)
     departures = DepartureSerializer(many=True, required=False)
     one_off_departures = OneOffDepartureSerializer(many=True, required=False)
-    categories = serializers.ListField(child=serializers.ChoiceField(choices=[c for c, _, _ in WORKLOAD_CATEGORIES]), required=False)
+    categories = serializers.ListField(child=serializers.ChoiceField(choices=[c for c, _, _ in workloads.categories()]), required=False)
     blocked_organisations = serializers.SlugRelatedField(slug_field="slug", many=True, required=False,
                                                          queryset=Organisation.objects.all())
     battery_floor_pct = serializers.IntegerField(min_value=0, max_value=100, required=False)

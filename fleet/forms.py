@@ -4,9 +4,9 @@ from zoneinfo import ZoneInfo, available_timezones
 from django import forms
 from django.utils import timezone
 
+from fleet import workloads
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from fleet.portal import WEEKDAYS
-from marketplace.models import WORKLOAD_CATEGORIES
 from marketplace.models import Organisation
 
 #: Empty rows the limits form's tables show after the saved ones (at least), and at least this many rows in
@@ -143,7 +143,7 @@ class PolicyForm(forms.Form):
         ("all", "Any kind of work, including kinds added later"), ("only", "Only the kinds ticked below")])
     categories = forms.MultipleChoiceField(
         label="Allowed kinds", required=False, widget=forms.CheckboxSelectMultiple,
-        choices=[(code, f"{name}: {what}") for code, name, what in WORKLOAD_CATEGORIES])
+        choices=[(code, f"{name}: {what}") for code, name, what in workloads.categories()])
     blocked_organisations = forms.ModelMultipleChoiceField(
         label="Never work for these buyers", required=False, widget=forms.CheckboxSelectMultiple,
         queryset=Organisation.objects.order_by("name"),

@@ -173,18 +173,41 @@ class WorkRequest(Message):
     TYPE = "work.request"
 
 
+def _optional(check):
+    return lambda v, n: None if v is None else check(v, n)
+
+
+def _object(value, name):
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_field", f"{name} must be an object")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Result(Message):
-    """Embeddings of a unit's texts in order, each a base64 string of little-endian float32 values."""
+    """A unit's result, one item per text in order: ``embeddings_b64`` for an embeddings unit (each a base64
+    string of little-endian float32 values), ``outputs`` for any other workload (JSON values in the workload's
+    result format, docs/workloads.md). Exactly one of them."""
     TYPE = "result"
     SCHEMA = {
         "unit_id": _int,
         "epoch": _int,
-        "embeddings_b64": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT),
+        "embeddings_b64": _optional(lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT)),
+        "outputs": _optional(lambda v, n: _list(v, n, lambda x, m: x, MAX_TEXTS_PER_UNIT)),
     }
+    OPTIONAL = frozenset({"embeddings_b64", "outputs"})
     unit_id: int
     epoch: int
-    embeddings_b64: list
+    embeddings_b64: list | None = None
+    outputs: list | None = None
+
+    def __post_init__(self):
+        if (self.embeddings_b64 is None) == (self.outputs is None):
+            raise ProtocolError("bad_field", "result: exactly one of embeddings_b64 and outputs is required")
+
+    @property
+    def items(self) -> list:
+        return self.embeddings_b64 if self.embeddings_b64 is not None else self.outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +243,18 @@ class UnitAssign(Message):
         "precision": lambda v, n: _str(v, n, 8),
         "texts": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT),
         "lease_ttl_s": _int,
+        "task": lambda v, n: _str(v, n, 32),
+        "params": _object,
     }
+    OPTIONAL = frozenset({"task", "params"})
     unit_id: int
     epoch: int
     runtime: str
     precision: str
     texts: list
     lease_ttl_s: int
+    task: str = "embedding"  # the workload (docs/workloads.md)
+    params: dict = dataclasses.field(default_factory=dict)  # the job's parameters the workload's runtime needs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,5 @@
 """Everything in the fleet that writes: vehicles and pairing, live state, leases and results."""
 
-import base64
-import binascii
 import logging
 import math
 import secrets
@@ -10,7 +8,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-import numpy as np
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
@@ -20,8 +17,8 @@ from django.db.models import Exists, F, FloatField, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce, Exp, Greatest, Least
 from django.utils import timezone
 
-from fleet import dispatch, tokens, verification
-from fleet.agent.client import encode_embeddings
+from fleet import dispatch, tokens, verification, workloads
+from fleet.agent import workloads as agent_workloads
 from fleet.agent.models import get_runner
 from fleet.eligibility import Window, merge_windows
 from fleet.models import HardwareGeneration, Lease, OwnerPolicy, Vehicle, VehicleDailyUsage, VehicleRate, WorkUnit
@@ -536,20 +533,17 @@ def vehicle_strikes_add(*, vehicle_id: int, strikes: int, now: datetime) -> None
 
 # --- results -------------------------------------------------------------------------------------------
 
-def result_problem(*, texts: int, dims: int, embeddings_b64: list[str]) -> str | None:
-    """Why a result cannot be accepted, or None: one unit-norm, finite vector of the model's size per text."""
-    if len(embeddings_b64) != texts:
-        return f"expected {texts} embeddings, got {len(embeddings_b64)}"
-    for i, item in enumerate(embeddings_b64):
-        try:
-            vector = np.frombuffer(base64.b64decode(item, validate=True), dtype="<f4")
-        except (binascii.Error, ValueError):
-            return f"embedding {i} is not base64 float32"
-        if vector.shape != (dims,) or not np.all(np.isfinite(vector)):
-            return f"embedding {i} must be {dims} finite float32 values"
-        if not math.isclose(float(np.linalg.norm(vector)), 1.0, abs_tol=0.02):
-            return f"embedding {i} is not normalised"
-    return None
+def result_problem(*, unit: WorkUnit, result: list) -> str | None:
+    """Why a car's result for ``unit`` cannot be accepted (its shape, by the job's workload), or None."""
+    job = unit.job
+    return workloads.get(job.ai_model.task).result_problem(workloads.ModelInfo.of(job.ai_model), job.params,
+                                                           len(unit.inputs), result)
+
+
+def results_agree(*, unit: WorkUnit, a: list, b: list) -> bool:
+    """Whether two results of ``unit`` are the same answer (fleet.verification.results_agree, for its job)."""
+    job = unit.job
+    return verification.results_agree(a, b, precision=job.precision, task=job.ai_model.task, params=job.params)
 
 
 def energy_mwh(*, mops: int, mops_per_s: int, watts: int) -> int:
@@ -635,7 +629,7 @@ def _replicable(*, owner_id: int, precision: str) -> bool:
 
 
 def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
-                       embeddings_b64: list[str]) -> tuple[Verdict | None, str]:
+                       result: list) -> tuple[Verdict | None, str]:
     """A car's result for ``unit`` (its row locked by the flow, marketplace.flows.unit_complete), for the car's
     current lease: the lease ends and the result is judged (fleet.verification, docs/verification.md), or it is
     refused (None, why). A result for a stale, expired, withdrawn or foreign lease is refused; a malformed one
@@ -646,7 +640,7 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
         return None, "stale_lease"
     vehicle = (Vehicle.objects.select_related("hardware", "owner").prefetch_related("hardware__throughputs")
                .get(pk=vehicle_id))
-    problem = result_problem(texts=len(unit.inputs), dims=unit.job.ai_model.dims, embeddings_b64=embeddings_b64)
+    problem = result_problem(unit=unit, result=result)
     if problem:
         _requeue(unit, outcome=Lease.Outcome.WITHDRAWN, reason="bad_result", now=now)
         return None, f"bad_result: {problem}"
@@ -655,13 +649,13 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
     lease.outcome, lease.ended_at = Lease.Outcome.COMPLETED, now
 
     def settle(verdict: str, *, keep: bool = False) -> None:
-        lease.verdict, lease.result = verdict, (embeddings_b64 if keep else None)
+        lease.verdict, lease.result = verdict, (result if keep else None)
         lease.save(update_fields=["outcome", "ended_at", "verdict", "result"])
 
     if unit.reference is not None:  # a canary, or a unit the platform computed already: checked against it
-        if verification.results_agree(embeddings_b64, unit.reference, precision=precision):
+        if results_agree(unit=unit, a=result, b=unit.reference):
             settle(Lease.Verdict.RIGHT)
-            _unit_done(unit, result=embeddings_b64, vehicle=vehicle, now=now)
+            _unit_done(unit, result=result, vehicle=vehicle, now=now)
             return Verdict(payments=[_payment(lease, vehicle=vehicle, role="buyer", unit=unit, precision=precision)],
                            done=True, passed=[vehicle_id]), ""
         settle(Lease.Verdict.WRONG)
@@ -671,7 +665,7 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
         first = (Lease.objects.select_related("vehicle__hardware", "vehicle__owner")
                  .prefetch_related("vehicle__hardware__throughputs")
                  .filter(unit=unit, verdict=Lease.Verdict.PENDING).order_by("epoch").first())
-        if first is not None and verification.results_agree(embeddings_b64, first.result, precision=precision):
+        if first is not None and results_agree(unit=unit, a=result, b=first.result):
             result = first.result
             first.verdict, first.result = Lease.Verdict.AGREED, None
             first.save(update_fields=["verdict", "result"])
@@ -692,22 +686,25 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
         _unit_wait(unit, verify=WorkUnit.Verify.ARBITER, owner_id=None, now=now)
         return Verdict(arbitrate=True), ""
     settle(Lease.Verdict.UNCHECKED)
-    _unit_done(unit, result=embeddings_b64, vehicle=vehicle, now=now)
+    _unit_done(unit, result=result, vehicle=vehicle, now=now)
     return Verdict(payments=[_payment(lease, vehicle=vehicle, role="buyer", unit=unit, precision=precision)],
                    done=True, accepted=[vehicle_id]), ""
 
 
-def unit_reference_compute(*, unit_id: int) -> list[str] | None:
-    """The platform's own result for a unit, computed with the reference runtime at the job's precision (no
-    transaction is held meanwhile); None if the unit is gone."""
-    row = (WorkUnit.objects.filter(pk=unit_id).values_list("inputs", "job__ai_model__runtime", "job__precision")
+def unit_reference_compute(*, unit_id: int) -> list | None:
+    """The platform's own result for a unit, computed with the reference runtime at the job's precision (the
+    agent's own workload code, fleet.agent.workloads; no transaction is held meanwhile); None if the unit is
+    gone."""
+    row = (WorkUnit.objects.filter(pk=unit_id)
+           .values_list("inputs", "job__ai_model__runtime", "job__ai_model__task", "job__params", "job__precision")
            .first())
     if row is None:
         return None
-    inputs, runtime, precision = row
+    inputs, runtime, task, params, precision = row
     if not inputs:  # the job's data was deleted: nothing to compute
         return None
-    return encode_embeddings(get_runner(runtime, precision).embed([doc["text"] for doc in inputs]))
+    return agent_workloads.compute(task, [doc["text"] for doc in inputs],
+                                   workloads.get(task).unit_params(params), get_runner(runtime, precision).embed)
 
 
 def unit_arbitrate(*, unit: WorkUnit, reference: list[str]) -> Verdict:
@@ -724,7 +721,7 @@ def unit_arbitrate(*, unit: WorkUnit, reference: list[str]) -> Verdict:
                    .prefetch_related("vehicle__hardware__throughputs")
                    .filter(unit=unit, verdict=Lease.Verdict.PENDING).order_by("epoch"))
     verdict = Verdict()
-    right = [lease for lease in waiting if verification.results_agree(lease.result, reference, precision=precision)]
+    right = [lease for lease in waiting if results_agree(unit=unit, a=lease.result, b=reference)]
     result = right[0].result if right else None
     for lease in waiting:
         lease.verdict = Lease.Verdict.RIGHT if lease in right else Lease.Verdict.WRONG

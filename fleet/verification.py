@@ -14,47 +14,20 @@ A result that disagrees with the reference is *wrong*: it is not paid, its unit 
 car is caught (:func:`standing_after_wrong`).
 """
 
-import base64
-import binascii
 import math
 from dataclasses import dataclass
 
-import numpy as np
+from fleet import workloads
 
-#: The smallest cosine, row by row, at which two results of one unit at one precision agree. Measured
-#: (tests/bench/tolerance.py; the figures and what still passes are in docs/verification.md): honest int8
-#: runs agree to 0.9975 at worst (onnxruntime's graph optimisation levels), honest fp32 runs to 1 - 5e-13; the
-#: closest cheats that save work (a text's first half, a near-identical paragraph replayed) reach 0.984-0.988 at
-#: int8 and 0.9983 at fp32 (the int8 result sent for an fp32 job).
-MIN_COSINE = {"int8": 0.99, "fp32": 0.9999}
 #: Wrong results within STRIKE_MEMORY_DAYS that suspend a car (docs/verification.md, "Consequences").
 SUSPEND_AFTER_WRONG = 2
 STRIKE_MEMORY_DAYS = 30
 
 
-def decode_rows(rows_b64: list[str]) -> np.ndarray:
-    """A result's rows (base64 little-endian float32, checked for shape already) as a float64 matrix."""
-    return np.stack([np.frombuffer(base64.b64decode(row), dtype="<f4") for row in rows_b64]).astype(np.float64)
-
-
-def row_cosines(a_b64: list[str], b_b64: list[str]) -> np.ndarray:
-    """Cosine of each row of one result with the same row of another (rows of unequal count: -1 each)."""
-    if len(a_b64) != len(b_b64) or not a_b64:
-        return np.full(max(len(a_b64), len(b_b64), 1), -1.0)
-    try:
-        a, b = decode_rows(a_b64), decode_rows(b_b64)
-    except (binascii.Error, ValueError):
-        return np.full(len(a_b64), -1.0)
-    if a.shape != b.shape:
-        return np.full(len(a_b64), -1.0)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.einsum("ij,ij->i", a, b) / np.maximum(norms, 1e-12)
-
-
-def results_agree(a_b64: list[str], b_b64: list[str], *, precision: str) -> bool:
-    """Whether two results of one unit are the same embeddings, within the precision's tolerance, row by row
-    (each row on its own: one wrong row makes the result wrong)."""
-    return bool(np.all(row_cosines(a_b64, b_b64) >= MIN_COSINE[precision]))
+def results_agree(a: list, b: list, *, precision: str, task: str = "embedding", params: dict | None = None) -> bool:
+    """Whether two results of one unit are the same answer: the workload's comparison at the precision's
+    tolerance (fleet.workloads; for embeddings, cosine row by row: one wrong row makes the result wrong)."""
+    return workloads.get(task).results_agree(a, b, precision=precision, params=params or {})
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,11 @@ from django.views.decorators.http import require_POST
 
 from billing.money import format_femto_as_minor
 from billing.selectors import owner_earnings_femto, owner_earnings_minor
-from fleet import portal, services
+from fleet import portal, services, workloads
 from fleet.forms import LimitsForm, VehicleForm
 from fleet.models import HardwareGeneration, Vehicle
 from fleet.selectors import vehicles_of
 from marketplace.core.errors import ValidationFailed
-from marketplace.models import WORKLOAD_CATEGORIES
 
 
 def _require_owner(request) -> None:
@@ -106,7 +105,7 @@ def vehicle_detail(request, pk):
         "agent_server": _agent_server(request), "chart": portal.usage_chart(series), "series": series,
         "windows": [portal.window_text(w) for w in policy.windows],
         "departures": [{**d, "day": portal.WEEKDAY_NAMES[d["weekday"]]} for d in policy.departures],
-        "categories": [name for code, name, _ in WORKLOAD_CATEGORIES if code in policy.categories],
+        "categories": [name for code, name, _ in workloads.categories() if code in policy.categories],
         "blocked": policy.blocked_organisations.order_by("name"),
         "standing": portal.car_standing(vehicle=vehicle),
     })

@@ -102,7 +102,7 @@ class AIModelSerializer(serializers.ModelSerializer):
     class Meta:
         model = AIModel
         fields = ["slug", "name", "description", "task", "precisions", "dims", "max_tokens", "ops_per_token",
-                  "price_per_million_tokens_micros", "default"]
+                  "licence", "size_bytes", "price_per_million_tokens_micros", "default"]
 
     def get_price_per_million_tokens_micros(self, obj) -> dict[str, int | None]:
         return selectors.model_prices(ai_model=obj)
@@ -169,6 +169,12 @@ class JobParametersSerializer(serializers.Serializer):
         required=False, allow_null=True, min_value=1,
         help_text="Optional: the most the job may spend, in minor units (cents). The auction bids only for the work "
                   "the rest of the budget can pay at the bid, so the job stops short of the cap.")
+    params = serializers.JSONField(
+        required=False,
+        help_text="The workload's parameters, the same for every document (docs/workloads.md): none for embeddings; "
+                  'for classification {"labels": ["invoice", {"name": "letter", "description": "...", '
+                  '"examples": ["..."]}], "head"?: {"weights_b64": "...", "bias": [...]}}. In a multipart '
+                  "upload, a JSON string.")
 
 
 class JobCreateSerializer(JobParametersSerializer):
@@ -241,7 +247,8 @@ class JobListCreateApi(BuyerApi, generics.GenericAPIView):
         return services.job_prepare(
             model_slug=data.validated_data["model"], precision=data.validated_data["precision"],
             max_price_micros=data.validated_data["max_price_micros"], deadline=data.validated_data["deadline"],
-            budget_cap_minor=data.validated_data.get("budget_cap_minor"), inputs=_jsonl(inputs) if as_json else inputs)
+            budget_cap_minor=data.validated_data.get("budget_cap_minor"), params=data.validated_data.get("params"),
+            inputs=_jsonl(inputs) if as_json else inputs)
 
     @extend_schema(
         request={"multipart/form-data": JobCreateSerializer, "application/json": JobCreateJsonSerializer},
@@ -312,8 +319,10 @@ class JobBudgetApi(BuyerApi):
 
 class JobResultsApi(BuyerApi):
     @extend_schema(responses={(200, "application/x-ndjson"): OpenApiResponse(str, description=(
-        'One line per input, in input order: {"index": 0, "id": "doc-1", "embedding": [...]}; an input not yet '
-        'computed has "error": "not computed" instead.')), **_errors(401, 403, 404, 410, 429)})
+        'One line per input, in input order, with its workload\'s result (docs/workloads.md): {"index": 0, '
+        '"id": "doc-1", "embedding": [...]} for embeddings, {"index": 0, "id": "doc-1", "label": "invoice", '
+        '"scores": {"invoice": 0.61, ...}} for classification; an input not yet computed has "error": '
+        '"not computed" instead.')), **_errors(401, 403, 404, 410, 429)})
     def get(self, request, pk):
         """The results as JSON Lines in input order, streamed. 410 once the job's data is deleted."""
         job = self.job(pk)

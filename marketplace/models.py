@@ -4,14 +4,6 @@ from django.db import models
 from django.utils import timezone
 
 PRECISION_CHOICES = [("int8", "INT8"), ("fp16", "FP16"), ("fp32", "FP32")]
-# Workload categories: a model's task, and what an owner consents to. (code, name, in plain words)
-WORKLOAD_CATEGORIES = [
-    ("embedding", "Embeddings", "turning text into vectors for search and recommendations"),
-    ("classification", "Classification", "sorting texts into labels, such as spam or not spam"),
-    ("text-generation", "Text generation", "writing text, the heaviest kind of work"),
-]
-
-
 class UserManager(BaseUserManager):
     use_in_migrations = True
 
@@ -115,12 +107,16 @@ class AIModel(models.Model):
     slug = models.SlugField(unique=True)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
-    task = models.CharField(max_length=32, default="embedding", choices=[(c, n) for c, n, _ in WORKLOAD_CATEGORIES])
+    task = models.CharField(max_length=32, default="embedding",
+                            help_text="The workload it serves (fleet.workloads; docs/workloads.md).")
     runtime = models.CharField(max_length=64)
     precisions = models.JSONField(default=list, help_text='Precisions the model runs at, e.g. ["int8", "fp32"].')
     dims = models.PositiveIntegerField(help_text="Output vector size.")
     max_tokens = models.PositiveIntegerField()
-    ops_per_token = models.PositiveBigIntegerField(help_text="Operations per input token (cost basis).")
+    ops_per_token = models.PositiveBigIntegerField(
+        help_text="Operations per cost unit of its workload (a token; a page for OCR): the basis of every price.")
+    licence = models.CharField(max_length=64, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0, help_text="What a car downloads to run it.")
     active = models.BooleanField(default=True)
 
     class Meta:
@@ -151,6 +147,8 @@ class Job(models.Model):
     )
     currency = models.CharField(max_length=3, default="usd")
     deadline = models.DateTimeField()
+    params = models.JSONField(default=dict, blank=True,
+                              help_text="The workload's parameters, the same for every document (a classifier's labels).")
     budget_cap_minor = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="The most the job may spend, in the currency's minor units (cents); "
                                          "null: no cap beyond the bid. The auction bids only for work it can still pay.")
@@ -409,7 +407,8 @@ class Batch(models.Model):
     fingerprint = models.CharField(max_length=64, db_index=True,
                                    help_text="SHA-256 of the create request: a repeat within a short window is the same batch.")
     model_slug = models.CharField(max_length=64, blank=True)
-    encoding_formats = models.JSONField(default=list, help_text="Per valid request, in order: float or base64.")
+    request_options = models.JSONField(default=list, help_text="Per valid request, in order: how its answer is written "
+                                                                "(its workload's options, e.g. encoding_format).")
     requests = models.JSONField(default=list, help_text='The valid requests in input order: [[custom_id, line, inputs]].')
     docs_per_unit = models.PositiveIntegerField(default=8, help_text="Documents per work unit when the job was cut.")
     class BidSource(models.TextChoices):

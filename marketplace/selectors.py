@@ -1,15 +1,14 @@
-import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterator
 
-import numpy as np
 from django.db.models import Count, F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from billing.models import Reservation
 from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_million_tokens_micros
+from fleet import workloads
 from fleet.models import WorkUnit
 from marketplace.models import (AIModel, ApiKey, AuctionRound, Batch, BatchFile, Job, Organisation, WebhookDelivery,
                                 WebhookEndpoint)
@@ -100,17 +99,18 @@ def model_prices(*, ai_model: AIModel) -> dict[str, int | None]:
 
 
 def job_results_lines(*, job: Job) -> Iterator[str]:
-    """The job's results as JSON Lines in input order, streamed unit by unit."""
+    """The job's results as JSON Lines in input order, streamed unit by unit: each document's ``index``, ``id``
+    and its workload's result (fleet.workloads.base.Workload.result_row)."""
+    workload = workloads.get(job.ai_model.task)
     index = 0
     units = WorkUnit.objects.filter(job=job).order_by("seq").only("seq", "inputs", "result", "state")
     for unit in units.iterator(chunk_size=50):
-        for doc, encoded in zip(unit.inputs, unit.result or [None] * len(unit.inputs)):
+        for doc, item in zip(unit.inputs, unit.result or [None] * len(unit.inputs)):
             row = {"index": index, "id": doc.get("id")}
-            if encoded is None:
+            if item is None:
                 row["error"] = "not computed"
             else:
-                vector = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
-                row["embedding"] = [round(v, 7) for v in vector.tolist()]
+                row.update(workload.result_row(item, job.params))
             yield json.dumps(row, separators=(",", ":")) + "\n"
             index += 1
 
@@ -147,7 +147,7 @@ def job_progress(*, job: Job) -> JobProgress:
 
 # What the API and the buyer's webhooks show of a job, in this order (marketplace.api.JobSerializer declares
 # the same fields for the schema; tests/marketplace/test_api.py checks that the two agree).
-JOB_PUBLIC_FIELDS = ("id", "model", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
+JOB_PUBLIC_FIELDS = ("id", "model", "task", "params", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
                      "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total",
                      "units_total", "units_done", "progress_pct", "created_at", "started_at", "finished_at",
                      "data_expires_at", "data_deleted_at")
@@ -164,7 +164,8 @@ def _api_datetime(value: datetime | None) -> str | None:
 def job_public(job: Job) -> dict:
     """A job exactly as GET /api/v1/jobs/{id}/ shows it, and as its webhook events carry it."""
     return {
-        "id": job.pk, "model": job.ai_model.slug, "precision": job.precision, "state": job.state,
+        "id": job.pk, "model": job.ai_model.slug, "task": job.ai_model.task, "params": job.params,
+        "precision": job.precision, "state": job.state,
         "max_price_micros": job.max_price_micros,
         "max_price_per_million_tokens_micros": price_per_million_tokens_micros(
             price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token),

@@ -6,7 +6,7 @@ import math
 import secrets
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import BinaryIO, Iterable, Iterator
 
@@ -22,8 +22,7 @@ from django.utils.text import slugify
 
 from billing.models import MeterRecord
 from billing.money import mops_for_tokens
-from fleet import tokens
-from fleet.agent.models import MODELS, count_tokens
+from fleet import tokens, workloads
 from fleet.models import WorkUnit
 from fleet.selectors import vehicle_consents, vehicles_offering
 from marketplace import batches, buyer_webhooks, clearing, selectors
@@ -98,8 +97,9 @@ def job_history_add(*, job: Job, kind: str, detail: str = "", by=None) -> JobEve
 
 # --- jobs ----------------------------------------------------------------------------------------------
 
-def _parse_line(raw: bytes, number: int) -> dict | str | None:
-    """One JSON Lines row: a document dict, an error message, or None for a blank line."""
+def _parse_line(raw: bytes, number: int, workload: workloads.Workload = workloads.get("embedding")) -> dict | str | None:
+    """One JSON Lines row: the workload's document (fleet.workloads.base.Workload.document_clean), an error
+    message, or None for a blank line."""
     if len(raw) > settings.MAX_UPLOAD_LINE_BYTES:
         return f"line is longer than {settings.MAX_UPLOAD_LINE_BYTES} bytes"
     try:
@@ -114,13 +114,13 @@ def _parse_line(raw: bytes, number: int) -> dict | str | None:
         return f"not valid JSON ({exc.msg})"
     if not isinstance(row, dict):
         return "each line must be a JSON object"
-    text = row.get("text")
-    if not isinstance(text, str) or not text.strip():
-        return '"text" must be a non-empty string'
     doc_id = row.get("id")
     if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or len(str(doc_id)) > 256):
         return '"id" must be a string or an integer of at most 256 characters'
-    return {"id": doc_id, "text": text}
+    try:
+        return workload.document_clean(row)
+    except workloads.BadInput as bad:
+        return bad.message
 
 
 def _lines(stream: BinaryIO, limit: int) -> Iterator[bytes]:
@@ -145,6 +145,7 @@ class JobDraft:
     deadline: datetime
     units: BinaryIO
     budget_cap_minor: int | None = None
+    params: dict = field(default_factory=dict)  # the workload's, checked (fleet.workloads)
     docs_total: int = 0
     tokens_total: int = 0
     mops_total: int = 0
@@ -157,11 +158,14 @@ _COST_BATCH_BYTES = 1 << 20
 
 
 def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
-    """Cost ``docs`` (whole units but perhaps the last) and append them to the draft as units, in order."""
-    counts = count_tokens(draft.ai_model.runtime, [d["text"] for d in docs])
+    """Cost ``docs`` (whole units but perhaps the last) by their workload and append them to the draft as units,
+    in order. A unit's cost is its documents' and the workload's own per unit (a classifier's labels)."""
+    workload, model = workloads.get(draft.ai_model.task), workloads.ModelInfo.of(draft.ai_model)
+    counts = workload.costs(model, docs)
+    overhead = workload.unit_overhead(model, draft.params)
     for start in range(0, len(docs), settings.DOCS_PER_UNIT):
         unit_docs = docs[start:start + settings.DOCS_PER_UNIT]
-        tokens = sum(counts[start:start + settings.DOCS_PER_UNIT])
+        tokens = sum(counts[start:start + settings.DOCS_PER_UNIT]) + overhead
         mops = mops_for_tokens(tokens=tokens, ops_per_token=draft.ai_model.ops_per_token)
         draft.units.write(json.dumps([tokens, mops, unit_docs], separators=(",", ":")).encode() + b"\n")
         draft.units_total += 1
@@ -171,7 +175,8 @@ def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
 
 
 def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadline: datetime,
-                inputs: BinaryIO | Iterable[bytes], budget_cap_minor: int | None = None) -> JobDraft:
+                inputs: BinaryIO | Iterable[bytes], budget_cap_minor: int | None = None,
+                params: dict | None = None) -> JobDraft:
     """Check a job and read its JSON Lines inputs (a binary file, such as an upload, or an iterable of lines),
     streamed: every line is checked, bad lines are reported by number (and then nothing is kept), good ones
     are costed and split into units of ``DOCS_PER_UNIT`` in input order.
@@ -190,18 +195,27 @@ def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadl
         errors["deadline"] = ["The deadline must be in the future."]
     if budget_cap_minor is not None and budget_cap_minor <= 0:
         errors["budget_cap_minor"] = ["The budget cap must be a positive amount of minor units (cents), or absent."]
+    workload = workloads.get(ai_model.task) if ai_model is not None else None
+    if workload is not None:
+        try:
+            params = workload.params_clean(params, workloads.ModelInfo.of(ai_model))
+        except workloads.BadInput as bad:
+            errors["params"] = [f"{bad.param}: {bad.message}" if bad.param else bad.message]
+        else:
+            if len(json.dumps(params)) > workload.max_params_bytes:
+                errors["params"] = [f"The parameters may take at most {workload.max_params_bytes} bytes as JSON."]
     if errors:
         raise ValidationFailed("The job is not valid.", extra={"fields": errors})
 
     draft = JobDraft(ai_model=ai_model, precision=precision, max_price_micros=max_price_micros, deadline=deadline,
-                     units=tempfile.TemporaryFile(), budget_cap_minor=budget_cap_minor)
+                     units=tempfile.TemporaryFile(), budget_cap_minor=budget_cap_minor, params=params)
     bad_lines: list[dict] = []
     bad_count = 0
     pending: list[dict] = []
     pending_bytes = 0
     lines = _lines(inputs, settings.MAX_UPLOAD_LINE_BYTES) if hasattr(inputs, "readline") else inputs
     for number, raw in enumerate(lines, start=1):
-        parsed = _parse_line(raw, number)
+        parsed = _parse_line(raw, number, workload)
         if isinstance(parsed, str):
             bad_count += 1
             if len(bad_lines) < settings.MAX_ERRORS_REPORTED:
@@ -240,7 +254,7 @@ def job_record(*, organisation: Organisation, user: User | None, draft: JobDraft
     job = Job.objects.create(
         organisation=organisation, created_by=user, ai_model=draft.ai_model, precision=draft.precision,
         max_price_micros=draft.max_price_micros, deadline=draft.deadline, currency=settings.CURRENCY,
-        budget_cap_minor=draft.budget_cap_minor, docs_total=draft.docs_total, tokens_total=draft.tokens_total,
+        params=draft.params, budget_cap_minor=draft.budget_cap_minor, docs_total=draft.docs_total, tokens_total=draft.tokens_total,
         mops_total=draft.mops_total, units_total=draft.units_total)
     budget = "" if draft.budget_cap_minor is None else f", budget cap {draft.budget_cap_minor} minor units"
     job_history_add(job=job, kind=JobEvent.Kind.CREATED, by=user,
@@ -331,9 +345,9 @@ def job_data_wipe(*, job: Job, by: User | None = None) -> bool:
         outputs = [public_id for public_id in (batch.output_file_id, batch.error_file_id) if public_id]
         (BatchFile.objects.filter(organisation_id=job.organisation_id)
          .filter(Q(public_id__in=outputs) | Q(pk=batch.input_file_id)).delete())
-        batch.requests, batch.encoding_formats, batch.line_errors = [], [], []
+        batch.requests, batch.request_options, batch.line_errors = [], [], []
         batch.finalized_at = batch.finalized_at or now  # nothing is left to write its files from
-        batch.save(update_fields=["requests", "encoding_formats", "line_errors", "finalized_at"])
+        batch.save(update_fields=["requests", "request_options", "line_errors", "finalized_at"])
     job.data_deleted_at = now
     job.save(update_fields=["data_deleted_at"])
     job_history_add(job=job, kind=JobEvent.Kind.DATA_DELETED, by=by,
@@ -573,19 +587,15 @@ def organisation_member_remove(*, organisation: Organisation, member: User, remo
 
 
 def catalogue_sync() -> None:
-    """Make the model catalogue list every model the car agent's runtime can run (fleet.agent.models).
-    Runs after every migrate; an operator's changes to description and ``active`` are kept."""
-    for spec in MODELS.values():
-        AIModel.objects.update_or_create(
-            slug=spec.slug,
-            defaults={"name": spec.name, "runtime": spec.slug, "precisions": list(spec.precisions), "dims": spec.dims,
-                      "max_tokens": spec.max_tokens, "ops_per_token": spec.ops_per_token},
-            create_defaults={"name": spec.name, "runtime": spec.slug, "precisions": list(spec.precisions),
-                             "dims": spec.dims, "max_tokens": spec.max_tokens, "ops_per_token": spec.ops_per_token,
-                             "task": "embedding",
-                             "description": f"Sentence embeddings: {spec.dims} dimensions, documents of up to "
-                                            f"{spec.max_tokens} tokens (longer ones are truncated)."},
-        )
+    """Make the model catalogue list every model of every workload (fleet.workloads: the catalogue is their
+    data). Runs after every migrate; an operator's changes to description and ``active`` are kept."""
+    for workload in workloads.WORKLOADS.values():
+        for entry in workload.catalogue:
+            facts = {"name": entry.name, "task": workload.task, "runtime": entry.runtime,
+                     "precisions": list(entry.precisions), "dims": entry.dims, "max_tokens": entry.max_tokens,
+                     "ops_per_token": entry.ops_per_unit, "licence": entry.licence, "size_bytes": entry.size_bytes}
+            AIModel.objects.update_or_create(slug=entry.slug, defaults=facts,
+                                             create_defaults={**facts, "description": entry.description})
 
 
 # --- OpenAI-compatible files and batches (docs/api.md; the format: marketplace.batches) -----------------
@@ -660,7 +670,7 @@ def batch_record(*, organisation: Organisation, user: User | None, input_file: B
         metadata=metadata, fingerprint=fingerprint, model_slug=parsed.model or "", created_by=user,
         bid_source=bid_source, created_at=created_at or timezone.now(), output_expires_after_s=output_expires_after_s,
         requests=[[r.custom_id, r.line, len(r.texts)] for r in parsed.requests],
-        encoding_formats=[r.encoding_format for r in parsed.requests], docs_per_unit=settings.DOCS_PER_UNIT,
+        request_options=[r.options for r in parsed.requests], docs_per_unit=settings.DOCS_PER_UNIT,
         line_errors=[{"line": e.line, "custom_id": e.custom_id, "code": e.code, "message": e.message}
                      for e in parsed.errors],
         request_total=parsed.total, request_failed=len(parsed.errors))
@@ -688,20 +698,20 @@ def batch_cancelling_mark(*, batch: Batch) -> None:
         batch.save(update_fields=["cancelling_at"])
 
 
-def _batch_documents(job: Job) -> Iterator[tuple[str | None, int, int]]:
-    """Every document of a job in input order: (its vector as base64 float32, or None when it was not
-    computed, its tokens, what the buyer was charged for it in femto-units: its share by tokens of its unit's
+def _batch_documents(job: Job) -> Iterator[tuple[object | None, int, int]]:
+    """Every document of a job in input order: (its result item, or None when it was not computed, its cost in
+    its workload's units, what the buyer was charged for it in femto-units: its share by cost of its unit's
     charge). Only a finished unit's result is delivered."""
+    workload, model = workloads.get(job.ai_model.task), workloads.ModelInfo.of(job.ai_model)
     charged = dict(MeterRecord.objects.filter(job=job, role=MeterRecord.Role.BUYER, clawback=None)
                    .values("unit_id").annotate(femto=Sum("charge_femto")).values_list("unit_id", "femto"))
     units = WorkUnit.objects.filter(job=job).order_by("seq").only("seq", "inputs", "result", "state")
     for unit in units.iterator(chunk_size=50):
         done = unit.state == WorkUnit.State.DONE and unit.result
-        texts = [doc["text"] for doc in unit.inputs]
-        tokens = count_tokens(job.ai_model.runtime, texts) if done else [0] * len(texts)
-        charge, total = charged.get(unit.pk, 0), sum(tokens) or 1
+        costs = workload.costs(model, unit.inputs) if done else [0] * len(unit.inputs)
+        charge, total = charged.get(unit.pk, 0), sum(costs) or 1
         for k in range(len(unit.inputs)):
-            yield (unit.result[k] if done else None), tokens[k], charge * tokens[k] // total
+            yield (unit.result[k] if done else None), costs[k], charge * costs[k] // total
 
 
 _UNDONE = {Job.State.EXPIRED: ("batch_expired", "The request was not computed before the batch's completion "
@@ -720,16 +730,18 @@ class _BatchLines:
 def _batch_lines(*, batch: Batch, job: Job) -> _BatchLines:
     """A closed batch's output lines (the requests all of whose documents were computed, in input order) and
     the error lines of the others, from its job's units as they are now."""
+    workload = workloads.get(job.ai_model.task)
     documents = _batch_documents(job)
     lines = _BatchLines(output=[], undone=[], tokens=0, undelivered_femto=0)
-    for (custom_id, line, count), encoding in zip(batch.requests, batch.encoding_formats):
+    for (custom_id, line, count), options in zip(batch.requests, batch.request_options):
         docs = [next(documents) for _ in range(count)]
-        if all(vector is not None for vector, _, _ in docs):
+        if all(item is not None for item, _, _ in docs):
             tokens = sum(t for _, t, _ in docs)
             lines.tokens += tokens
+            body = workload.batch_response([item for item, _, _ in docs], options=options, params=job.params,
+                                           model=batch.model_slug, usage=tokens)
             lines.output.append(batches.output_line(batch_id=batch.public_id, line=line, custom_id=custom_id,
-                                                    model=batch.model_slug, vectors=[v for v, _, _ in docs],
-                                                    encoding_format=encoding, tokens=tokens))
+                                                    body=body))
         else:
             lines.undelivered_femto += sum(femto for _, _, femto in docs)
             code, message = _UNDONE.get(job.state, ("not_computed", "The request was not computed."))

@@ -70,7 +70,7 @@ def cars_complete(job: Job, cars: list[Vehicle], refusals: list[str]):
                 for unit in units:
                     try:
                         accepted, reason = flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk,
-                                                               epoch=unit.lease_epoch, embeddings_b64=result_for(unit))
+                                                               epoch=unit.lease_epoch, result=result_for(unit))
                     except ApplicationError as error:  # e.g. the budget ran out: the car is told, nothing booked
                         refusals.append(error.code)
                         continue

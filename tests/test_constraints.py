@@ -88,7 +88,7 @@ def test_the_flows_keep_within_every_constraint_through_a_whole_job(make_job):
     units, _ = flows.units_lease(vehicle_id=car.pk)
     for unit in units[:2]:
         assert flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                   embeddings_b64=result_for(unit)) == (True, "")
+                                   result=result_for(unit)) == (True, "")
     flows.job_cancel(job=job)
     reservation = Reservation.objects.get(job=job)
     assert reservation.status == Reservation.Status.RELEASED and reservation.remaining_minor == 0

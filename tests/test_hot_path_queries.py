@@ -48,7 +48,7 @@ def complete_one(make_job, docs: int = 64) -> WorkUnit:
     flows.auction_tick()
     (unit, *_), _ = flows.units_lease(vehicle_id=car.pk)
     assert flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                               embeddings_b64=result_for(unit)) == (True, "")
+                               result=result_for(unit)) == (True, "")
     return unit
 
 
@@ -63,5 +63,5 @@ def test_the_hot_paths_make_the_pinned_number_of_round_trips(make_job, django_as
     unit = units[0]
     with django_assert_num_queries(PINNED["unit_complete"]):
         accepted, reason = flows.unit_complete(vehicle_id=car_id, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                               embeddings_b64=result_for(unit))
+                                               result=result_for(unit))
     assert accepted, reason

@@ -29,6 +29,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from fleet import protocol
 from fleet.agent.models import MODELS, get_runner, measure_throughput
+from fleet.agent.workloads import RUNTIMES as WORKLOAD_RUNTIMES
+from fleet.agent.workloads import compute as workload_compute
+from fleet.agent.workloads.embedding import encode_embeddings
 
 logger = logging.getLogger("fleet.agent")
 
@@ -136,12 +139,6 @@ def websocket_url(server_url: str) -> str:
     if parts.scheme not in schemes:
         raise ValueError(f"server URL must be http(s)://..., got {server_url!r}")
     return urllib.parse.urlunsplit((schemes[parts.scheme], parts.netloc, parts.path.rstrip("/") + "/ws/vehicle/", "", ""))
-
-
-def encode_embeddings(vectors: np.ndarray) -> list[str]:
-    """One base64 string of little-endian float32 values per row."""
-    rows = np.ascontiguousarray(vectors, dtype="<f4")
-    return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
 
 
 def decode_embedding(b64: str) -> np.ndarray:
@@ -423,6 +420,8 @@ class _Lease:
     precision: str
     texts: list
     lease_ttl_s: int
+    task: str = "embedding"  # the workload (fleet.agent.workloads)
+    params: dict = dataclasses.field(default_factory=dict)
     faults: set[str] = dataclasses.field(default_factory=set)  # injected faults still to happen
     cheat: str | None = None  # the cheat its computed result carries (Faults.CHEATS), counted when sent
     result: str | None = None  # the encoded result message, once computed
@@ -614,7 +613,7 @@ class CarAgent:
                 continue  # withdrawn or released while queued
             cheat = self._cheat_for(lease)
             compute = functools.partial(
-                _compute, lease.runtime, lease.precision, lease.texts, cheat,
+                _compute, lease.task, lease.params, lease.runtime, lease.precision, lease.texts, cheat,
                 earlier=self._earlier[lease.runtime][1] if cheat == "replay" else None,
                 noise_seed=self._cheat_rng.getrandbits(64) if cheat == "random_vectors" else None,
             )
@@ -622,7 +621,7 @@ class CarAgent:
             # cars sharing the CPU each stand for a slower computer working all that time.
             started = loop.time()
             try:
-                vectors, honest = await loop.run_in_executor(self.executor, compute)
+                items, honest = await loop.run_in_executor(self.executor, compute)
             except Exception:
                 logger.exception("%s: computing unit %s failed", self.name, lease.unit_id)
                 lease.release_reason = "compute_failed"
@@ -636,11 +635,10 @@ class CarAgent:
                 logger.debug("%s: discarding result of unit %s (no longer held)", self.name, lease.unit_id)
                 continue
             if "corrupt" in lease.faults:
-                vectors = _corrupt(vectors)
+                items = _corrupt(lease.task, items)
                 self._injected("corrupt", lease)
-            text = _encode(
-                protocol.Result(unit_id=lease.unit_id, epoch=lease.epoch, embeddings_b64=encode_embeddings(vectors))
-            )
+            text = _encode(protocol.Result(unit_id=lease.unit_id, epoch=lease.epoch, **(
+                {"embeddings_b64": items} if lease.task == "embedding" else {"outputs": items})))
             if len(text) > protocol.MAX_MESSAGE_BYTES:
                 logger.error("%s: result of unit %s exceeds the message limit", self.name, lease.unit_id)
                 lease.release_reason = "result_too_large"
@@ -799,11 +797,13 @@ class _Session:
 
     async def _accept(self, msg: protocol.UnitAssign) -> None:
         agent = self.agent
-        lease = _Lease(msg.unit_id, msg.epoch, msg.runtime, msg.precision, list(msg.texts), msg.lease_ttl_s)
+        lease = _Lease(msg.unit_id, msg.epoch, msg.runtime, msg.precision, list(msg.texts), msg.lease_ttl_s,
+                       task=msg.task, params=msg.params)
         spec = MODELS.get(msg.runtime)
         if lease.key in agent.held:
             logger.debug("%s: unit %s epoch %s is already held", agent.name, lease.unit_id, lease.epoch)
-        elif msg.runtime not in agent.runtimes or spec is None or msg.precision not in spec.precisions:
+        elif (msg.runtime not in agent.runtimes or spec is None or msg.precision not in spec.precisions
+              or msg.task not in WORKLOAD_RUNTIMES):
             await self._release(lease, "unsupported")
         elif self.driving:
             await self._release(lease, "driving")
@@ -960,12 +960,20 @@ def _embed(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
     return get_runner(runtime, precision).embed(texts)
 
 
-def _compute(runtime: str, precision: str, texts: list[str], cheat: str | None, *, earlier: np.ndarray | None,
-             noise_seed: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """A unit's result under ``cheat`` (None: honest), and its true embeddings if computed. Runs in the executor."""
+def _compute(task: str, params: dict, runtime: str, precision: str, texts: list[str], cheat: str | None, *,
+             earlier: np.ndarray | None, noise_seed: int | None) -> tuple[list, np.ndarray | None]:
+    """A unit's result (its workload's items, fleet.agent.workloads) under ``cheat`` (None: honest), and the true
+    embeddings computed on the way, if any. A cheat replaces the encoder the workload runs on: its result is
+    wrong in the same way. Runs in the executor."""
     rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
-    return cheat_embed(cheat, texts, embed=functools.partial(_embed, runtime, precision), dims=MODELS[runtime].dims,
-                       rng=rng, earlier=earlier)
+    honest: list[np.ndarray | None] = [None]
+
+    def embed(batch: list[str]) -> np.ndarray:
+        vectors, honest[0] = cheat_embed(cheat, batch, embed=functools.partial(_embed, runtime, precision),
+                                         dims=MODELS[runtime].dims, rng=rng, earlier=earlier)
+        return vectors
+
+    return workload_compute(task, texts, params, embed), honest[0]
 
 
 def first_words(text: str, count: int = FIRST_WORDS) -> str:
@@ -1024,10 +1032,13 @@ def cheat_embed(kind: str | None, texts: list[str], *, embed: Callable[[list[str
     raise ValueError(f"unknown cheat {kind!r}; known: {', '.join(Faults.CHEATS)}")
 
 
-def _corrupt(vectors: np.ndarray) -> np.ndarray:
-    """The corrupt fault: the first vector at twice unit length, or one vector too many if there is none."""
-    bad = np.array(vectors, dtype=np.float32)
+def _corrupt(task: str, items: list) -> list:
+    """The corrupt fault: for embeddings the first vector at twice unit length, or one vector too many if there
+    is none; for another workload, one item too many."""
+    if task != "embedding":
+        return items + (items[:1] or [None])
+    bad = np.array([decode_embedding(item) for item in items], dtype=np.float32)
     if len(bad):
         bad[0] *= 2
-        return bad
-    return np.ones((1, bad.shape[1] if bad.ndim == 2 else 1), dtype=np.float32)
+        return encode_embeddings(bad)
+    return encode_embeddings(np.ones((1, 1), dtype=np.float32))

@@ -20,7 +20,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from fleet import eligibility, protocol, selectors, services
+from fleet import eligibility, protocol, selectors, services, workloads
 from fleet.gateway.batch import live_batch
 from fleet.gateway.collector import collector_pacing
 from fleet.gateway.liveness import liveness
@@ -378,13 +378,15 @@ class VehicleConsumer(DeviceConsumer):
             return
         for unit in units:
             self.unconfirmed[(unit.pk, unit.lease_epoch)] = time.monotonic()
+            job = unit.job
             await self.send_message(protocol.UnitAssign(
-                unit_id=unit.pk, epoch=unit.lease_epoch, runtime=unit.job.ai_model.runtime, precision=unit.job.precision,
-                texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S))
+                unit_id=unit.pk, epoch=unit.lease_epoch, runtime=job.ai_model.runtime, precision=job.precision,
+                texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S, task=job.ai_model.task,
+                params=workloads.get(job.ai_model.task).unit_params(job.params)))
 
     async def on_result(self, msg: protocol.Result):
         accepted, reason = await database_sync_to_async(flows.unit_complete)(
-            vehicle_id=self.vehicle_id, unit_id=msg.unit_id, epoch=msg.epoch, embeddings_b64=msg.embeddings_b64)
+            vehicle_id=self.vehicle_id, unit_id=msg.unit_id, epoch=msg.epoch, result=msg.items)
         await self.send_message(protocol.ResultAck(unit_id=msg.unit_id, epoch=msg.epoch, accepted=accepted,
                                                    reason=reason[:64]))
 

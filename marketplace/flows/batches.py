@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import services as billing
+from fleet import workloads
 from billing.money import femto_per_minor, price_micros_for_per_million_tokens
 from billing.selectors import buyer_balance_minor
 from marketplace import batches, selectors, services as market
@@ -88,8 +89,7 @@ def batch_create(*, organisation: Organisation, user: User | None, input_file_id
     if earlier := selectors.batch_repeat(organisation=organisation, fingerprint=fingerprint, window_s=repeat):
         return earlier
 
-    models = {m.slug: batches.ModelInfo(slug=m.slug, task=m.task, dims=m.dims)
-              for m in AIModel.objects.filter(active=True)}
+    models = {m.slug: workloads.ModelInfo.of(m) for m in AIModel.objects.filter(active=True)}
     parsed = batches.parse(bytes(file.content).splitlines(), endpoint=endpoint, models=models,
                            max_text_bytes=settings.MAX_UPLOAD_LINE_BYTES)
     record = dict(organisation=organisation, user=user, input_file=file, endpoint=endpoint,
@@ -107,7 +107,7 @@ def batch_create(*, organisation: Organisation, user: User | None, input_file_id
                      for doc_id, text in zip(batches.document_ids(request), request.texts))
         # The slow part (tokenizing every document) holds no transaction, as for any job.
         draft = market.job_prepare(model_slug=ai_model.slug, precision=precision, max_price_micros=max(1, bid),
-                                   deadline=now + window, inputs=documents)
+                                   deadline=now + window, inputs=documents, params=parsed.params)
         if bid_source == Batch.BidSource.DEFAULT:
             draft.max_price_micros = default_bid_micros(organisation=organisation, precision=precision,
                                                         mops_total=draft.mops_total)

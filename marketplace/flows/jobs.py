@@ -36,11 +36,12 @@ def job_create_from(*, organisation: Organisation, user: User | None, draft: mar
 
 def job_create(*, organisation: Organisation, user: User | None, model_slug: str, precision: str,
                max_price_micros: int, deadline: datetime, inputs: BinaryIO | Iterable[bytes],
-               budget_cap_minor: int | None = None) -> Job:
-    """Create a job from JSON Lines inputs: marketplace.services.job_prepare (every line checked, bad lines
-    reported by number, nothing created unless the whole file is good), then :func:`job_create_from`."""
+               budget_cap_minor: int | None = None, params: dict | None = None) -> Job:
+    """Create a job from JSON Lines inputs: marketplace.services.job_prepare (the workload's parameters and
+    every line checked, bad lines reported by number, nothing created unless the whole file is good), then
+    :func:`job_create_from`."""
     draft = market.job_prepare(model_slug=model_slug, precision=precision, max_price_micros=max_price_micros,
-                               deadline=deadline, inputs=inputs, budget_cap_minor=budget_cap_minor)
+                               deadline=deadline, inputs=inputs, budget_cap_minor=budget_cap_minor, params=params)
     return job_create_from(organisation=organisation, user=user, draft=draft)
 
 

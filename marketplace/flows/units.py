@@ -62,7 +62,7 @@ def _verdict_after(verdict: fleet.Verdict) -> None:
         vehicle_caught(vehicle_id=vehicle_id)
 
 
-def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: list[str]) -> tuple[bool, str]:
+def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, result: list) -> tuple[bool, str]:
     """A car's result for its current lease of a unit: judged (fleet.services.unit_result_accept), and what the
     judgement settles booked (:func:`_verdict_book`). Returns (accepted, reason): a result for a stale, expired,
     withdrawn or foreign lease is refused and not paid; a malformed one is refused and its unit requeued for
@@ -74,7 +74,7 @@ def unit_complete(*, vehicle_id: int, unit_id: int, epoch: int, embeddings_b64: 
             return False, "stale_lease"
         locks, unit = locked
         verdict, reason = fleet.unit_result_accept(unit=unit, vehicle_id=vehicle_id, epoch=epoch,
-                                                   embeddings_b64=embeddings_b64)
+                                                   result=result)
         if verdict is None:
             return False, reason
         _verdict_book(locks=locks, unit=unit, verdict=verdict)

@@ -219,11 +219,12 @@ def _overhead(batch_public_id: str, batch_body: bytes, job_body: bytes, repeats:
     from django.conf import settings
     from django.db import connections
 
+    from fleet import workloads
     from fleet.models import WorkUnit
     from marketplace import batches, flows, selectors, services
     from marketplace.models import AIModel, Batch, BatchFile
 
-    models = {m.slug: batches.ModelInfo(slug=m.slug, task=m.task, dims=m.dims)
+    models = {m.slug: workloads.ModelInfo.of(m)
               for m in AIModel.objects.filter(active=True)}
     limit = settings.MAX_UPLOAD_LINE_BYTES
     deadline = datetime.now(timezone.utc) + timedelta(hours=1)

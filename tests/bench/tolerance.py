@@ -1,4 +1,4 @@
-"""Benchmark: is `fleet.verification.MIN_COSINE` the right tolerance? (docs/verification.md, "Comparison: the
+"""Benchmark: is `fleet.workloads.embedding.MIN_COSINE` the right tolerance? (docs/verification.md, "Comparison: the
 tolerance"). Ends with one JSON line.
 
 **Honest results.** The same texts are embedded in every way an honest car may differ that this machine can
@@ -16,7 +16,7 @@ through ``Runner.embed``, which groups them by length) and ``padded`` (the same 
 padded to the longest, a text beyond the 256-token truncation). The texts are standard-library docstring
 paragraphs (``marketplace.corpus``), drawn in eight length bands from 1 word to beyond 256 tokens, one text
 of each band per unit. Every pair of honest results of one text is compared (per-row cosine, float64 as
-``fleet.verification.row_cosines`` computes it); ``honest_min_cosine_<precision>`` is the smallest.
+``fleet.workloads.embedding.row_cosines`` computes it); ``honest_min_cosine_<precision>`` is the smallest.
 
 **Dishonest results.** The agent's own cheats (``fleet.agent.client.cheat_embed``, as ``Faults`` injects them:
 ``random_vectors``, ``one_vector``, ``rotate_rows``, ``negate``, ``replay``, ``first_words``), plus three
@@ -87,7 +87,8 @@ from fleet.agent.client import (
     first_words,
     random_unit_vectors,
 )
-from fleet.verification import MIN_COSINE, results_agree, row_cosines
+from fleet.verification import results_agree
+from fleet.workloads.embedding import MIN_COSINE, row_cosines
 
 SLUG = models.MODEL_SLUG
 SPEC = models.MODELS[SLUG]

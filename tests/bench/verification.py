@@ -317,7 +317,7 @@ def run(*, verify: bool, units: int, cars: int, speeds: tuple[int, ...], turncoa
                         result, _, _ = car.compute(unit.pk, [doc["text"] for doc in unit.inputs], truth)
                         t, w = time.process_time(), time.perf_counter()
                         accepted, reason = flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk,
-                                                               epoch=unit.lease_epoch, embeddings_b64=result)
+                                                               epoch=unit.lease_epoch, result=result)
                         server, wall = server + time.process_time() - t, wall + time.perf_counter() - w
                         if not accepted:  # a well-formed result is accepted whatever its judgement, unless
                             refused.append((car.label, reason))  # its lease was withdrawn meanwhile

@@ -34,6 +34,7 @@ from billing.models import Clawback, LedgerEntry, MeterRecord
 from billing.selectors import unbalanced_transaction_ids
 from fleet import services as fleet
 from fleet import verification
+from fleet.workloads.embedding import MIN_COSINE
 from fleet.agent.client import Faults, first_words
 from fleet.agent.models import get_runner
 from fleet.agent.sim import SimulatedSensors, run_fleet
@@ -185,7 +186,7 @@ def wrong_rows(rows: list[dict], docs: list[dict]) -> list[str]:
             continue
         vector = np.asarray(row["embedding"], dtype=np.float32)
         cosine = float(vector @ expected / (np.linalg.norm(vector) * np.linalg.norm(expected)))
-        if cosine < verification.MIN_COSINE[PRECISION]:
+        if cosine < MIN_COSINE[PRECISION]:
             wrong.append(row["id"])
     return wrong
 

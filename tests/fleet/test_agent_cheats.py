@@ -1,5 +1,5 @@
 """Cheating agents (fleet.agent.client.Faults' cheats and car-level modes): each result cheat sends a result the
-gateway's shape check accepts (fleet.services.result_problem) and that is wrong in the way it claims, computed
+gateway's shape check accepts (fleet.workloads.embedding.vectors_problem) and that is wrong in the way it claims, computed
 with the real embedding runtime; the car-level modes send, or leave out, what they claim, against the fake
 gateway of test_agent_protocol (a real websocket server on loopback, scripted by each test). No database."""
 
@@ -23,7 +23,7 @@ from fleet.agent.client import (
 )
 from fleet.agent.models import get_runner
 from fleet.agent.sim import is_cheater, run_fleet
-from fleet.services import result_problem
+from fleet.workloads.embedding import vectors_problem
 from tests.fleet.test_agent_protocol import (
     DIMS,
     MODEL,
@@ -75,7 +75,7 @@ def cheat(kind, embed, texts=TEXTS, earlier=None):
 
 
 def shape_problem(vectors: np.ndarray, texts: int = len(TEXTS)) -> str | None:
-    return result_problem(texts=texts, dims=DIMS, embeddings_b64=encode_embeddings(vectors))
+    return vectors_problem(encode_embeddings(vectors), docs=texts, dims=DIMS)
 
 
 # --- the result cheats, computed for real -------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_the_agent_sends_a_negated_result_counts_it_and_keeps_the_message_valid(
                 peer = await next_peer(peers)
                 (result,) = await lease_units(peer, 1)
                 assert not peer.invalid
-                assert result_problem(texts=len(TEXTS), dims=DIMS, embeddings_b64=result["embeddings_b64"]) is None
+                assert vectors_problem(result["embeddings_b64"], docs=len(TEXTS), dims=DIMS) is None
                 assert np.array_equal(rows(result), -honest)
         assert agent.stats.faults_injected == {"negate": 1} and agent.stats.units_done == 1
 
@@ -313,7 +313,7 @@ def test_replay_without_an_earlier_unit_falls_back_to_random_vectors(executor, h
             agent = make_agent(url, executor, faults=Faults(replay=1.0, seed=1))
             async with running(agent):
                 (result,) = await lease_units(await next_peer(peers), 1)
-        assert result_problem(texts=len(TEXTS), dims=DIMS, embeddings_b64=result["embeddings_b64"]) is None
+        assert vectors_problem(result["embeddings_b64"], docs=len(TEXTS), dims=DIMS) is None
         assert np.all(np.abs(cosines(rows(result), honest)) < 0.3)
         assert agent.stats.faults_injected == {"random_vectors": 1}
 

@@ -104,14 +104,14 @@ def test_completing_units_through_the_flow_records_what_the_car_delivered(make_j
     flows.auction_tick()
     (unit, *_), _ = flows.units_lease(vehicle_id=car.pk)
     assert flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                               embeddings_b64=result_for(unit)) == (True, "")
+                               result=result_for(unit)) == (True, "")
     row = VehicleRate.objects.get(vehicle=car, precision="int8")
     assert (row.units, row.mops) == (1, unit.mops) and row.busy_s >= 0 and row.delivered_at is not None
     assert rate_of(car) == round(unit.mops / max(row.busy_s, settings.CAPACITY_MIN_BUSY_S))
     # A refused result proves nothing.
     (other, *_), _ = flows.units_lease(vehicle_id=car.pk)
     assert flows.unit_complete(vehicle_id=car.pk, unit_id=other.pk, epoch=other.lease_epoch,
-                               embeddings_b64=[])[0] is False
+                               result=[])[0] is False
     assert VehicleRate.objects.get(pk=row.pk).units == 1
 
 
@@ -171,7 +171,7 @@ def test_a_car_that_wastes_its_allocations_is_offered_less_until_it_uses_them(ma
     while units := flows.units_lease(vehicle_id=user.pk)[0]:
         for unit in units:
             assert flows.unit_complete(vehicle_id=user.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                       embeddings_b64=result_for(unit))[0]
+                                       result=result_for(unit))[0]
 
     # When the next round clears
     (second,) = flows.auction_tick()

@@ -40,7 +40,7 @@ def test_results_of_a_new_car_checked_by_the_platform_count_as_capacity_it_used(
     runner = get_runner("all-minilm-l6-v2", "int8")
     for unit in units:
         assert flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                   embeddings_b64=encode_embeddings(runner.embed([d["text"] for d in unit.inputs])))[0]
+                                   result=encode_embeddings(runner.embed([d["text"] for d in unit.inputs])))[0]
     assert set(WorkUnit.objects.filter(pk__in=[u.pk for u in units]).values_list("verify", flat=True)) == {"arbiter"}
     for unit in units:
         assert flows.unit_arbitrate(unit_id=unit.pk)

@@ -50,7 +50,7 @@ def complete(vehicle, unit: WorkUnit) -> None:
         v = rng.normal(size=unit.job.ai_model.dims).astype("<f4")
         vectors.append(base64.b64encode((v / np.linalg.norm(v)).astype("<f4").tobytes()).decode())
     accepted, why = flows.unit_complete(vehicle_id=vehicle.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                           embeddings_b64=vectors)
+                                           result=vectors)
     assert accepted, why
 
 

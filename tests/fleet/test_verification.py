@@ -25,7 +25,7 @@ def _embed(texts):
     return get_runner(RUNTIME, "int8").embed(texts)
 
 
-def honest(texts):
+def honest(texts, unit=None):
     return encode_embeddings(_embed(texts))
 
 
@@ -33,14 +33,14 @@ def cheat(kind):
     rng = np.random.default_rng(7)
     earlier = _embed(["An earlier unit's text, about something else entirely."] * 3)
 
-    def send(texts):
+    def send(texts, unit=None):
         vectors, _ = cheat_embed(kind, texts, embed=_embed, dims=384, rng=rng, earlier=earlier)
         return encode_embeddings(vectors)
     return send
 
 
 def work(cars: dict, *, rounds: int = 60) -> None:
-    """Each car (vehicle id -> how it computes) asks for work and answers, round after round, and the platform
+    """Each car (vehicle id -> how it computes: ``compute(texts, unit)``) asks for work and answers, round after round, and the platform
     arbitrates what waits for it (the flow its Celery task runs, called here; the end-to-end tests run the
     task), until nothing is left."""
     for _ in range(rounds):
@@ -53,7 +53,7 @@ def work(cars: dict, *, rounds: int = 60) -> None:
             for unit in units:
                 busy = True
                 accepted, _ = flows.unit_complete(vehicle_id=vehicle_id, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                                  embeddings_b64=compute([d["text"] for d in unit.inputs]))
+                                                  result=compute([d["text"] for d in unit.inputs], unit))
                 assert accepted  # a well-formed result is accepted whatever its judgement: the car learns nothing
         waiting = WorkUnit.objects.filter(state=WorkUnit.State.QUEUED) | WorkUnit.objects.filter(
             verify=WorkUnit.Verify.ARBITER)
@@ -227,7 +227,7 @@ def test_a_replica_no_other_owner_takes_in_time_goes_to_the_platform_but_never_o
     for _ in range(2):  # (a new car holds one lease at a time)
         (unit,), _ = flows.units_lease(vehicle_id=first.pk, max_units=1)
         assert flows.unit_complete(vehicle_id=first.pk, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                   embeddings_b64=honest([d["text"] for d in unit.inputs]))[0]
+                                   result=honest([d["text"] for d in unit.inputs]))[0]
         units.append(unit)
     waiting = WorkUnit.objects.filter(pk__in=[u.pk for u in units])
     assert set(waiting.values_list("verify", "state")) == {(WorkUnit.Verify.REPLICA, WorkUnit.State.QUEUED)}
@@ -243,7 +243,7 @@ def test_a_replica_no_other_owner_takes_in_time_goes_to_the_platform_but_never_o
     held = WorkUnit.objects.get(pk=units[0].pk)
     assert (held.verify, held.state, held.leased_to_id) == (WorkUnit.Verify.REPLICA, WorkUnit.State.LEASED, other.pk)
     assert flows.unit_complete(vehicle_id=other.pk, unit_id=held.pk, epoch=taken[0].lease_epoch,
-                               embeddings_b64=honest([d["text"] for d in held.inputs]))[0]
+                               result=honest([d["text"] for d in held.inputs]))[0]
     assert set(Lease.objects.filter(unit=held).values_list("verdict", flat=True)) == {Lease.Verdict.AGREED}
 
 

@@ -101,7 +101,7 @@ def complete_units(job: Job, count: int) -> None:
     for unit in units:
         vectors = [rng.normal(size=job.ai_model.dims).astype("<f4") for _ in unit.inputs]
         encoded = [base64.b64encode((v / np.linalg.norm(v)).astype("<f4").tobytes()).decode() for v in vectors]
-        accepted, why = flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch, embeddings_b64=encoded)
+        accepted, why = flows.unit_complete(vehicle_id=car.pk, unit_id=unit.pk, epoch=unit.lease_epoch, result=encoded)
         assert accepted, why
 
 

@@ -122,7 +122,7 @@ def test_an_open_jobs_data_deleted_cancels_it_first_withdraws_its_leases_and_ref
     assert list(job.events.values_list("kind", flat=True))[-2:] == [JobEvent.Kind.CANCELLED, JobEvent.Kind.DATA_DELETED]
     # and the car's result for a withdrawn lease is refused, unpaid.
     accepted, _ = flows.unit_complete(vehicle_id=car.pk, unit_id=units[0].pk, epoch=units[0].lease_epoch,
-                                      embeddings_b64=[])
+                                      result=[])
     assert not accepted and not MeterRecord.objects.filter(job=job).exists()
     assert not unbalanced_transaction_ids()
 

@@ -26,6 +26,7 @@ from billing.money import femto_per_minor, femto_to_minor_ceil, price_micros_for
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 from billing.services import account_get
 from fleet import services as fleet
+from fleet import workloads
 from fleet.agent.models import get_runner
 from fleet.models import HardwareGeneration, WorkUnit
 from marketplace import batches, buyer_webhooks, corpus, flows, selectors, services
@@ -73,7 +74,7 @@ def error_lines(client: openai.OpenAI, file_id: str) -> list[dict]:
 
 # --- pure: the file format ------------------------------------------------------------------------------
 
-MODELS = {MODEL: batches.ModelInfo(slug=MODEL, task="embedding", dims=384)}
+MODELS = {MODEL: workloads.ModelInfo(slug=MODEL, task="embedding", runtime=MODEL, dims=384, max_tokens=256)}
 
 
 @pytest.mark.pure
@@ -91,8 +92,8 @@ def test_each_bad_line_is_reported_by_its_number_and_the_good_lines_are_kept():
     # when it is parsed,
     parsed = batches.parse(lines, endpoint="/v1/embeddings", models=MODELS, max_text_bytes=64 * 1024)
     # then the good requests run, in order, and every bad line is named by its number with OpenAI's codes
-    assert [(r.line, r.custom_id, r.texts, r.encoding_format) for r in parsed.requests] == [
-        (1, "a", ["first"], "float"), (5, "d", ["two", "texts"], "base64")]
+    assert [(r.line, r.custom_id, r.texts, r.options) for r in parsed.requests] == [
+        (1, "a", ["first"], {"encoding_format": "float"}), (5, "d", ["two", "texts"], {"encoding_format": "base64"})]
     assert [(e.line, e.code) for e in parsed.errors] == [
         (2, "duplicate_custom_id"), (3, "mismatched_endpoint"), (4, "model_not_found"), (6, "invalid_input"),
         (7, "unsupported_dimensions"), (9, "invalid_json"), (10, "invalid_input")]
@@ -116,10 +117,14 @@ def test_a_file_fails_whole_only_without_a_valid_request_or_with_too_many(monkey
 def test_a_base64_output_line_is_little_endian_float32_and_a_float_one_the_same_numbers():
     vector = np.array([0.25, -1.5, 3.0], dtype="<f4")
     encoded = base64.b64encode(vector.tobytes()).decode()
-    as_b64 = batches.output_line(batch_id="batch_x", line=1, custom_id="a", model=MODEL, vectors=[encoded],
-                                 encoding_format="base64", tokens=3)
-    as_float = batches.output_line(batch_id="batch_x", line=1, custom_id="a", model=MODEL, vectors=[encoded],
-                                   encoding_format="float", tokens=3)
+    embedding = workloads.get("embedding")
+
+    def line(encoding_format):
+        body = embedding.batch_response([encoded], options={"encoding_format": encoding_format}, params={}, model=MODEL,
+                                        usage=3)
+        return batches.output_line(batch_id="batch_x", line=1, custom_id="a", body=body)
+
+    as_b64, as_float = line("base64"), line("float")
     assert as_b64["response"]["body"]["data"][0]["embedding"] == encoded
     assert as_float["response"]["body"]["data"][0]["embedding"] == [0.25, -1.5, 3.0]
     assert as_b64["id"].startswith("batch_req_") and as_b64["error"] is None

@@ -68,12 +68,27 @@ class JobForm(forms.Form):
     deadline = forms.DateTimeField(widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                    help_text="UTC. The job expires then; finished units stay paid.")
     budget_cap = BudgetField()
+    labels = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 4, "placeholder": "invoice: a bill asking for payment\n"
+                                                                               "letter\nreceipt"}),
+        label="Labels (classification models)",
+        help_text="One label per line, optionally followed by a colon and a description of what belongs in it. "
+                  "Each document gets one of them. (A trained linear head: through the API.)")
     inputs = forms.FileField(help_text='JSON Lines: one {"text": "...", "id": "..."} object per line. Large files '
                                        "are streamed; a bad line is reported by its number and nothing is created.")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["deadline"].initial = (timezone.now() + timezone.timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M")
+
+    def clean_labels(self) -> list[dict]:
+        labels = []
+        for line in self.cleaned_data["labels"].splitlines():
+            name, _, description = line.partition(":")
+            if name.strip():
+                labels.append({"name": name.strip(), **({"description": description.strip()} if description.strip()
+                                                         else {})})
+        return labels
 
     def clean(self):
         data = super().clean()
@@ -84,6 +99,12 @@ class JobForm(forms.Form):
             data["max_price_micros"] = bid_micros(ai_model=ai_model, per_mtok=per_mtok)
             if data["max_price_micros"] <= 0:
                 self.add_error("max_price_per_mtok", "This price is below one micro-dollar per PetaOp: raise it.")
+        labels = data.get("labels") or []
+        if ai_model and ai_model.task == "classification":
+            data["params"] = {"labels": labels}  # checked by the workload (fleet.workloads.classification)
+        elif ai_model and labels:
+            self.add_error("labels", f"{ai_model.name} takes no labels: leave this empty, or pick a classification "
+                                     "model.")
         return data
 
 

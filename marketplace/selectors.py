@@ -115,6 +115,16 @@ def job_results_lines(*, job: Job) -> Iterator[str]:
             index += 1
 
 
+def job_results_summary(*, job: Job) -> list[tuple[str, int]] | None:
+    """The job page's summary of the results so far, by its workload (a classifier's label counts), or None."""
+    workload = workloads.get(job.ai_model.task)
+    if type(workload).summary is workloads.Workload.summary or job.data_deleted_at is not None:
+        return None
+    results = WorkUnit.objects.filter(job=job, state=WorkUnit.State.DONE).values_list("result", flat=True)
+    return workload.summary((item for result in results.iterator(chunk_size=200) for item in result or []),
+                            job.params)
+
+
 @dataclass(frozen=True)
 class JobProgress:
     """A job's progress from its units (one aggregate query): what the job page and its live block show."""

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 
 from billing.money import MICROS_PER_MAJOR, minor_to_major, mops_for_tokens, price_per_million_tokens_micros
 from billing.selectors import buyer_balance_minor, job_spend_minor
+from fleet import workloads
 from fleet.models import Vehicle
 from marketplace import flows, market, selectors, services
 from marketplace.core.errors import ApplicationError
@@ -69,8 +70,10 @@ def buyer_dashboard(request):
 
 def _catalogue() -> list[dict]:
     """Active models with the price per million tokens at each precision's last clearing price."""
-    return [{"model": ai_model, "prices": selectors.model_prices(ai_model=ai_model)}
-            for ai_model in AIModel.objects.filter(active=True)]
+    order = {task: i for i, task in enumerate(workloads.WORKLOADS)}
+    models = sorted(AIModel.objects.filter(active=True, task__in=order), key=lambda m: (order[m.task], m.slug))
+    return [{"model": ai_model, "workload": workloads.get(ai_model.task),
+             "prices": selectors.model_prices(ai_model=ai_model)} for ai_model in models]
 
 
 def _default_bid_per_mtok(ai_model: AIModel | None, precision: str) -> Decimal:
@@ -91,9 +94,10 @@ def job_new(request):
             job = flows.job_create(
                 organisation=organisation, user=request.user, model_slug=data["model"].slug,
                 precision=data["precision"], max_price_micros=data["max_price_micros"], deadline=data["deadline"],
-                budget_cap_minor=data["budget_cap"], inputs=data["inputs"])
+                budget_cap_minor=data["budget_cap"], inputs=data["inputs"], params=data.get("params"))
         except ApplicationError as exc:
             for field, problems in exc.extra.get("fields", {}).items():
+                field = "labels" if field == "params" else field  # the page's one parameter
                 form.add_error(field if field in form.fields else None, problems)
             lines = exc.extra.get("lines", [])
             for line in lines:
@@ -157,7 +161,8 @@ def job_detail(request, pk):
         template, extra = "marketplace/_job_progress.html", {}
     else:
         template, extra = "marketplace/job_detail.html", {"events": job.events.select_related("by"), "terms_form": _terms_form(job),
-                                                          "batch": selectors.batch_of_job(job=job)}
+                                                          "batch": selectors.batch_of_job(job=job),
+                                                          "summary": selectors.job_results_summary(job=job)}
     return render(request, template, {
         **extra, "job": job, "progress": progress, "estimate": estimate,
         "data_retention": _duration(services.job_data_retention_s(job=job)),

@@ -3,7 +3,7 @@
 one definition. A workload's runtime on the car is its module in fleet.agent.workloads."""
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 
 class BadInput(Exception):
@@ -75,6 +75,8 @@ class Workload:
     catalogue: ClassVar[tuple[CatalogueEntry, ...]] = ()
     #: the largest job-parameters object (JSON bytes) it accepts: they travel to the car with every unit
     max_params_bytes: ClassVar[int] = 16 * 1024
+    #: parameters for a job of standard-library docstrings: what the demo buyer of `make run` runs
+    demo_params: ClassVar[dict] = {}
 
     # --- inputs -----------------------------------------------------------------------------------------
     def params_clean(self, params: Any, model: ModelInfo) -> dict:
@@ -115,6 +117,10 @@ class Workload:
     def result_row(self, item: Any, params: dict) -> dict:
         """One document's result as our results API writes it (beside its ``index`` and ``id``)."""
         raise NotImplementedError
+
+    def summary(self, items: Iterable, params: dict) -> list[tuple[str, int]] | None:
+        """What the job page shows of the results so far, as (what, how many) rows, or None: nothing to sum up."""
+        return None
 
     # --- the OpenAI-compatible batch surface (marketplace.batches) ----------------------------------------
     def batch_request(self, body: dict, model: ModelInfo) -> tuple[list[str], dict, dict]:

@@ -31,9 +31,10 @@ MAX_EXAMPLES = 5
 #: Most labels a linear head may have: its weights travel with every unit (16 x 384 float32, 32 KB in base64).
 MAX_HEAD_LABELS = 16
 #: The largest difference in any score at which two results of one unit agree, by precision. Scores are
-#: cosines (zero-shot) or probabilities (linear), both within [-1, 1]; measured in tests/bench/tolerance.py
-#: (docs/verification.md, "Classification").
-SCORE_TOLERANCE = {"int8": 0.02, "fp32": 0.0005}
+#: cosines (zero-shot) or probabilities (linear), both within [-1, 1]. Measured by tests/bench/workloads.py
+#: (docs/verification.md, "Classification"): honest int8 results (12 configurations) differ by 0.016 at most,
+#: honest fp32 ones by nothing measurable; the closest cheat of the agent's by 0.19 (first_words).
+SCORE_TOLERANCE = {"int8": 0.05, "fp32": 0.005}
 
 
 def label_texts(label: dict) -> list[str]:
@@ -98,6 +99,15 @@ class Classification(Workload):
     consent = "sorting texts into labels, such as spam or not spam"
     batch_url = "/v1/classifications"
     order = 20
+    demo_params = {"labels": [
+        {"name": "files", "description": "files, paths, directories and reading or writing them"},
+        {"name": "network", "description": "sockets, HTTP, URLs, servers and clients"},
+        {"name": "text", "description": "strings, characters, encodings and formatting"},
+        {"name": "numbers", "description": "arithmetic, math functions, decimals and fractions"},
+        {"name": "time", "description": "dates, times, clocks and time zones"},
+        {"name": "errors", "description": "exceptions, warnings and error handling"},
+        {"name": "concurrency", "description": "threads, processes, locks and queues"},
+        {"name": "collections", "description": "lists, dictionaries, sets and other containers"}]}
     catalogue = (CatalogueEntry(
         slug="minilm-l6-classifier", name="MiniLM-L6 classifier (zero-shot or your linear head)",
         runtime=EMBEDDING.catalogue[0].runtime, precisions=EMBEDDING.catalogue[0].precisions,
@@ -187,6 +197,13 @@ class Classification(Workload):
     def result_row(self, item, params: dict) -> dict:
         names = [label["name"] for label in params["labels"]]
         return {"label": item["label"], "scores": dict(zip(names, item["scores"]))}
+
+    def summary(self, items, params: dict) -> list[tuple[str, int]]:
+        """How many documents got each label so far, in the labels' order."""
+        counts = dict.fromkeys((label["name"] for label in params["labels"]), 0)
+        for item in items:
+            counts[item["label"]] = counts.get(item["label"], 0) + 1
+        return list(counts.items())
 
     def batch_request(self, body: dict, model: ModelInfo) -> tuple[list[str], dict, dict]:
         """``input`` as for embeddings (a string or a list of strings), ``labels`` and ``head`` as in our job

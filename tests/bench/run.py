@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHES = ["clearing", "inference", "leasing", "gateway", "e2e", "api", "tolerance", "verification", "batches"]
+BENCHES = ["clearing", "inference", "leasing", "gateway", "e2e", "api", "tolerance", "verification", "batches", "workloads"]
 
 
 def main() -> None:

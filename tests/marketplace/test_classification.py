@@ -237,6 +237,47 @@ def test_a_classification_batch_runs_as_a_job_and_its_output_lines_carry_label_a
 def test_verification_compares_by_the_jobs_workload():
     params = WORKLOAD.params_clean({"labels": LABELS}, model_info())
     result = run([DOCUMENTS[0][0]], params)
-    shifted = [{"label": result[0]["label"], "scores": [s + 0.05 for s in result[0]["scores"]]}]
+    shifted = [{"label": result[0]["label"], "scores": [s + 0.06 for s in result[0]["scores"]]}]
     assert verification.results_agree(result, result, precision="int8", task="classification", params=params)
     assert not verification.results_agree(result, shifted, precision="int8", task="classification", params=params)
+
+
+# --- the pages ---------------------------------------------------------------------------------------------
+
+def form_post(client, model, labels, docs=DOCUMENTS[:2]):
+    upload = io.BytesIO(b"".join(json.dumps({"text": text}).encode() + b"\n" for text, _ in docs))
+    upload.name = "docs.jsonl"
+    return client.post("/buyer/jobs/new/", {
+        "model": model, "precision": "int8", "max_price_per_mtok": "5", "labels": labels,
+        "deadline": (timezone.now() + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"), "inputs": upload})
+
+
+@pytest.mark.django_db
+def test_the_new_job_page_takes_labels_one_a_line_and_says_what_is_wrong_with_them(client, buyer):
+    client.force_login(buyer)
+    refused = form_post(client, CLASSIFIER, "only one label")
+    assert refused.status_code == 200 and "2 to 32 labels" in refused.content.decode()
+    refused = form_post(client, "all-minilm-l6-v2", "sport\ncooking")
+    assert "takes no labels" in refused.content.decode()
+    assert not Job.objects.exists()
+    created = form_post(client, CLASSIFIER, "sport: football and tennis\ncooking\nfinance: banks")
+    job = Job.objects.get()
+    assert created.status_code == 302 and job.params == {"labels": [
+        {"name": "sport", "description": "football and tennis"}, {"name": "cooking"},
+        {"name": "finance", "description": "banks"}]}
+
+
+@pytest.mark.django_db
+def test_the_job_page_of_a_classification_counts_the_labels_so_far(client, buyer, market):
+    job = classification_job(buyer)
+    client.force_login(buyer)
+    page = client.get(f"/buyer/jobs/{job.pk}/").content.decode()
+    assert 'data-testid="results-summary"' in page and 'data-testid="labels"' in page
+    work({VehicleFactory(policy__reserve_price_micros=0).pk: honest_classifier,
+          VehicleFactory(policy__reserve_price_micros=0).pk: honest_classifier})
+    summary = selectors.job_results_summary(job=job)
+    assert summary == [("sport", 2), ("cooking", 2), ("finance", 2)]
+    page = client.get(f"/buyer/jobs/{job.pk}/").content.decode()
+    assert "<td>finance</td><td class=\"num\">2</td>" in page
+    # an embeddings job has no summary
+    assert selectors.job_results_summary(job=Job(ai_model=AIModel.objects.get(slug="all-minilm-l6-v2"))) is None

@@ -33,6 +33,9 @@ from marketplace import batches, buyer_webhooks, corpus, flows, selectors, servi
 from marketplace.core.errors import Conflict
 from marketplace.models import AuctionRound, Batch, BatchFile, BuyerWebhookEvent, Job
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory
+from tests.marketplace.test_classification import CLASSIFIER
+from tests.marketplace.test_classification import DOCUMENTS as CLASSIFIED
+from tests.marketplace.test_classification import LABELS as CLASSIFIER_LABELS
 from tests.marketplace.test_api_webhooks import complete_units
 from tests.support.capacity import deliver
 from tests.support.live import live_product
@@ -325,7 +328,7 @@ def cosine(a, b) -> float:
 
 
 @live_db
-def test_a_batch_is_computed_by_real_cars_and_its_output_file_matches_the_reference_runtime(live, tmp_path):
+def test_batches_of_each_workload_are_computed_by_real_cars_and_match_the_reference_runtime(live, tmp_path):
     base, procs = live
     client, buyer = client_for(base)
     # Given two cars of two owners, their real agents paired and connected,
@@ -354,6 +357,17 @@ def test_a_batch_is_computed_by_real_cars_and_its_output_file_matches_the_refere
         while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired"):
             assert time.monotonic() < deadline, f"batch stuck: {batch}\n{procs.logs()}"
             time.sleep(0.5)
+        # and a classification batch after it, through the same client (our endpoint, OpenAI's file format),
+        labelled = [(f"c{i}", text, label) for i, (text, label) in enumerate(CLASSIFIED)]
+        classification_file = upload(client, [
+            {"custom_id": custom_id, "method": "POST", "url": "/v1/classifications",
+             "body": {"model": CLASSIFIER, "input": text, "labels": CLASSIFIER_LABELS}}
+            for custom_id, text, _ in labelled], name="classify.jsonl")
+        classified = client.batches.create(input_file_id=classification_file.id, endpoint="/v1/classifications",
+                                           completion_window="24h", extra_body={"max_price_per_million_tokens": 1})
+        while (classified := client.batches.retrieve(classified.id)).status not in ("completed", "failed", "expired"):
+            assert time.monotonic() < deadline + 60, f"batch stuck: {classified}\n{procs.logs()}"
+            time.sleep(0.5)
     finally:
         for agent in agents:
             agent.terminate()
@@ -381,6 +395,13 @@ def test_a_batch_is_computed_by_real_cars_and_its_output_file_matches_the_refere
     direct = get_runner(MODEL, "int8").embed([d["text"] for d in docs])
     assert min(cosine(v, direct[i]) for i, v in enumerate(vectors)) >= 0.99
     assert all(len(v) == 384 for v in vectors)
+    # The classification batch completed too, each line its document's label, with a score per label.
+    assert classified.status == "completed" and classified.request_counts.completed == len(labelled), classified
+    lines = [json.loads(line) for line in client.files.content(classified.output_file_id).text.splitlines()]
+    assert [(line["custom_id"], line["response"]["body"]["data"][0]["label"]) for line in lines] == [
+        (custom_id, label) for custom_id, _, label in labelled]
+    assert all(set(line["response"]["body"]["data"][0]["scores"]) == {label["name"] for label in CLASSIFIER_LABELS}
+               for line in lines)
 
 
 # --- in process: the market behind a batch ---------------------------------------------------------------

@@ -12,7 +12,7 @@ class Command(BaseCommand):
     help = "Create the demo accounts (idempotent), a demo job if the buyer has none open, and print the logins."
 
     def add_arguments(self, parser):
-        parser.add_argument("--docs", type=int, default=400, help="Documents in the demo job (0 for none).")
+        parser.add_argument("--docs", type=int, default=400, help="Documents in each demo job (0 for none).")
 
     def handle(self, docs, **options):
         if not User.objects.filter(email=OPERATOR).exists():
@@ -22,8 +22,9 @@ class Command(BaseCommand):
         if not User.objects.filter(email=OWNER).exists():
             User.objects.create_user(email=OWNER, password=PASSWORD, role=User.Role.OWNER)
         _, key = services.api_key_create(organisation=buyer.organisation, name="demo", created_by=buyer)
-        if docs and (job := demo_job_top_up(docs=docs)):
-            self.stdout.write(f"Demo job {job.pk}: {job.docs_total} standard-library docstrings, {job.units_total} units.")
+        for job in demo_job_top_up(docs=docs) if docs else []:
+            self.stdout.write(f"Demo job {job.pk} ({job.ai_model.name}): {job.docs_total} standard-library docstrings, "
+                              f"{job.units_total} units.")
         self.stdout.write(
             "\nDemo logins (password for all: %s)\n  operator (admin):  %s\n  buyer:             %s\n"
             "  car owner:         %s\nBuyer API key (new one each start):\n  %s\n" % (PASSWORD, OPERATOR, BUYER, OWNER, key))

@@ -16,6 +16,12 @@ MAX_MESSAGE_BYTES = 64 * 1024
 #: The deepest nesting of arrays and objects a message may have (the protocol's own messages need 3).
 MAX_DEPTH = 64
 MAX_TEXTS_PER_UNIT = 64
+#: A text of a unit.assign: at most this many characters (the schema's limit), and the texts of one unit at most
+#: UNIT_TEXT_BYTES as JSON (non-ASCII characters escaped, as the encoder writes them), which leaves room in the message for the
+#: workload's parameters (at most 16 KiB: fleet.workloads.base) and the other fields. The server cuts units
+#: (marketplace.services.job_prepare) and shortens texts (fleet.workloads.base.fit_text) to stay within them.
+MAX_TEXT_CHARS = 16_384
+UNIT_TEXT_BYTES = 40 * 1024
 #: Upper bound of any car's in-flight leases (the gateway derives each car's own limit, at most this).
 MAX_INFLIGHT = 32
 
@@ -241,7 +247,7 @@ class UnitAssign(Message):
         "epoch": _int,
         "runtime": lambda v, n: _str(v, n, 64),
         "precision": lambda v, n: _str(v, n, 8),
-        "texts": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 16_384), MAX_TEXTS_PER_UNIT),
+        "texts": lambda v, n: _list(v, n, lambda x, m: _str(x, m, MAX_TEXT_CHARS), MAX_TEXTS_PER_UNIT),
         "lease_ttl_s": _int,
         "task": lambda v, n: _str(v, n, 32),
         "params": _object,

@@ -410,7 +410,6 @@ class Batch(models.Model):
     request_options = models.JSONField(default=list, help_text="Per valid request, in order: how its answer is written "
                                                                 "(its workload's options, e.g. encoding_format).")
     requests = models.JSONField(default=list, help_text='The valid requests in input order: [[custom_id, line, inputs]].')
-    docs_per_unit = models.PositiveIntegerField(default=8, help_text="Documents per work unit when the job was cut.")
     class BidSource(models.TextChoices):
         REQUEST = "request", "Named by the batch request"
         API_KEY = "api_key", "The API key's default bid"

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterator
 
-from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models import Count, F, Func, IntegerField, Q, QuerySet, Sum
 from django.utils import timezone
 
 from billing.models import Reservation
@@ -278,15 +278,35 @@ def batch_status(batch: Batch) -> str:
     return "completed" if job.state == Job.State.COMPLETED else "expired"
 
 
+class _JSONArrayLength(Func):
+    """The length of a JSON array column (SQLite's json_array_length, PostgreSQL's jsonb_array_length)."""
+
+    function = "json_array_length"
+    output_field = IntegerField()
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return super().as_sql(compiler, connection, function="jsonb_array_length", **extra)
+
+
 def _requests_done(batch: Batch) -> int:
-    """How many of an open batch's requests are wholly computed (their documents' units all done)."""
-    done = set(WorkUnit.objects.filter(job_id=batch.job_id, state=WorkUnit.State.DONE).values_list("seq", flat=True))
-    if not done:
+    """How many of an open batch's requests are wholly computed (the units holding their documents all done).
+    Units hold up to DOCS_PER_UNIT documents each, fewer where long texts filled one sooner."""
+    units = (WorkUnit.objects.filter(job_id=batch.job_id).order_by("seq")
+             .annotate(docs=_JSONArrayLength("inputs")).values_list("state", "docs"))
+    ends, done = [], []  # per unit: the index one past its last document, and whether it is done
+    for state, docs in units:
+        ends.append((ends[-1] if ends else 0) + (docs or 0))
+        done.append(state == WorkUnit.State.DONE)
+    if not any(done):
         return 0
-    per_unit, start, count = batch.docs_per_unit, 0, 0
+    count, start, unit = 0, 0, 0
     for _, _, docs in batch.requests:
-        if all(seq in done for seq in range(start // per_unit, (start + docs - 1) // per_unit + 1)):
-            count += 1
+        while unit < len(ends) and ends[unit] <= start:
+            unit += 1
+        last = unit
+        while last < len(ends) and ends[last] < start + docs:
+            last += 1
+        count += all(done[unit:last + 1]) and last < len(ends)
         start += docs
     return count
 

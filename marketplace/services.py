@@ -23,6 +23,8 @@ from django.utils.text import slugify
 from billing.models import MeterRecord
 from billing.money import mops_for_tokens
 from fleet import tokens, workloads
+from fleet.protocol import UNIT_TEXT_BYTES
+from fleet.workloads.base import wire_bytes
 from fleet.models import WorkUnit
 from fleet.selectors import vehicle_consents, vehicles_offering
 from marketplace import batches, buyer_webhooks, clearing, selectors
@@ -158,20 +160,33 @@ _COST_BATCH_BYTES = 1 << 20
 
 
 def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
-    """Cost ``docs`` (whole units but perhaps the last) by their workload and append them to the draft as units,
-    in order. A unit's cost is its documents' and the workload's own per unit (a classifier's labels)."""
+    """Cost ``docs`` by their workload and append them to the draft as units, in order: ``DOCS_PER_UNIT``
+    documents a unit, fewer when their texts would not fit one unit.assign message (fleet.protocol.UNIT_TEXT_BYTES).
+    A unit's cost is its documents' and the workload's own per unit (a classifier's labels)."""
     workload, model = workloads.get(draft.ai_model.task), workloads.ModelInfo.of(draft.ai_model)
     counts = workload.costs(model, docs)
     overhead = workload.unit_overhead(model, draft.params)
-    for start in range(0, len(docs), settings.DOCS_PER_UNIT):
-        unit_docs = docs[start:start + settings.DOCS_PER_UNIT]
-        tokens = sum(counts[start:start + settings.DOCS_PER_UNIT]) + overhead
+    unit_docs, unit_tokens, unit_bytes = [], 0, 0
+
+    def flush() -> None:
+        tokens = unit_tokens + overhead
         mops = mops_for_tokens(tokens=tokens, ops_per_token=draft.ai_model.ops_per_token)
         draft.units.write(json.dumps([tokens, mops, unit_docs], separators=(",", ":")).encode() + b"\n")
         draft.units_total += 1
         draft.docs_total += len(unit_docs)
         draft.tokens_total += tokens
         draft.mops_total += mops
+
+    for doc, tokens in zip(docs, counts):
+        size = wire_bytes(doc["text"])
+        if unit_docs and (len(unit_docs) == settings.DOCS_PER_UNIT or unit_bytes + size > UNIT_TEXT_BYTES):
+            flush()
+            unit_docs, unit_tokens, unit_bytes = [], 0, 0
+        unit_docs.append(doc)
+        unit_tokens += tokens
+        unit_bytes += size
+    if unit_docs:
+        flush()
 
 
 def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadline: datetime,
@@ -670,7 +685,7 @@ def batch_record(*, organisation: Organisation, user: User | None, input_file: B
         metadata=metadata, fingerprint=fingerprint, model_slug=parsed.model or "", created_by=user,
         bid_source=bid_source, created_at=created_at or timezone.now(), output_expires_after_s=output_expires_after_s,
         requests=[[r.custom_id, r.line, len(r.texts)] for r in parsed.requests],
-        request_options=[r.options for r in parsed.requests], docs_per_unit=settings.DOCS_PER_UNIT,
+        request_options=[r.options for r in parsed.requests],
         line_errors=[{"line": e.line, "custom_id": e.custom_id, "code": e.code, "message": e.message}
                      for e in parsed.errors],
         request_total=parsed.total, request_failed=len(parsed.errors))

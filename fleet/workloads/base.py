@@ -2,8 +2,26 @@
 (marketplace), the fleet (result checks, verification) and the batch surface (marketplace.batches) all read
 one definition. A workload's runtime on the car is its module in fleet.agent.workloads."""
 
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
+
+from fleet.protocol import MAX_TEXT_CHARS, UNIT_TEXT_BYTES
+
+
+def wire_bytes(text: str) -> int:
+    """What a text takes in a unit.assign message (JSON with non-ASCII characters escaped, as fleet.protocol encodes)."""
+    return len(json.dumps(text))
+
+
+def fit_text(text: str) -> str:
+    """A text cut to what one unit.assign can carry alone (fleet.protocol.MAX_TEXT_CHARS, UNIT_TEXT_BYTES). The
+    text models read at most a few thousand characters (all-MiniLM-L6-v2: 256 tokens), so the cut changes
+    nothing they compute; the document stored is the cut one."""
+    text = text[:MAX_TEXT_CHARS]
+    while wire_bytes(text) > UNIT_TEXT_BYTES:
+        text = text[:len(text) * 4 // 5]
+    return text
 
 
 class BadInput(Exception):
@@ -90,7 +108,7 @@ class Workload:
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise BadInput('"text" must be a non-empty string', param="text")
-        return {"id": row.get("id"), "text": text}
+        return {"id": row.get("id"), "text": fit_text(text)}
 
     def costs(self, model: ModelInfo, docs: list[dict]) -> list[int]:
         """Each document's cost in price units (tokens, pages): what it is charged and how its work is sized."""

@@ -38,6 +38,10 @@ class Migration(migrations.Migration):
             model_name='batch',
             name='encoding_formats',
         ),
+        migrations.RemoveField(
+            model_name='batch',
+            name='docs_per_unit',
+        ),
         migrations.AddField(
             model_name='job',
             name='params',

@@ -72,6 +72,8 @@ class Vehicle(models.Model):
     battery_kwh = models.FloatField(default=75.0, help_text="Usable battery capacity.")
     agent_version = models.CharField(max_length=32, blank=True)
     runtimes = models.JSONField(default=list, blank=True, help_text="Model runtimes the agent can run.")
+    tasks = models.JSONField(default=list, blank=True,
+                             help_text="Workloads the agent can run (docs/workloads.md), from its hello.")
     throughput_mops = models.JSONField(
         default=dict, blank=True, help_text="Measured mega-ops per second per precision, reported at hello."
     )

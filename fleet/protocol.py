@@ -134,13 +134,15 @@ class Hello(Message):
         "throughput_mops": _mops_map,
         "uplink_kbps": lambda v, n: None if v is None else _int(v, n, 1, 10**8),
         "leases": lambda v, n: tuple(_list(v, n, _lease_ref, MAX_INFLIGHT)),
+        "tasks": lambda v, n: _list(v, n, lambda x, m: _str(x, m, 32), 16),
     }
-    OPTIONAL = frozenset({"uplink_kbps", "leases"})
+    OPTIONAL = frozenset({"uplink_kbps", "leases", "tasks"})
     agent_version: str
     runtimes: list
     throughput_mops: dict
     uplink_kbps: int | None = None
     leases: tuple = ()  # of (unit_id, epoch)
+    tasks: list = dataclasses.field(default_factory=lambda: ["embedding"])  # the workloads it runs (docs/workloads.md)
 
 
 @dataclasses.dataclass(frozen=True)

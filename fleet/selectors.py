@@ -191,6 +191,11 @@ def asking_since(since: datetime) -> Q:
     return Q(work_requested_at__gte=since) | Q(Exists(delivered))
 
 
+def vehicle_runs(*, vehicle: Vehicle, ai_model) -> bool:
+    """Whether the car's agent runs a model's runtime and workload (as its last hello said)."""
+    return ai_model.runtime in vehicle.runtimes and ai_model.task in vehicle.tasks
+
+
 def vehicle_consents(*, vehicle: Vehicle, job_category: str, organisation_id: int) -> bool:
     """The owner's consent rule for one job (fleet.eligibility.consents) on a vehicle row."""
     policy = vehicle.policy

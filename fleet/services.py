@@ -191,14 +191,14 @@ def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> 
 
 def vehicle_connected(*, vehicle_id: int, channel_name: str, agent_version: str, runtimes: list[str],
                       throughput_mops: dict[str, int], uplink_kbps: int | None,
-                      held: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], GatewayView]:
+                      held: list[tuple[int, int]], tasks: list[str] = ("embedding",)) -> tuple[list[tuple[int, int]], GatewayView]:
     """The car said hello on ``channel_name``. Leases it still holds from an earlier session are resumed if
     they are still current; returns the ones it must drop, and the gateway's view of the car."""
     now = timezone.now()
     with transaction.atomic():
         Vehicle.objects.filter(pk=vehicle_id).update(
             connected=True, channel_name=channel_name, last_seen_at=now, agent_version=agent_version,
-            runtimes=runtimes, throughput_mops=throughput_mops, uplink_kbps=uplink_kbps)
+            runtimes=runtimes, tasks=list(tasks), throughput_mops=throughput_mops, uplink_kbps=uplink_kbps)
         stale = leases_reconcile(held_by={vehicle_id: held}, lost_by=None, now=now)[vehicle_id]
     return stale, vehicle_view_get(vehicle_id=vehicle_id)
 
@@ -307,7 +307,8 @@ def _current_allocations(*, vehicle: Vehicle):
     instant): the best-paying market first, and in a market the highest bid first."""
     latest = AuctionRound.objects.order_by("-cleared_at").values("cleared_at")[:1]
     return (Allocation.objects.filter(vehicle=vehicle, round__cleared_at=Subquery(latest), remaining_mops__gt=0,
-                                      job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes)
+                                      job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes,
+                                      job__ai_model__task__in=vehicle.tasks)
             .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id"))
 
 
@@ -325,7 +326,7 @@ def _spare_allocations(*, vehicle: Vehicle, now: datetime):
     return (Allocation.objects.filter(
                 round__cleared_at=Subquery(latest), round__cleared_at__lte=idle_since, remaining_mops__gt=0,
                 job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes,
-                job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
+                job__ai_model__task__in=vehicle.tasks, job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
                 price_micros__gte=vehicle.policy.reserve_price_micros, price_micros__lte=F("job__max_price_micros"))
             .exclude(vehicle_id=vehicle.pk).exclude(Exists(holder_holds))
             .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id", "pk")[:20])
@@ -622,10 +623,19 @@ def _standing(vehicle: Vehicle, now: datetime) -> verification.Standing:
     return verification.Standing(streak=vehicle.results_streak, wrong_recent=recent)
 
 
-def _replicable(*, owner_id: int, precision: str) -> bool:
-    """Whether a car of another owner is there to compute a replica (else the platform arbitrates at once)."""
-    return Vehicle.objects.filter(connected=True, removed_at=None, suspended_at=None,
-                                  hardware__throughputs__precision=precision).exclude(owner_id=owner_id).exists()
+#: How many connected cars of other owners _replicable looks at for one that runs a unit's workload.
+_REPLICA_CANDIDATES = 50
+
+
+def _replicable(*, owner_id: int, unit: WorkUnit) -> bool:
+    """Whether a car of another owner is there to compute a replica of ``unit`` (connected, at its precision,
+    running its model and workload: among the first _REPLICA_CANDIDATES such cars; if none of those runs it,
+    the platform arbitrates at once, which is always safe)."""
+    ai_model = unit.job.ai_model
+    candidates = (Vehicle.objects.filter(connected=True, removed_at=None, suspended_at=None,
+                                         hardware__throughputs__precision=unit.job.precision)
+                  .exclude(owner_id=owner_id).values_list("runtimes", "tasks")[:_REPLICA_CANDIDATES])
+    return any(ai_model.runtime in runtimes and ai_model.task in tasks for runtimes, tasks in candidates)
 
 
 def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
@@ -680,7 +690,7 @@ def unit_result_accept(*, unit: WorkUnit | None, vehicle_id: int, epoch: int,
     if _random.random() < verification.replication_rate(_standing(vehicle, now), probation=settings.VERIFY_PROBATION,
                                                         floor=settings.VERIFY_REPLICATION_FLOOR):
         settle(Lease.Verdict.PENDING, keep=True)
-        if _replicable(owner_id=vehicle.owner_id, precision=precision):
+        if _replicable(owner_id=vehicle.owner_id, unit=unit):
             _unit_wait(unit, verify=WorkUnit.Verify.REPLICA, owner_id=vehicle.owner_id, now=now)
             return Verdict(), ""
         _unit_wait(unit, verify=WorkUnit.Verify.ARBITER, owner_id=None, now=now)

@@ -26,7 +26,7 @@ from fleet import tokens, workloads
 from fleet.protocol import UNIT_TEXT_BYTES
 from fleet.workloads.base import wire_bytes
 from fleet.models import WorkUnit
-from fleet.selectors import vehicle_consents, vehicles_offering
+from fleet.selectors import vehicle_consents, vehicle_runs, vehicles_offering
 from marketplace import batches, buyer_webhooks, clearing, selectors
 from marketplace.core.errors import ApplicationError, Conflict, ValidationFailed
 from marketplace.errors import AuctionError
@@ -482,8 +482,9 @@ def auction_clear() -> list[AuctionRound]:
     offers = [clearing.Offer(id=pk, price=vehicles[pk].policy.reserve_price_micros, capacity=capacity[pk])
               for pk in sorted(capacity)]
     refused = [[job.pk, offer.id] for job in jobs for offer in offers if job.precision in offer.capacity
-               and not vehicle_consents(vehicle=vehicles[offer.id], job_category=job.ai_model.task,
-                                        organisation_id=job.organisation_id)]
+               and (not vehicle_runs(vehicle=vehicles[offer.id], ai_model=job.ai_model)
+                    or not vehicle_consents(vehicle=vehicles[offer.id], job_category=job.ai_model.task,
+                                            organisation_id=job.organisation_id))]
     outcome = clearing.clear(bids, offers, refused)
     return _rounds_record(now=now, interval=interval, markets=markets, bids=bids, offers=offers, refused=refused,
                           outcome=outcome)

@@ -4,6 +4,7 @@ import factory
 from django.utils import timezone
 
 from billing.services import balance_grant
+from fleet import workloads
 from fleet.models import HardwareGeneration, OwnerPolicy, Vehicle
 from marketplace.models import Organisation, User
 
@@ -65,6 +66,7 @@ class VehicleFactory(factory.django.DjangoModelFactory):
     on_wifi = True
     plugged_in = True
     runtimes = ["all-minilm-l6-v2"]
+    tasks = factory.LazyFunction(lambda: list(workloads.WORKLOADS))
     throughput_mops = {"int8": 50_000, "fp32": 5_000}
     policy = factory.RelatedFactory("tests.factories.PolicyFactory", factory_related_name="vehicle")
 

@@ -701,6 +701,7 @@ class _Session:
                 throughput_mops=agent.throughput_mops,
                 uplink_kbps=int(uplink) if uplink else None,
                 leases=tuple(agent.held),
+                tasks=list(WORKLOAD_RUNTIMES),
             )
         )
         tasks = [

@@ -304,7 +304,7 @@ class VehicleConsumer(DeviceConsumer):
             raise protocol.ProtocolError("out_of_order", "hello was already received on this connection")
         stale, view = await database_sync_to_async(services.vehicle_connected)(
             vehicle_id=self.vehicle_id, channel_name=self.channel_name, agent_version=msg.agent_version,
-            runtimes=msg.runtimes, throughput_mops=msg.throughput_mops, uplink_kbps=msg.uplink_kbps,
+            runtimes=msg.runtimes, tasks=msg.tasks, throughput_mops=msg.throughput_mops, uplink_kbps=msg.uplink_kbps,
             held=list(msg.leases))
         self.hello_received = True
         liveness.hello(self)

@@ -65,7 +65,7 @@ def _fixture() -> tuple[int, list[int]]:
         hardware = list(HardwareGeneration.objects.filter(code__in=["HW3", "HW4"]))
         cars = Vehicle.objects.bulk_create(
             Vehicle(owner=owner, name=f"Bench car {i}", hardware=rng.choice(hardware), connected=True, last_seen_at=now,
-                    battery_pct=80.0, on_wifi=True, plugged_in=True, runtimes=[model.runtime],
+                    battery_pct=80.0, on_wifi=True, plugged_in=True, runtimes=[model.runtime], tasks=[model.task],
                     uplink_kbps=rng.randint(10_000, 50_000), token_prefix=tokens.new_token("dev")[1])
             for i in range(CARS))
         OwnerPolicy.objects.bulk_create(OwnerPolicy(vehicle=car) for car in cars)

@@ -281,3 +281,22 @@ def test_the_job_page_of_a_classification_counts_the_labels_so_far(client, buyer
     assert "<td>finance</td><td class=\"num\">2</td>" in page
     # an embeddings job has no summary
     assert selectors.job_results_summary(job=Job(ai_model=AIModel.objects.get(slug="all-minilm-l6-v2"))) is None
+
+
+@pytest.mark.django_db
+def test_an_agent_that_does_not_run_classification_is_sold_none_and_leased_none(buyer, market):
+    """An older agent (its hello lists only embedding, or no tasks at all) is neither allocated a classification
+    job's capacity in the auction nor given its units: they wait for a car that runs them."""
+    from marketplace.models import Allocation
+
+    old = VehicleFactory(policy__reserve_price_micros=0, tasks=["embedding"])
+    job = classification_job(buyer)
+    flows.auction_tick()
+    assert not Allocation.objects.filter(job=job, vehicle=old).exists()
+    units, _ = flows.units_lease(vehicle_id=old.pk)
+    assert units == []
+    new = VehicleFactory(policy__reserve_price_micros=0)
+    work({new.pk: honest_classifier, old.pk: honest_classifier})
+    job.refresh_from_db()
+    assert job.state == Job.State.COMPLETED
+    assert not job.units.filter(completed_by=old).exists()

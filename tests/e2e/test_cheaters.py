@@ -298,7 +298,7 @@ def test_cheaters_of_every_kind_are_caught_suspended_and_deliver_nothing(tmp_pat
 TURNCOAT_HONEST = 10
 # The replication floor the servers run with in this test (default 0.04): each result of a trusted car is
 # replicated with probability 0.5 (canaries add 1 %). So some of its honest results are accepted unchecked
-# and paid (all 10 are checked with probability about 0.5^10 = 0.001), and once it cheats it is caught within
+# and paid (the test waits for one before the honest cars join), and once it cheats it is caught within
 # k wrong results with probability 1 - 0.5^k (more: a replica of another car's result that it takes is
 # always compared). It gets about 0.4 units a second, and cheats for more than half of the job.
 TURNCOAT_FLOOR = 0.5
@@ -322,10 +322,19 @@ def test_a_car_that_builds_trust_then_cheats_is_caught_and_clawed_back(tmp_path,
 
     env = {**PRODUCT_ENV, "DOCS_PER_UNIT": str(DOCS_PER_UNIT), "VERIFY_REPLICATION_FLOOR": str(TURNCOAT_FLOOR)}
     with live_product(tmp_path, **env) as (base, procs):
-        with Fleet(base, [(honest, None), ([turncoat], faults)]) as cars:
-            elapsed = run_until_completed(job, cars, procs, limit_s=240)
-            rows = download(base, buyer, job)
-        agent = cars.agents["Turncoat"]
+        # The turncoat works alone until one of its results is accepted unchecked (each is, with probability
+        # 0.5, the platform checking the others: no car of another owner is there), then the honest cars join.
+        # Together from the start, it took almost only replicas of the new honest cars' results (the lowest
+        # queued units), which are always compared, so it had nothing unchecked to void.
+        with Fleet(base, [([turncoat], faults)]) as alone:
+            deadline = time.monotonic() + 120
+            while not Lease.objects.filter(vehicle_id=turncoat["id"], verdict=Lease.Verdict.UNCHECKED).exists():
+                assert time.monotonic() < deadline and not alone.failures, procs.logs()
+                time.sleep(0.2)
+            with Fleet(base, [(honest, None)]) as cars:
+                elapsed = run_until_completed(job, cars, procs, limit_s=240)
+                rows = download(base, buyer, job)
+        agent = alone.agents["Turncoat"]
 
     assert wrong_rows(rows, docs) == []
     vehicle = Vehicle.objects.get(pk=turncoat["id"])

@@ -72,8 +72,13 @@ def _catalogue() -> list[dict]:
     """Active models with the price per million tokens at each precision's last clearing price."""
     order = {task: i for i, task in enumerate(workloads.WORKLOADS)}
     models = sorted(AIModel.objects.filter(active=True, task__in=order), key=lambda m: (order[m.task], m.slug))
-    return [{"model": ai_model, "workload": workloads.get(ai_model.task),
-             "prices": selectors.model_prices(ai_model=ai_model)} for ai_model in models]
+    catalogue = []
+    for ai_model in models:
+        prices = selectors.model_prices(ai_model=ai_model)
+        catalogue.append({"model": ai_model, "workload": workloads.get(ai_model.task), "prices": prices,
+                          "by_precision": [{"precision": p, "runs": p in prices, "price": prices.get(p)}
+                                           for p, _ in PRECISION_CHOICES]})
+    return catalogue
 
 
 def _default_bid_per_mtok(ai_model: AIModel | None, precision: str) -> Decimal:
@@ -309,6 +314,7 @@ def market_view(request):
         })
     return render(request, "marketplace/market.html", {
         "classes": classes, "rounds": rounds, "reference_model": reference, "history_hours": MARKET_HISTORY_HOURS,
+        "catalogue": _catalogue(), "precisions": [p for p, _ in PRECISION_CHOICES],
         "any_supply": any(depth.cars for depth in depths.values()),
         "depth_data": [{"market": d.precision, "steps": [[price, round(rate)] for price, rate in d.steps]}
                        for d in depths.values()],

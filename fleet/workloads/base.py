@@ -39,7 +39,7 @@ class PriceUnit:
 
     name: str  # what is counted: "token", "page"
     per: int  # how many of them one price is for
-    label: str  # "$ per million tokens"
+    label: str  # "per million tokens", after the currency
 
 
 TOKENS = PriceUnit(name="token", per=1_000_000, label="per million tokens")

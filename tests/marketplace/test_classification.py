@@ -300,3 +300,16 @@ def test_an_agent_that_does_not_run_classification_is_sold_none_and_leased_none(
     job.refresh_from_db()
     assert job.state == Job.State.COMPLETED
     assert not job.units.filter(completed_by=old).exists()
+
+
+@pytest.mark.django_db
+def test_the_market_page_lists_every_workloads_model_with_its_price_in_its_unit(client):
+    from django.urls import reverse
+
+    from marketplace.models import AuctionRound
+
+    AuctionRound.objects.create(market="int8", cleared_at=timezone.now(), interval_s=2, clearing_price_micros=800_000)
+    page = client.get(reverse("market")).content.decode()
+    catalogue = page[page.index('data-testid="catalogue"'):page.index('id="prices-title"')]
+    assert "Embeddings" in catalogue and "Classification" in catalogue and "Apache-2.0" in catalogue
+    assert catalogue.count("per million tokens") == 2 and catalogue.count("no trade yet") == 2  # fp32: none yet

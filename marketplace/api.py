@@ -133,6 +133,8 @@ class JobSerializer(serializers.ModelSerializer):
     """The schema of a job; its data is marketplace.selectors.job_public (what the webhooks carry too)."""
 
     model = serializers.CharField(source="ai_model.slug")
+    task = serializers.CharField(source="ai_model.task", help_text="The model's workload (docs/workloads.md).")
+    params = serializers.JSONField(help_text="The workload's parameters (a classifier's labels); {} for embeddings.")
     progress_pct = serializers.IntegerField(read_only=True)
     max_price_per_million_tokens_micros = serializers.IntegerField(
         read_only=True, help_text="The bid in the buyer's terms: micro-units per million tokens of the job's model.")

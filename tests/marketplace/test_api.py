@@ -375,9 +375,10 @@ def test_rounds_need_credentials_and_valid_filters(api):
     assert "since" in assert_error(api.get("/api/v1/rounds/?since=last-week"), 400, "invalid")["fields"]
 
 
-def test_the_catalogue_is_public_and_marks_the_default_embedding_model(client):
+def test_the_catalogue_is_public_and_marks_each_workloads_default_model(client):
     models = client.get("/api/v1/models/").json()
-    assert [m["slug"] for m in models if m["default"]] == ["all-minilm-l6-v2"]
+    assert {(m["task"], m["slug"]) for m in models if m["default"]} == {
+        ("embedding", "all-minilm-l6-v2"), ("classification", "minilm-l6-classifier")}
     assert set(models[0]["price_per_million_tokens_micros"]) == {"int8", "fp32"}
 
 

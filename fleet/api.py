@@ -218,6 +218,29 @@ class PairingCodeThrottle(PairingThrottle):
         return self.cache_format % {"scope": self.scope, "ident": tokens.digest(prefix)[:16]}
 
 
+class UnitInputsApi(APIView):
+    """A car fetches the inputs of a unit it holds when they are too large for its unit.assign (page images):
+    ``Authorization: Bearer <device token>``; 401 without a working token, 404 for any unit that is not the car's
+    current lease at that epoch (docs/vehicle-protocol.md, "Inputs by URL")."""
+
+    permission_classes = [permissions.AllowAny]
+    authentication_classes = []
+    throttle_classes = []
+
+    @extend_schema(exclude=True)
+    def get(self, request, unit_id: int, epoch: int):
+        header = request.headers.get("Authorization", "")
+        vehicle = services.device_authenticate(token=header[7:] if header.startswith("Bearer ") else "")
+        if vehicle is None:
+            return Response({"error": {"code": "not_authenticated", "message": "A device token is required."}},
+                            status=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+        inputs = services.unit_inputs_fetch(vehicle=vehicle, unit_id=unit_id, epoch=epoch)
+        if inputs is None:
+            return Response({"error": {"code": "not_found", "message": "This car holds no such lease."}},
+                            status=status.HTTP_404_NOT_FOUND)
+        return Response({"inputs": inputs}, headers={"Cache-Control": "no-store"})
+
+
 class PairApi(APIView):
     """The car's agent exchanges a one-time pairing code for its device token. Attempts are throttled per client
     address and per code prefix (429 with Retry-After; docs/vehicle-protocol.md)."""

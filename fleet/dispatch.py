@@ -2,7 +2,8 @@
 
 Jobs are cut into small units (``DOCS_PER_UNIT`` documents). What a car receives for one ``work.request`` is a
 batch of consecutive units sized to the car: its measured throughput for the precision (capped by the
-hardware's nominal peak), its uplink (results are about 2.7 KB of base64 per 384-float vector), and the time
+hardware's nominal peak), its link (results are about 2 KB of base64 per 384-float vector; page images fetched
+by URL are far larger, and counted too), and the time
 it can still work before its owner's next departure, window end, battery floor or energy budget. Every unit
 keeps its own lease and fencing epoch.
 """
@@ -14,23 +15,24 @@ import math
 PIPELINE_S = 4.0
 #: A car is given only work it can finish in this share of the time it can still work.
 PARKED_TIME_SHARE = 0.5
-#: Bytes on the uplink per embedding value (float32 in base64) and per result message (framing, ids).
-RESULT_BYTES_PER_VALUE = 16 / 3
+#: Bytes per result message beyond its documents' (framing, ids).
 RESULT_OVERHEAD_BYTES = 200
 #: The unit the welcome's in-flight limit is computed for, before the car has work: 8 documents of about
 #: 128 tokens of the default embedding model (all-MiniLM-L6-v2, about 23.6 Mops per token), 384 dimensions.
 REFERENCE_UNIT_MOPS = 24_000
-REFERENCE_UNIT_VALUES = 8 * 384
+REFERENCE_UNIT_RESULT_BYTES = 8 * 384 * 16 // 3
 #: Uplink assumed for a car that did not report one (a slow home line).
 DEFAULT_UPLINK_KBPS = 5_000
 #: A lease lives at most this many times the time its car needs for the work it holds (lease_lifetime_s).
 LEASE_LIFETIME_FACTOR = 4.0
 
 
-def unit_seconds(*, unit_mops: int, values: int, mops_per_s: int, uplink_kbps: int | None) -> float:
-    """Time for the car to compute one unit and send its result back."""
-    result_bits = (values * RESULT_BYTES_PER_VALUE + RESULT_OVERHEAD_BYTES) * 8
-    return unit_mops / max(1, mops_per_s) + result_bits / ((uplink_kbps or DEFAULT_UPLINK_KBPS) * 1000)
+def unit_seconds(*, unit_mops: int, result_bytes: int, mops_per_s: int, uplink_kbps: int | None,
+                 input_bytes: int = 0) -> float:
+    """Time for the car to fetch one unit's inputs (those fetched by URL), compute it and send its result back.
+    Only the uplink's rate is reported; a car's downlink is taken to be at least as fast."""
+    bits = (input_bytes + result_bytes + RESULT_OVERHEAD_BYTES) * 8
+    return unit_mops / max(1, mops_per_s) + bits / ((uplink_kbps or DEFAULT_UPLINK_KBPS) * 1000)
 
 
 def inflight_limit(*, unit_s: float, max_inflight: int) -> int:

@@ -22,6 +22,8 @@ MAX_TEXTS_PER_UNIT = 64
 #: (marketplace.services.job_prepare) and shortens texts (fleet.workloads.base.fit_text) to stay within them.
 MAX_TEXT_CHARS = 16_384
 UNIT_TEXT_BYTES = 40 * 1024
+#: The longest inputs_url of a unit.assign (docs/vehicle-protocol.md, "Inputs by URL").
+MAX_INPUTS_URL = 256
 #: Upper bound of any car's in-flight leases (the gateway derives each car's own limit, at most this).
 MAX_INFLIGHT = 32
 
@@ -253,8 +255,9 @@ class UnitAssign(Message):
         "lease_ttl_s": _int,
         "task": lambda v, n: _str(v, n, 32),
         "params": _object,
+        "inputs_url": lambda v, n: _str(v, n, MAX_INPUTS_URL),
     }
-    OPTIONAL = frozenset({"task", "params"})
+    OPTIONAL = frozenset({"task", "params", "inputs_url"})
     unit_id: int
     epoch: int
     runtime: str
@@ -263,6 +266,9 @@ class UnitAssign(Message):
     lease_ttl_s: int
     task: str = "embedding"  # the workload (docs/workloads.md)
     params: dict = dataclasses.field(default_factory=dict)  # the job's parameters the workload's runtime needs
+    #: Where the unit's inputs are, when they are too large for a message (page images): a path on the server
+    #: the car GETs with its device token, answering {"inputs": [...]}; ``texts`` is then empty.
+    inputs_url: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

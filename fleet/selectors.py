@@ -73,6 +73,15 @@ def vehicle_outlook(*, vehicle: Vehicle, now: datetime) -> tuple[eligibility.Dec
     return decision, eligibility.work_time_left(policy=rules, state=state, usage=usage, now=now)
 
 
+def vehicle_data_left_bytes(*, vehicle: Vehicle, now: datetime) -> int | None:
+    """Bytes the car may still move today under its owner's data budget (None: no budget)."""
+    budget_mb = vehicle.policy.daily_data_mb
+    if budget_mb is None:
+        return None
+    used = vehicle_usage(vehicle=vehicle, tz=vehicle.policy.timezone, now=now).data_today_mb
+    return max(0, int((budget_mb - used) * 10**6))
+
+
 def vehicle_decision(*, vehicle: Vehicle, now: datetime) -> eligibility.Decision:
     """The eligibility rule applied to a vehicle row: its policy, its live state and its usage."""
     return vehicle_outlook(vehicle=vehicle, now=now)[0]
@@ -109,7 +118,7 @@ def vehicle_inflight_limit(*, vehicle: Vehicle) -> int:
     recent leases that ran out without a result. Announced in the welcome and enforced by the dispatcher."""
     precisions = list(vehicle.throughput_mops) or [t.precision for t in vehicle.hardware.throughputs.all()]
     rates = [vehicle_mops_per_s(vehicle=vehicle, precision=p) for p in precisions]
-    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
+    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, result_bytes=dispatch.REFERENCE_UNIT_RESULT_BYTES,
                                    mops_per_s=max(rates, default=1), uplink_kbps=vehicle.uplink_kbps)
     limit = dispatch.inflight_limit(unit_s=unit_s, max_inflight=settings.MAX_INFLIGHT_PER_CAR)
     return dispatch.inflight_after_strikes(limit=limit, strikes=vehicle_recent_strikes(vehicle=vehicle))

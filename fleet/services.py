@@ -26,6 +26,7 @@ from fleet.selectors import (
     GatewayView,
     rate_proven,
     vehicle_consents,
+    vehicle_data_left_bytes,
     vehicle_gateway_view,
     vehicle_ineligibility,
     vehicle_inflight_limit,
@@ -114,6 +115,19 @@ def device_authenticate(*, token: str) -> Vehicle | None:
     if vehicle is None or not tokens.matches(token, vehicle.token_hash):
         return None
     return vehicle
+
+
+def unit_inputs_fetch(*, vehicle: Vehicle, unit_id: int, epoch: int) -> list[str] | None:
+    """The inputs of a unit the car holds now (its current lease, that epoch), as the car's runtime takes them
+    (docs/vehicle-protocol.md, "Inputs by URL"), counted against the car's daily data; None for any other unit,
+    whether it exists or not (a car learns nothing of other cars' work), or once the job's data was deleted."""
+    inputs = (WorkUnit.objects.filter(pk=unit_id, lease_epoch=epoch, leased_to=vehicle, state=WorkUnit.State.LEASED)
+              .values_list("inputs", flat=True).first())
+    if not inputs:
+        return None
+    texts = [doc["text"] for doc in inputs]
+    vehicle_data_record(vehicle_id=vehicle.pk, data_bytes=sum(len(text) for text in texts))
+    return texts
 
 
 def vehicle_token_revoke(*, vehicle: Vehicle) -> None:
@@ -426,13 +440,21 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None,
             if not vehicle_consents(vehicle=vehicle, job_category=job.ai_model.task, organisation_id=job.organisation_id):
                 continue
             unit_mops = max(1, job.mops_total // max(1, job.units_total))
-            values = job.ai_model.dims * settings.DOCS_PER_UNIT
-            unit_s = dispatch.unit_seconds(unit_mops=unit_mops, values=values, uplink_kbps=vehicle.uplink_kbps,
+            workload = workloads.get(job.ai_model.task)
+            unit_docs = -(-job.docs_total // max(1, job.units_total))
+            fetched = 0 if workload.inline_inputs else workload.input_bytes_per_doc * unit_docs
+            unit_s = dispatch.unit_seconds(unit_mops=unit_mops, result_bytes=workload.result_bytes_per_doc * unit_docs,
+                                           input_bytes=fetched, uplink_kbps=vehicle.uplink_kbps,
                                            mops_per_s=vehicle_mops_per_s(vehicle=vehicle, precision=job.precision))
             count = dispatch.batch_size(limit=limit, held=held, unit_s=unit_s, time_left_s=time_left)
             if count == 0:
                 return [], "leaving_soon"
             count = min(count, max_units or count, -(-allocation.remaining_mops // unit_mops))
+            if fetched and (data_left := vehicle_data_left_bytes(vehicle=vehicle, now=now)) is not None:
+                # Inputs fetched by URL count against the owner's data budget: lease only what it still covers.
+                count = min(count, data_left // fetched)
+                if count == 0:
+                    continue
             # Its leases live at most a few times what the car needs for all it will hold (fleet.dispatch).
             lifetime = dispatch.lease_lifetime_s(work_s=(held + count) * unit_s, ttl_s=settings.LEASE_TTL_S,
                                                  max_s=settings.LEASE_MAX_LIFETIME_S)
@@ -716,7 +738,7 @@ def unit_reference_compute(*, unit_id: int) -> list | None:
     if not inputs:  # the job's data was deleted: nothing to compute
         return None
     return agent_workloads.compute(task, [doc["text"] for doc in inputs],
-                                   workloads.get(task).unit_params(params), get_runner(runtime, precision).embed)
+                                   workloads.get(task).unit_params(params), get_runner(runtime, precision).infer)
 
 
 def unit_arbitrate(*, unit: WorkUnit, reference: list[str]) -> Verdict:

@@ -94,18 +94,36 @@ _POST_ERRORS = (400, 401, 403, 409, 422, 429)
 # --- catalogue -----------------------------------------------------------------------------------------
 
 
+class PriceUnitSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text='What is counted: "token", "page".')
+    per = serializers.IntegerField(help_text="How many of them one price is for: 1000000, 1000.")
+    label = serializers.CharField(help_text='"per million tokens", "per thousand pages".')
+
+
 class AIModelSerializer(serializers.ModelSerializer):
+    price_unit = serializers.SerializerMethodField(help_text="What this model's prices are per (its workload's).")
+    price_per_unit_micros = serializers.SerializerMethodField(
+        help_text="Last clearing price per precision, in micro-units per price unit (null: no trade yet).")
     price_per_million_tokens_micros = serializers.SerializerMethodField(
-        help_text="Last clearing price per precision, in micro-units per million tokens (null: no trade yet).")
+        help_text="The same for a model priced per token (null for one priced per page).")
     default = serializers.SerializerMethodField(help_text="The catalogue's default model for its task.")
 
     class Meta:
         model = AIModel
         fields = ["slug", "name", "description", "task", "precisions", "dims", "max_tokens", "ops_per_token",
-                  "licence", "size_bytes", "price_per_million_tokens_micros", "default"]
+                  "licence", "size_bytes", "price_unit", "price_per_unit_micros", "price_per_million_tokens_micros",
+                  "default"]
 
-    def get_price_per_million_tokens_micros(self, obj) -> dict[str, int | None]:
+    @extend_schema_field(PriceUnitSerializer)
+    def get_price_unit(self, obj) -> dict:
+        unit = obj.price_unit
+        return {"name": unit.name, "per": unit.per, "label": unit.label}
+
+    def get_price_per_unit_micros(self, obj) -> dict[str, int | None]:
         return selectors.model_prices(ai_model=obj)
+
+    def get_price_per_million_tokens_micros(self, obj) -> dict[str, int | None] | None:
+        return selectors.model_prices(ai_model=obj) if obj.price_unit.name == "token" else None
 
     def get_default(self, obj) -> bool:
         default = selectors.default_model(task=obj.task)
@@ -136,8 +154,13 @@ class JobSerializer(serializers.ModelSerializer):
     task = serializers.CharField(source="ai_model.task", help_text="The model's workload (docs/workloads.md).")
     params = serializers.JSONField(help_text="The workload's parameters (a classifier's labels); {} for embeddings.")
     progress_pct = serializers.IntegerField(read_only=True)
+    price_unit = serializers.CharField(read_only=True, help_text='What its prices are per: "per million tokens", '
+                                                               '"per thousand pages" (its model\'s workload).')
+    max_price_per_unit_micros = serializers.IntegerField(
+        read_only=True, help_text="The bid in the buyer's terms: micro-units per price unit of the job's model.")
     max_price_per_million_tokens_micros = serializers.IntegerField(
-        read_only=True, help_text="The bid in the buyer's terms: micro-units per million tokens of the job's model.")
+        read_only=True, allow_null=True,
+        help_text="The same for a model priced per token (null for one priced per page).")
 
     class Meta:
         model = Job

@@ -127,9 +127,10 @@ def parse(lines: Iterable[bytes], *, endpoint: str, models: dict[str, ModelInfo]
             if parsed.model is not None and params != parsed.params:
                 raise BadRequest("mismatched_params", "Every request of a batch must have the same parameters "
                                  "(labels, head) as its first valid one.", "body")
+            limit = spec.max_line_bytes or max_text_bytes
             for text in texts:
-                if len(json.dumps({"id": custom_id + "[0000]", "text": text}).encode()) > max_text_bytes:
-                    raise BadRequest("input_too_large", f"An input is longer than the {max_text_bytes} bytes a "
+                if len(json.dumps(spec.input_row(custom_id + "[0000]", text)).encode()) > limit:
+                    raise BadRequest("input_too_large", f"An input is longer than the {limit} bytes a "
                                      "document may have.", "body.input")
         except BadRequest as bad:
             parsed.errors.append(LineError(line=number, custom_id=custom_id, code=bad.code, message=bad.message,

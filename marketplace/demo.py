@@ -39,8 +39,9 @@ def demo_job_top_up(*, docs: int = 400) -> list[Job]:
             kind=LedgerAccount.Kind.BUYER, currency=settings.CURRENCY, organisation=buyer.organisation))
         if balance < DEMO_CREDIT_MINOR:
             balance_grant(organisation=buyer.organisation, amount_minor=DEMO_CREDIT_MINOR, note="demo credit")
-        start = rng.randrange(0, 1500)
-        rows = corpus.documents(start + docs)[start:]
+        start, count = rng.randrange(0, 1500), workload.demo_docs or docs
+        rows = (corpus.page_documents(count, start=start) if workload.demo_input == "page"
+                else corpus.documents(start + count)[start:])
         made.append(flows.job_create(
             organisation=buyer.organisation, user=buyer, model_slug=model.slug,
             precision=rng.choice(model.precisions), max_price_micros=rng.choice([400_000, 800_000, 1_500_000, 2_000_000]),

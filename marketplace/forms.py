@@ -4,11 +4,10 @@ from django import forms
 from django.conf import settings
 from django.utils import timezone
 
-from billing.money import (MINOR_EXPONENT, major_to_micros, major_to_minor, minor_to_major,
-                           price_micros_for_per_million_tokens)
+from billing.money import MINOR_EXPONENT, major_to_micros, major_to_minor, minor_to_major
+from fleet import workloads
 from marketplace.models import PRECISION_CHOICES, AIModel, User
 
-CHARS_PER_TOKEN = 4  # English text under a WordPiece or BPE tokenizer, for estimates only
 
 
 class SignupForm(forms.Form):
@@ -48,23 +47,28 @@ class BudgetField(forms.DecimalField):
         return None if amount is None else major_to_minor(amount, self.currency)
 
 
-def bid_micros(*, ai_model: AIModel, per_mtok: Decimal) -> int:
-    """A bid typed in dollars per million tokens of ``ai_model``, as µ$ per compute unit (rounded down)."""
-    return price_micros_for_per_million_tokens(per_million_tokens_micros=major_to_micros(per_mtok),
-                                               ops_per_token=ai_model.ops_per_token)
+def bid_micros(*, ai_model: AIModel, per_unit: Decimal) -> int:
+    """A bid typed in dollars per price unit of ``ai_model`` (a million tokens, a thousand pages), as µ$ per
+    compute unit (rounded down)."""
+    return ai_model.price_from_buyer(major_to_micros(per_unit))
+
+
+def _price_units() -> str:
+    """Each workload's price unit, in words: what the bid field is per."""
+    return "; ".join(f"{w.price_unit.label} for {w.title.lower()}" for w in workloads.WORKLOADS.values())
 
 
 class JobForm(forms.Form):
-    """A new job as a buyer thinks of it: a model, a maximum price per million tokens of that model, a deadline
+    """A new job as a buyer thinks of it: a model, a maximum price per price unit of that model, a deadline
     and the documents. The bid is stored per compute unit (what the auction clears), rounded down."""
 
     model = forms.ModelChoiceField(queryset=AIModel.objects.filter(active=True), to_field_name="slug", empty_label=None)
     precision = forms.ChoiceField(choices=PRECISION_CHOICES,
                                   help_text="Number format the cars compute in: INT8 is cheapest, FP32 the most exact.")
-    max_price_per_mtok = forms.DecimalField(
-        label="Maximum price per million tokens", min_value=Decimal("0.000001"), max_digits=12, decimal_places=6,
-        help_text=f"In {settings.CURRENCY.upper()}: your sealed bid. Every round's single clearing price is at most "
-                  "this, often less.")
+    max_price_per_unit = forms.DecimalField(
+        label="Maximum price", min_value=Decimal("0.000001"), max_digits=12, decimal_places=6,
+        help_text=f"In {settings.CURRENCY.upper()} {_price_units()}: your sealed bid. Every round's single clearing "
+                  "price is at most this, often less.")
     deadline = forms.DateTimeField(widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
                                    help_text="UTC. The job expires then; finished units stay paid.")
     budget_cap = BudgetField()
@@ -74,7 +78,7 @@ class JobForm(forms.Form):
         label="Labels (classification models)",
         help_text="One label per line, optionally followed by a colon and a description of what belongs in it. "
                   "Each document gets one of them. (A trained linear head: through the API.)")
-    inputs = forms.FileField(help_text='JSON Lines: one {"text": "...", "id": "..."} object per line. Large files '
+    inputs = forms.FileField(help_text="JSON Lines: one document per line, as each model's card shows. Large files "
                                        "are streamed; a bad line is reported by its number and nothing is created.")
 
     def __init__(self, *args, **kwargs):
@@ -92,13 +96,13 @@ class JobForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        ai_model, precision, per_mtok = data.get("model"), data.get("precision"), data.get("max_price_per_mtok")
+        ai_model, precision, per_unit = data.get("model"), data.get("precision"), data.get("max_price_per_unit")
         if ai_model and precision and precision not in ai_model.precisions:
             self.add_error("precision", f"{ai_model.name} runs at {', '.join(p.upper() for p in ai_model.precisions)}.")
-        if ai_model and per_mtok is not None:
-            data["max_price_micros"] = bid_micros(ai_model=ai_model, per_mtok=per_mtok)
+        if ai_model and per_unit is not None:
+            data["max_price_micros"] = bid_micros(ai_model=ai_model, per_unit=per_unit)
             if data["max_price_micros"] <= 0:
-                self.add_error("max_price_per_mtok", "This price is below one micro-dollar per PetaOp: raise it.")
+                self.add_error("max_price_per_unit", "This price is below one micro-dollar per PetaOp: raise it.")
         labels = data.get("labels") or []
         if ai_model and ai_model.task == "classification":
             data["params"] = {"labels": labels}  # checked by the workload (fleet.workloads.classification)
@@ -109,9 +113,9 @@ class JobForm(forms.Form):
 
 
 class JobTermsForm(forms.Form):
-    """Change an open job's bid (per million tokens of its model) and budget cap."""
+    """Change an open job's bid (per price unit of its model) and budget cap."""
 
-    max_price_per_mtok = forms.DecimalField(label="Maximum price per million tokens", min_value=Decimal("0.000001"),
+    max_price_per_unit = forms.DecimalField(label="Maximum price", min_value=Decimal("0.000001"),
                                             max_digits=12, decimal_places=6,
                                             help_text=f"In {settings.CURRENCY.upper()}.")
     budget_cap = BudgetField(help_text=f"In {settings.CURRENCY.upper()}; empty: no cap.")
@@ -119,13 +123,14 @@ class JobTermsForm(forms.Form):
     def __init__(self, *args, ai_model: AIModel, **kwargs):
         super().__init__(*args, **kwargs)
         self.ai_model = ai_model
+        self.fields["max_price_per_unit"].help_text = f"In {settings.CURRENCY.upper()} {ai_model.price_unit.label}."
 
     def clean(self):
         data = super().clean()
-        if data.get("max_price_per_mtok") is not None:
-            data["max_price_micros"] = bid_micros(ai_model=self.ai_model, per_mtok=data["max_price_per_mtok"])
+        if data.get("max_price_per_unit") is not None:
+            data["max_price_micros"] = bid_micros(ai_model=self.ai_model, per_unit=data["max_price_per_unit"])
             if data["max_price_micros"] <= 0:
-                self.add_error("max_price_per_mtok", "This price is below one micro-dollar per PetaOp: raise it.")
+                self.add_error("max_price_per_unit", "This price is below one micro-dollar per PetaOp: raise it.")
         return data
 
 
@@ -135,16 +140,16 @@ class EstimateForm(forms.Form):
 
     model = forms.ModelChoiceField(queryset=AIModel.objects.filter(active=True), to_field_name="slug")
     precision = forms.ChoiceField(choices=PRECISION_CHOICES)
-    max_price_per_mtok = forms.DecimalField(min_value=Decimal("0.000001"), max_digits=12, decimal_places=6)
+    max_price_per_unit = forms.DecimalField(min_value=Decimal("0.000001"), max_digits=12, decimal_places=6)
     docs = forms.IntegerField(min_value=1)
     chars = forms.IntegerField(min_value=0)
     budget_cap = BudgetField()
 
-    def tokens(self) -> int:
-        """Estimated tokens: about four characters a token plus the two special tokens, each document capped at
-        the model's context (the tokenizer counts exactly once the file is uploaded)."""
+    def cost_units(self) -> int:
+        """The job's estimated cost units (tokens, pages) by its model's workload."""
         data = self.cleaned_data
-        return min(data["chars"] // CHARS_PER_TOKEN + 2 * data["docs"], data["docs"] * data["model"].max_tokens)
+        return workloads.get(data["model"].task).estimate_costs(workloads.ModelInfo.of(data["model"]),
+                                                                docs=data["docs"], chars=data["chars"])
 
 
 class MemberAddForm(forms.Form):

@@ -3,6 +3,10 @@ from django.contrib.auth.models import AbstractUser, BaseUserManager
 from django.db import models
 from django.utils import timezone
 
+from billing.money import price_micros_for_per_units, price_per_units_micros
+from fleet import workloads
+from fleet.workloads.base import PriceUnit
+
 PRECISION_CHOICES = [("int8", "INT8"), ("fp16", "FP16"), ("fp32", "FP32")]
 class UserManager(BaseUserManager):
     use_in_migrations = True
@@ -122,6 +126,21 @@ class AIModel(models.Model):
     class Meta:
         verbose_name = "AI model"
         ordering = ["slug"]
+
+    @property
+    def price_unit(self) -> PriceUnit:
+        """What its buyers' prices are per (a million tokens, a thousand pages): its workload's."""
+        return workloads.get(self.task).price_unit
+
+    def price_for_buyer(self, price_micros: int) -> int:
+        """A price per compute unit (what the auction clears) as micro-units per its price unit."""
+        return price_per_units_micros(price_micros=price_micros, ops_per_unit=self.ops_per_token,
+                                      per=self.price_unit.per)
+
+    def price_from_buyer(self, per_unit_micros: int) -> int:
+        """A price typed per its price unit, as micro-units per compute unit (rounded down)."""
+        return price_micros_for_per_units(per_units_micros=per_unit_micros, ops_per_unit=self.ops_per_token,
+                                          per=self.price_unit.per)
 
     def __str__(self):
         return self.name

@@ -21,7 +21,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.money import major_to_micros
-from marketplace import flows, selectors, services
+from fleet.workloads.base import TOKENS
+from marketplace import batches, flows, selectors, services
 from marketplace.api import IsBuyer, _acting_user
 from marketplace.authentication import ApiKeyAuthentication
 from marketplace.core.errors import ApplicationError, ValidationFailed
@@ -199,25 +200,29 @@ class FileContentApi(FileDetailApi):
 
 # --- batches -------------------------------------------------------------------------------------------
 
-def _price_micros(data: dict) -> int | None:
-    """The batch's bid from the request's extra fields: ``max_price_per_million_tokens`` in the currency's major
-    unit (dollars, as OpenAI's price list: 0.02), exactly to micro-units or refused; or
-    ``max_price_per_million_tokens_micros``, an integer as our own API takes it."""
-    if (micros := data.get("max_price_per_million_tokens_micros")) is not None:
+def _price_micros(data: dict, endpoint: str) -> int | None:
+    """The batch's bid from the request's extra fields, in its endpoint's price unit (``<unit>`` is
+    ``million_tokens``, or ``thousand_pages`` for OCR): ``max_price_per_<unit>`` in the currency's major unit
+    (dollars, as OpenAI's price list: 0.02), exactly to micro-units or refused; or ``max_price_per_<unit>_micros``,
+    an integer as our own API takes it."""
+    workload = batches.ENDPOINTS.get(endpoint)
+    key = (workload.price_unit if workload is not None else TOKENS).key
+    named, named_micros = f"max_price_per_{key}", f"max_price_per_{key}_micros"
+    if (micros := data.get(named_micros)) is not None:
         if isinstance(micros, bool) or not isinstance(micros, int) or micros <= 0:
-            raise ValidationFailed("max_price_per_million_tokens_micros must be a positive integer.",
-                                   code="invalid_value", extra={"param": "max_price_per_million_tokens_micros"})
+            raise ValidationFailed(f"{named_micros} must be a positive integer.",
+                                   code="invalid_value", extra={"param": named_micros})
         return micros
-    if (price := data.get("max_price_per_million_tokens")) is None:
+    if (price := data.get(named)) is None:
         return None
     try:
         micros = major_to_micros(Decimal(str(price)) if isinstance(price, int | float | str) else price)
     except (InvalidOperation, TypeError, ValueError):
         micros = 0
     if micros <= 0:
-        raise ValidationFailed("max_price_per_million_tokens must be a positive amount of the currency (e.g. 0.02 "
-                               "for $0.02 per million tokens), to at most 6 decimals.", code="invalid_value",
-                               extra={"param": "max_price_per_million_tokens"})
+        raise ValidationFailed(f"{named} must be a positive amount of the currency (e.g. 0.02 for $0.02 "
+                               f"{key.replace('_', ' ')}), to at most 6 decimals.", code="invalid_value",
+                               extra={"param": named})
     return micros
 
 
@@ -268,7 +273,7 @@ class BatchListCreateApi(OpenAIApi):
             organisation=self.organisation, user=_acting_user(request),
             input_file_id=_string(data, "input_file_id"), endpoint=_string(data, "endpoint"),
             completion_window=_string(data, "completion_window"), metadata=_metadata(data.get("metadata")),
-            max_price_per_million_tokens_micros=_price_micros(data),
+            max_price_per_unit_micros=_price_micros(data, _string(data, "endpoint")),
             precision=_string(data, "precision", required=False),
             key_default_per_million_tokens_micros=request.auth.default_bid_per_million_tokens_micros,
             output_expires_after_s=_expires_after(data.get("output_expires_after"), "output_expires_after"))

@@ -7,7 +7,7 @@ from django.db.models import Count, F, Func, IntegerField, Q, QuerySet, Sum
 from django.utils import timezone
 
 from billing.models import Reservation
-from billing.money import femto_per_minor, femto_to_minor_ceil, price_per_million_tokens_micros
+from billing.money import femto_per_minor, femto_to_minor_ceil
 from fleet import workloads
 from fleet.models import WorkUnit
 from marketplace.models import (AIModel, ApiKey, AuctionRound, Batch, BatchFile, Job, Organisation, WebhookDelivery,
@@ -89,12 +89,12 @@ def suggested_bid_micros(*, precision: str) -> int:
 
 
 def model_prices(*, ai_model: AIModel) -> dict[str, int | None]:
-    """Micro-units per million tokens of this model at the last clearing price of each precision."""
+    """Micro-units per price unit of this model (a million tokens, a thousand pages) at the last clearing price
+    of each precision."""
     prices = {}
     for precision in ai_model.precisions:
         price = last_clearing_price(precision=precision)
-        prices[precision] = None if price is None else price_per_million_tokens_micros(
-            price_micros=price, ops_per_token=ai_model.ops_per_token)
+        prices[precision] = None if price is None else ai_model.price_for_buyer(price)
     return prices
 
 
@@ -123,6 +123,20 @@ def job_results_summary(*, job: Job) -> list[tuple[str, int]] | None:
     results = WorkUnit.objects.filter(job=job, state=WorkUnit.State.DONE).values_list("result", flat=True)
     return workload.summary((item for result in results.iterator(chunk_size=200) for item in result or []),
                             job.params)
+
+
+def job_results_preview(*, job: Job, pages: int = 3) -> list[dict]:
+    """The first ``pages`` documents done, in input order, as the job page shows them beside their result (an
+    OCR page's image and text), or [] when its workload shows none."""
+    workload = workloads.get(job.ai_model.task)
+    if type(workload).preview is workloads.Workload.preview or job.data_deleted_at is not None:
+        return []
+    shown = []
+    for inputs, result in (WorkUnit.objects.filter(job=job, state=WorkUnit.State.DONE).order_by("seq")
+                           .values_list("inputs", "result")[:pages]):
+        for doc, item in zip(inputs or [], result or []):
+            shown.append({"id": doc.get("id"), **workload.preview(doc, item)})
+    return shown[:pages]
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ def job_progress(*, job: Job) -> JobProgress:
 
 # What the API and the buyer's webhooks show of a job, in this order (marketplace.api.JobSerializer declares
 # the same fields for the schema; tests/marketplace/test_api.py checks that the two agree).
-JOB_PUBLIC_FIELDS = ("id", "model", "task", "params", "precision", "state", "max_price_micros", "max_price_per_million_tokens_micros",
+JOB_PUBLIC_FIELDS = ("id", "model", "task", "params", "precision", "state", "max_price_micros", "price_unit", "max_price_per_unit_micros", "max_price_per_million_tokens_micros",
                      "currency", "deadline", "budget_cap_minor", "docs_total", "tokens_total", "mops_total",
                      "units_total", "units_done", "progress_pct", "created_at", "started_at", "finished_at",
                      "data_expires_at", "data_deleted_at")
@@ -177,8 +191,10 @@ def job_public(job: Job) -> dict:
         "id": job.pk, "model": job.ai_model.slug, "task": job.ai_model.task, "params": job.params,
         "precision": job.precision, "state": job.state,
         "max_price_micros": job.max_price_micros,
-        "max_price_per_million_tokens_micros": price_per_million_tokens_micros(
-            price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token),
+        "price_unit": job.ai_model.price_unit.label,
+        "max_price_per_unit_micros": job.ai_model.price_for_buyer(job.max_price_micros),
+        "max_price_per_million_tokens_micros": (job.ai_model.price_for_buyer(job.max_price_micros)
+                                                if job.ai_model.price_unit.name == "token" else None),
         "currency": job.currency, "deadline": _api_datetime(job.deadline), "budget_cap_minor": job.budget_cap_minor,
         "docs_total": job.docs_total, "tokens_total": job.tokens_total, "mops_total": job.mops_total,
         "units_total": job.units_total, "units_done": job.units_done, "progress_pct": job.progress_pct,

@@ -23,8 +23,6 @@ from django.utils.text import slugify
 from billing.models import MeterRecord
 from billing.money import mops_for_tokens
 from fleet import tokens, workloads
-from fleet.protocol import UNIT_TEXT_BYTES
-from fleet.workloads.base import wire_bytes
 from fleet.models import WorkUnit
 from fleet.selectors import vehicle_consents, vehicle_runs, vehicles_offering
 from marketplace import batches, buyer_webhooks, clearing, selectors
@@ -99,11 +97,15 @@ def job_history_add(*, job: Job, kind: str, detail: str = "", by=None) -> JobEve
 
 # --- jobs ----------------------------------------------------------------------------------------------
 
+def _line_limit(workload: workloads.Workload) -> int:
+    return workload.max_line_bytes or settings.MAX_UPLOAD_LINE_BYTES
+
+
 def _parse_line(raw: bytes, number: int, workload: workloads.Workload = workloads.get("embedding")) -> dict | str | None:
     """One JSON Lines row: the workload's document (fleet.workloads.base.Workload.document_clean), an error
     message, or None for a blank line."""
-    if len(raw) > settings.MAX_UPLOAD_LINE_BYTES:
-        return f"line is longer than {settings.MAX_UPLOAD_LINE_BYTES} bytes"
+    if len(raw) > _line_limit(workload):
+        return f"line is longer than {_line_limit(workload)} bytes"
     try:
         line = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -161,11 +163,13 @@ _COST_BATCH_BYTES = 1 << 20
 
 def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
     """Cost ``docs`` by their workload and append them to the draft as units, in order: ``DOCS_PER_UNIT``
-    documents a unit, fewer when their texts would not fit one unit.assign message (fleet.protocol.UNIT_TEXT_BYTES).
+    documents a unit (or the workload's own number), fewer when their texts would not fit one unit.assign message
+    (fleet.protocol.UNIT_TEXT_BYTES), or inputs fetched by URL would exceed the workload's max_unit_bytes.
     A unit's cost is its documents' and the workload's own per unit (a classifier's labels)."""
     workload, model = workloads.get(draft.ai_model.task), workloads.ModelInfo.of(draft.ai_model)
     counts = workload.costs(model, docs)
     overhead = workload.unit_overhead(model, draft.params)
+    max_docs, max_bytes = workload.unit_limits(settings.DOCS_PER_UNIT)
     unit_docs, unit_tokens, unit_bytes = [], 0, 0
 
     def flush() -> None:
@@ -178,8 +182,8 @@ def _units_spool(draft: JobDraft, docs: list[dict]) -> None:
         draft.mops_total += mops
 
     for doc, tokens in zip(docs, counts):
-        size = wire_bytes(doc["text"])
-        if unit_docs and (len(unit_docs) == settings.DOCS_PER_UNIT or unit_bytes + size > UNIT_TEXT_BYTES):
+        size = workload.payload_bytes(doc)
+        if unit_docs and (len(unit_docs) == max_docs or unit_bytes + size > max_bytes):
             flush()
             unit_docs, unit_tokens, unit_bytes = [], 0, 0
         unit_docs.append(doc)
@@ -228,7 +232,8 @@ def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadl
     bad_count = 0
     pending: list[dict] = []
     pending_bytes = 0
-    lines = _lines(inputs, settings.MAX_UPLOAD_LINE_BYTES) if hasattr(inputs, "readline") else inputs
+    lines = _lines(inputs, _line_limit(workload)) if hasattr(inputs, "readline") else inputs
+    unit_docs = workload.unit_limits(settings.DOCS_PER_UNIT)[0]
     for number, raw in enumerate(lines, start=1):
         parsed = _parse_line(raw, number, workload)
         if isinstance(parsed, str):
@@ -240,7 +245,7 @@ def job_prepare(*, model_slug: str, precision: str, max_price_micros: int, deadl
             continue  # after the first bad line, only validate
         pending.append(parsed)
         pending_bytes += len(raw)
-        whole_units = len(pending) % settings.DOCS_PER_UNIT == 0
+        whole_units = len(pending) % unit_docs == 0
         if whole_units and (len(pending) >= _COST_BATCH_DOCS or pending_bytes >= _COST_BATCH_BYTES):
             _units_spool(draft, pending)
             pending, pending_bytes = [], 0

@@ -22,6 +22,7 @@ api_v1 = [
     path("webhooks/<int:pk>/", api.WebhookEndpointDetailApi.as_view(), name="api-webhook"),
     path("webhooks/<int:pk>/deliveries/", api.WebhookDeliveryListApi.as_view(), name="api-webhook-deliveries"),
     path("fleet/pair/", fleet_api.PairApi.as_view(), name="api-pair"),
+    path("fleet/units/<int:unit_id>/<int:epoch>/inputs/", fleet_api.UnitInputsApi.as_view(), name="api-unit-inputs"),
     path("vehicles/", fleet_api.VehicleListApi.as_view(), name="api-vehicles"),
     path("vehicles/pause-all/", fleet_api.PauseAllApi.as_view(pause=True), name="api-vehicles-pause-all"),
     path("vehicles/resume-all/", fleet_api.PauseAllApi.as_view(pause=False), name="api-vehicles-resume-all"),

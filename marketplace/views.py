@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from billing.money import MICROS_PER_MAJOR, minor_to_major, mops_for_tokens, price_per_million_tokens_micros
+from billing.money import MICROS_PER_MAJOR, minor_to_major, mops_for_tokens
 from billing.selectors import buyer_balance_minor, job_spend_minor
 from fleet import workloads
 from fleet.models import Vehicle
@@ -69,24 +69,26 @@ def buyer_dashboard(request):
 
 
 def _catalogue() -> list[dict]:
-    """Active models with the price per million tokens at each precision's last clearing price."""
+    """Active models with the price per price unit (a million tokens, a thousand pages) at each precision's last
+    clearing price."""
     order = {task: i for i, task in enumerate(workloads.WORKLOADS)}
     models = sorted(AIModel.objects.filter(active=True, task__in=order), key=lambda m: (order[m.task], m.slug))
     catalogue = []
     for ai_model in models:
         prices = selectors.model_prices(ai_model=ai_model)
-        catalogue.append({"model": ai_model, "workload": workloads.get(ai_model.task), "prices": prices,
+        workload = workloads.get(ai_model.task)
+        catalogue.append({"model": ai_model, "workload": workload, "prices": prices,
+                          "limits": workload.input_limits.format(max_tokens=ai_model.max_tokens),
                           "by_precision": [{"precision": p, "runs": p in prices, "price": prices.get(p)}
                                            for p, _ in PRECISION_CHOICES]})
     return catalogue
 
 
-def _default_bid_per_mtok(ai_model: AIModel | None, precision: str) -> Decimal:
-    """The form's suggested bid (selectors.suggested_bid_micros) per million tokens of the model, in the major
-    unit; 0 without a model."""
-    per_mtok = 0 if ai_model is None else price_per_million_tokens_micros(
-        price_micros=selectors.suggested_bid_micros(precision=precision), ops_per_token=ai_model.ops_per_token)
-    return (Decimal(per_mtok) / MICROS_PER_MAJOR).quantize(Decimal("0.000001"))
+def _default_bid_per_unit(ai_model: AIModel | None, precision: str) -> Decimal:
+    """The form's suggested bid (selectors.suggested_bid_micros) per price unit of the model (a million tokens, a
+    thousand pages), in the major unit; 0 without a model."""
+    per_unit = 0 if ai_model is None else ai_model.price_for_buyer(selectors.suggested_bid_micros(precision=precision))
+    return (Decimal(per_unit) / MICROS_PER_MAJOR).quantize(Decimal("0.000001"))
 
 
 @login_required
@@ -122,7 +124,7 @@ def job_new(request):
         ai_model = selectors.default_model()
         precision = ai_model.precisions[0] if ai_model else "int8"
         form = JobForm(initial={"model": ai_model, "precision": precision,
-                                "max_price_per_mtok": _default_bid_per_mtok(ai_model, precision)})
+                                "max_price_per_unit": _default_bid_per_unit(ai_model, precision)})
     return render(request, "marketplace/job_new.html", {
         "organisation": organisation, "form": form, "catalogue": _catalogue(),
         "bid_margin_pct": selectors.SUGGESTED_BID_MARGIN_PCT,
@@ -138,8 +140,8 @@ def job_estimate(request):
     if not form.is_valid():
         return render(request, "marketplace/_estimate.html", {"form": form}, status=400)
     data = form.cleaned_data
-    ai_model, tokens = data["model"], form.tokens()
-    max_price = bid_micros(ai_model=ai_model, per_mtok=data["max_price_per_mtok"])
+    ai_model, tokens = data["model"], form.cost_units()
+    max_price = bid_micros(ai_model=ai_model, per_unit=data["max_price_per_unit"])
     estimate = market.job_estimate(precision=data["precision"], max_price_micros=max_price, currency=settings.CURRENCY,
                                    mops=mops_for_tokens(tokens=tokens, ops_per_token=ai_model.ops_per_token))
     cheapest = estimate.cheapest_micros
@@ -148,8 +150,8 @@ def job_estimate(request):
         "form": form, "estimate": estimate, "tokens": tokens, "docs": data["docs"], "precision": data["precision"],
         "budget_cap_minor": data["budget_cap"], "reserve_minor": reserve,
         "balance_minor": buyer_balance_minor(organisation=organisation),
-        "cheapest_per_mtok_micros": None if cheapest is None else price_per_million_tokens_micros(
-            price_micros=cheapest, ops_per_token=ai_model.ops_per_token),
+        "cheapest_per_unit_micros": None if cheapest is None else ai_model.price_for_buyer(cheapest),
+        "price_unit": ai_model.price_unit,
     })
 
 
@@ -167,12 +169,13 @@ def job_detail(request, pk):
     else:
         template, extra = "marketplace/job_detail.html", {"events": job.events.select_related("by"), "terms_form": _terms_form(job),
                                                           "batch": selectors.batch_of_job(job=job),
-                                                          "summary": selectors.job_results_summary(job=job)}
+                                                          "summary": selectors.job_results_summary(job=job),
+                                                          "preview": selectors.job_results_preview(job=job),
+                                                          "workload": workloads.get(job.ai_model.task)}
     return render(request, template, {
         **extra, "job": job, "progress": progress, "estimate": estimate,
         "data_retention": _duration(services.job_data_retention_s(job=job)),
-        "bid_per_mtok": price_per_million_tokens_micros(price_micros=job.max_price_micros,
-                                                        ops_per_token=job.ai_model.ops_per_token),
+        "bid_per_unit": job.ai_model.price_for_buyer(job.max_price_micros),
         "spent_minor": job_spend_minor(job=job),
     })
 
@@ -187,8 +190,8 @@ def _duration(seconds: int) -> str:
 
 
 def _terms_form(job: Job, data=None) -> JobTermsForm:
-    per_mtok = price_per_million_tokens_micros(price_micros=job.max_price_micros, ops_per_token=job.ai_model.ops_per_token)
-    initial = {"max_price_per_mtok": Decimal(per_mtok) / MICROS_PER_MAJOR,
+    per_unit = job.ai_model.price_for_buyer(job.max_price_micros)
+    initial = {"max_price_per_unit": Decimal(per_unit) / MICROS_PER_MAJOR,
                "budget_cap": None if job.budget_cap_minor is None else minor_to_major(job.budget_cap_minor, job.currency)}
     return JobTermsForm(data, ai_model=job.ai_model, initial=initial)
 
@@ -209,7 +212,7 @@ def job_terms(request, pk):
     try:
         job = flows.job_terms_update(
             job=job, by=request.user,
-            max_price_micros=bid if "max_price_per_mtok" in form.changed_data and bid != job.max_price_micros else None,
+            max_price_micros=bid if "max_price_per_unit" in form.changed_data and bid != job.max_price_micros else None,
             budget_cap_minor=form.cleaned_data["budget_cap"] if "budget_cap" in form.changed_data else flows.UNCHANGED)
     except ApplicationError as exc:
         messages.error(request, exc.message)
@@ -308,8 +311,8 @@ def market_view(request):
         offered, sold = sum(r.offered_mops for r in mine), sum(r.sold_mops for r in mine)
         classes.append({
             "precision": precision, "label": label, "depth": depths[precision], "rounds": len(mine), "last": last,
-            "last_per_mtok_micros": None if last is None or reference is None else price_per_million_tokens_micros(
-                price_micros=last.clearing_price_micros, ops_per_token=reference.ops_per_token),
+            "last_per_unit_micros": None if last is None or reference is None else reference.price_for_buyer(
+                last.clearing_price_micros),
             "sold_pct": round(100 * sold / offered) if offered else None,
         })
     return render(request, "marketplace/market.html", {

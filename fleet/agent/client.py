@@ -132,6 +132,39 @@ def wait_until_up(server_url: str, timeout: float = 60.0) -> bool:
     return False
 
 
+class InputsUnavailable(Exception):
+    """A unit's inputs could not be fetched (the lease ended, the server refused or could not be reached)."""
+
+
+#: Seconds to wait for a unit's inputs; the largest a unit takes (fleet.workloads.base.Workload.max_unit_bytes,
+#: 8 MB) passes a 5 Mbps link in about 13 s.
+INPUTS_TIMEOUT_S = 60
+#: The most a unit's inputs may weigh as the server sends them (JSON): more is refused, not read.
+MAX_INPUTS_BYTES = 16 * 1024 * 1024
+
+
+def fetch_inputs(url: str, token: str, timeout: float = INPUTS_TIMEOUT_S) -> list[str]:
+    """A unit's inputs from the server (docs/vehicle-protocol.md, "Inputs by URL"): a list of strings. The car
+    keeps them in memory only, like every input (it never persists one)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(MAX_INPUTS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise InputsUnavailable(f"the server answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise InputsUnavailable(f"the server could not be reached: {exc}") from None
+    if len(body) > MAX_INPUTS_BYTES:
+        raise InputsUnavailable("the inputs are larger than the agent takes")
+    try:
+        inputs = json.loads(body)["inputs"]
+    except (ValueError, KeyError, TypeError):
+        raise InputsUnavailable("the server's answer is not {\"inputs\": [...]}") from None
+    if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+        raise InputsUnavailable("the inputs are not a list of strings")
+    return inputs
+
+
 def websocket_url(server_url: str) -> str:
     """``http(s)://host[:port][/prefix]`` -> ``ws(s)://host[:port][/prefix]/ws/vehicle/``."""
     parts = urllib.parse.urlsplit(server_url)
@@ -147,11 +180,14 @@ def decode_embedding(b64: str) -> np.ndarray:
 
 
 def measure_mops(runtimes: list[str], seconds: float = 1.0) -> dict[str, int]:
-    """Measured mega-ops/s per precision on this machine (blocking: about ``seconds`` per runtime and
-    precision). With several runtimes a precision gets the slowest one's figure."""
+    """Measured mega-ops/s per precision on this machine (blocking: about ``seconds`` per encoder and
+    precision). With several encoders a precision gets the slowest one's figure. Other runtimes (OCR) are not
+    measured: their ops per unit are scaled to the encoder's on the reference machine (fleet.agent.ocr)."""
     mops: dict[str, int] = {}
     for slug in runtimes:
         spec = MODELS[slug]
+        if spec.kind != "encoder":
+            continue
         for precision in spec.precisions:
             value = int(measure_throughput(slug, precision, seconds) * spec.ops_per_token / 1e6)
             mops[precision] = min(value, mops.get(precision, value))
@@ -422,6 +458,7 @@ class _Lease:
     lease_ttl_s: int
     task: str = "embedding"  # the workload (fleet.agent.workloads)
     params: dict = dataclasses.field(default_factory=dict)
+    inputs_url: str = ""  # where its inputs are, if not in ``texts`` (fetched by the worker before computing)
     faults: set[str] = dataclasses.field(default_factory=set)  # injected faults still to happen
     cheat: str | None = None  # the cheat its computed result carries (Faults.CHEATS), counted when sent
     result: str | None = None  # the encoded result message, once computed
@@ -468,6 +505,7 @@ class CarAgent:
         on_connect: Callable[[protocol.Welcome], None] | None = None,
     ):
         self.url = websocket_url(server_url)
+        self.server_url = server_url.rstrip("/")
         self.token = token
         self.sensors = sensors
         self.runtimes = list(runtimes) if runtimes is not None else list(MODELS)
@@ -502,7 +540,7 @@ class CarAgent:
         # Cheats draw from a stream of their own, so that they do not shift the faults' draws.
         cheat_seed = None if self.faults is None or self.faults.seed is None else f"cheats/{self.faults.seed}"
         self._cheat_rng = random.Random(cheat_seed)
-        self._earlier: dict[str, tuple[int, np.ndarray]] = {}  # runtime -> (unit_id, true embeddings), for replay
+        self._earlier: dict[str, tuple[int, np.ndarray | list]] = {}  # runtime -> (unit_id, true output), for replay
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set. Raises :class:`AuthRefused` or :class:`Replaced`, both final."""
@@ -594,7 +632,7 @@ class CarAgent:
         if made < faults.cheat_after:
             return None
         kind = faults.draw_cheat(self._cheat_rng)
-        if kind is None or not cheat_applies(kind, lease.texts):
+        if kind is None or not cheat_applies(kind, lease.texts, runtime_kind=MODELS[lease.runtime].kind):
             return None
         if kind == "replay":
             earlier = self._earlier.get(lease.runtime)
@@ -611,6 +649,17 @@ class CarAgent:
                 await asyncio.sleep(SENSOR_POLL_S)  # no inference while driving; the session releases the lease
             if not self._holds(lease):
                 continue  # withdrawn or released while queued
+            if lease.inputs_url and not lease.texts:
+                try:
+                    lease.texts = await loop.run_in_executor(
+                        self.executor, fetch_inputs, self.server_url + lease.inputs_url, self.token)
+                except InputsUnavailable as exc:
+                    logger.warning("%s: inputs of unit %s: %s", self.name, lease.unit_id, exc)
+                    lease.release_reason = "inputs_unavailable"
+                    self._outbox.set()
+                    continue
+                if not self._holds(lease):
+                    continue
             cheat = self._cheat_for(lease)
             compute = functools.partial(
                 _compute, lease.task, lease.params, lease.runtime, lease.precision, lease.texts, cheat,
@@ -799,7 +848,7 @@ class _Session:
     async def _accept(self, msg: protocol.UnitAssign) -> None:
         agent = self.agent
         lease = _Lease(msg.unit_id, msg.epoch, msg.runtime, msg.precision, list(msg.texts), msg.lease_ttl_s,
-                       task=msg.task, params=msg.params)
+                       task=msg.task, params=msg.params, inputs_url=msg.inputs_url)
         spec = MODELS.get(msg.runtime)
         if lease.key in agent.held:
             logger.debug("%s: unit %s epoch %s is already held", agent.name, lease.unit_id, lease.epoch)
@@ -956,25 +1005,31 @@ def _encode(msg: protocol.Message) -> str:
     return json.dumps(protocol.dump(msg), separators=(",", ":"))
 
 
-def _embed(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
+def _infer(runtime: str, precision: str, inputs: list[str]) -> np.ndarray | list:
     """Runs in the executor."""
-    return get_runner(runtime, precision).embed(texts)
+    return get_runner(runtime, precision).infer(inputs)
 
 
 def _compute(task: str, params: dict, runtime: str, precision: str, texts: list[str], cheat: str | None, *,
-             earlier: np.ndarray | None, noise_seed: int | None) -> tuple[list, np.ndarray | None]:
-    """A unit's result (its workload's items, fleet.agent.workloads) under ``cheat`` (None: honest), and the true
-    embeddings computed on the way, if any. A cheat replaces the encoder the workload runs on: its result is
-    wrong in the same way. Runs in the executor."""
+             earlier: np.ndarray | list | None, noise_seed: int | None) -> tuple[list, np.ndarray | list | None]:
+    """A unit's result (its workload's items, fleet.agent.workloads) under ``cheat`` (None: honest), and the
+    runtime's true output computed on the way, if any (embeddings, page readings). A cheat replaces the model the
+    workload runs on: its result is wrong in the same way. Runs in the executor."""
     rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
-    honest: list[np.ndarray | None] = [None]
+    honest: list = [None]
+    spec = MODELS[runtime]
 
-    def embed(batch: list[str]) -> np.ndarray:
-        vectors, honest[0] = cheat_embed(cheat, batch, embed=functools.partial(_embed, runtime, precision),
-                                         dims=MODELS[runtime].dims, rng=rng, earlier=earlier)
-        return vectors
+    def infer(batch: list[str]):
+        if spec.kind == "ocr":
+            rows, honest[0] = cheat_read(cheat, batch, read=functools.partial(_infer, runtime, precision),
+                                         read_cheap=get_runner(runtime, precision).read_scaled, rng=rng,
+                                         earlier=earlier)
+        else:
+            rows, honest[0] = cheat_embed(cheat, batch, embed=functools.partial(_infer, runtime, precision),
+                                          dims=spec.dims, rng=rng, earlier=earlier)
+        return rows
 
-    return workload_compute(task, texts, params, embed), honest[0]
+    return workload_compute(task, texts, params, infer), honest[0]
 
 
 def first_words(text: str, count: int = FIRST_WORDS) -> str:
@@ -983,13 +1038,13 @@ def first_words(text: str, count: int = FIRST_WORDS) -> str:
     return text if len(words) <= count else " ".join(words[:count])
 
 
-def cheat_applies(kind: str, texts: list[str]) -> bool:
+def cheat_applies(kind: str, texts: list[str], *, runtime_kind: str = "encoder") -> bool:
     """Whether the cheat ``kind`` can change the result of a unit of ``texts`` (else it is the honest one)."""
     if not texts:
         return False
     if kind in ("one_vector", "rotate_rows"):
         return len(texts) > 1
-    if kind == "first_words":
+    if kind == "first_words" and runtime_kind == "encoder":
         return any(first_words(text) != text for text in texts)
     return True
 
@@ -1030,6 +1085,57 @@ def cheat_embed(kind: str | None, texts: list[str], *, embed: Callable[[list[str
             return np.array(earlier[np.arange(count) % len(earlier)], dtype=np.float32), None
         case "first_words":
             return embed([first_words(text) for text in texts]), None
+    raise ValueError(f"unknown cheat {kind!r}; known: {', '.join(Faults.CHEATS)}")
+
+
+#: The ``first_words`` cheat on OCR reads each page shrunk to this share of its width and height.
+CHEAP_SCALE = 0.5
+
+
+def random_readings(count: int, rng: np.random.Generator) -> list[dict]:
+    """``count`` page readings of random lowercase words: what a car sends that reads nothing."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    pages = []
+    for _ in range(count):
+        lines = []
+        for row in range(int(rng.integers(1, 6))):
+            words = [''.join(rng.choice(letters, int(rng.integers(2, 9)))) for _ in range(int(rng.integers(3, 10)))]
+            lines.append({"text": " ".join(words), "box": [50, 50 + 46 * row, 900, 80 + 46 * row], "score": 0.99})
+        pages.append({"text": "\n".join(line["text"] for line in lines), "lines": lines})
+    return pages
+
+
+def cheat_read(kind: str | None, images: list[str], *, read: Callable[[list[str]], list],
+               read_cheap: Callable[[list[str], float], list], rng: np.random.Generator | None = None,
+               earlier: list | None = None) -> tuple[list, list | None]:
+    """The page readings a car sends for ``images`` under the result cheat ``kind`` (None: honest; the cheats
+    of Faults, each in OCR's terms), and the true readings when they were computed on the way (else None).
+    ``random_vectors``: random words; ``one_vector``: the first page's reading for every page; ``rotate_rows``:
+    each page gets the next one's; ``negate``: every line's text backwards; ``replay``: an earlier unit's
+    readings; ``first_words``: each page read at CHEAP_SCALE of its size (cheaper, and close)."""
+    count = len(images)
+    match kind:
+        case None:
+            honest = read(images)
+            return honest, honest
+        case "random_vectors":
+            return random_readings(count, rng if rng is not None else np.random.default_rng()), None
+        case "one_vector":
+            return read(images[:1]) * count, None
+        case "rotate_rows":
+            honest = read(images)
+            return honest[1:] + honest[:1], honest
+        case "negate":
+            honest = read(images)
+            backwards = [{"text": "\n".join(line["text"][::-1] for line in page["lines"]),
+                          "lines": [{**line, "text": line["text"][::-1]} for line in page["lines"]]} for page in honest]
+            return backwards, honest
+        case "replay":
+            if not earlier:
+                raise ValueError("replay needs an earlier unit's readings")
+            return [earlier[i % len(earlier)] for i in range(count)], None
+        case "first_words":
+            return read_cheap(images, CHEAP_SCALE), None
     raise ValueError(f"unknown cheat {kind!r}; known: {', '.join(Faults.CHEATS)}")
 
 

@@ -89,6 +89,8 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from fleet.agent import ocr
+
 __all__ = [
     "BATCH_SIZE",
     "MAX_PADDING",
@@ -145,12 +147,15 @@ def _bert_ops_per_token(*, hidden: int, intermediate: int, layers: int, context:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a car advertises for an embedding model it can run.
+    """What a car advertises for a model it can run (a runtime).
 
-    ``params`` counts the parameters the forward pass uses: the embedding tables and the
-    encoder (22,565,376 for MiniLM-L6; the unused BERT pooler, 147,840 more, is left out).
-    ``ops_per_token`` is derived by :func:`_bert_ops_per_token`: 2 x the 10.6M dense-layer
-    weights plus attention at the full 256-token context.
+    ``kind`` is what it computes: "encoder" (texts to vectors: :class:`Runner`) or "ocr" (page
+    images to their readings: fleet.agent.ocr.OcrRunner). ``params`` counts the parameters the
+    forward pass uses: for MiniLM-L6 the embedding tables and the encoder (22,565,376; the unused
+    BERT pooler, 147,840 more, is left out). ``ops_per_token`` is what one cost unit (a token, a
+    page) takes: for the encoder :func:`_bert_ops_per_token`, 2 x the 10.6M dense-layer weights
+    plus attention at the full 256-token context; for OCR the reference page's time at the
+    reference machine's fp32 rate (fleet.agent.ocr.OPS_PER_PAGE).
     """
 
     slug: str
@@ -160,6 +165,7 @@ class ModelSpec:
     precisions: tuple[str, ...]
     params: int
     ops_per_token: int
+    kind: str = "encoder"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -171,6 +177,16 @@ MODELS: dict[str, ModelSpec] = {
         precisions=("int8", "fp32"),
         params=22_565_376,
         ops_per_token=_bert_ops_per_token(hidden=384, intermediate=1536, layers=6, context=256),
+    ),
+    ocr.OCR_SLUG: ModelSpec(
+        slug=ocr.OCR_SLUG,
+        name="RapidOCR PP-OCRv4 (detection, angle, recognition)",
+        dims=0,
+        max_tokens=0,
+        precisions=("fp32",),
+        params=ocr.SIZE_BYTES // 4,
+        ops_per_token=ocr.OPS_PER_PAGE,
+        kind="ocr",
     ),
 }
 
@@ -664,6 +680,8 @@ class Runner:
             result[rows] = _mean_pool_normalize(hidden, attention_mask)
         return result
 
+    infer = embed
+
 
 def _mean_pool_normalize(hidden: Float32Array, attention_mask: Int64Array) -> Float32Array:
     """sentence-transformers' Pooling(mean) then Normalize(), in float32."""
@@ -678,8 +696,10 @@ _RUNNERS: dict[tuple[str, str], Runner] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
-def get_runner(slug: str, precision: str) -> Runner:
-    """The process's runner for ``slug`` at ``precision`` ("int8" or "fp32"), loaded once.
+def get_runner(slug: str, precision: str) -> Runner | ocr.OcrRunner:
+    """The process's runner for ``slug`` at ``precision`` ("int8" or "fp32"), loaded once: a
+    :class:`Runner` for an encoder, an OCR runner for OCR (its ``infer`` is what a workload's
+    runtime takes, fleet.agent.workloads).
 
     Loading the fp32 runner caps numpy's OpenBLAS at :func:`ort_threads` threads for the
     whole process (:func:`limit_blas_threads`), and warns where it cannot.
@@ -689,6 +709,8 @@ def get_runner(slug: str, precision: str) -> Runner:
         raise ValueError(f"unknown precision {precision!r} for {slug!r}; supported: {list(spec.precisions)}")
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get((slug, precision))
+        if runner is None and spec.kind == "ocr":
+            runner = _RUNNERS[(slug, precision)] = ocr.OcrRunner(ort_threads())
         if runner is None:
             encoder: Encoder
             if precision == "int8":

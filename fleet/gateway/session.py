@@ -18,6 +18,7 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.urls import reverse
 from django.utils import timezone
 
 from fleet import eligibility, protocol, selectors, services, workloads
@@ -379,10 +380,13 @@ class VehicleConsumer(DeviceConsumer):
         for unit in units:
             self.unconfirmed[(unit.pk, unit.lease_epoch)] = time.monotonic()
             job = unit.job
+            workload = workloads.get(job.ai_model.task)
+            inline = workload.inline_inputs
             await self.send_message(protocol.UnitAssign(
                 unit_id=unit.pk, epoch=unit.lease_epoch, runtime=job.ai_model.runtime, precision=job.precision,
-                texts=[doc["text"] for doc in unit.inputs], lease_ttl_s=settings.LEASE_TTL_S, task=job.ai_model.task,
-                params=workloads.get(job.ai_model.task).unit_params(job.params)))
+                texts=[doc["text"] for doc in unit.inputs] if inline else [], lease_ttl_s=settings.LEASE_TTL_S,
+                task=job.ai_model.task, params=workload.unit_params(job.params),
+                inputs_url="" if inline else reverse("api-unit-inputs", args=[unit.pk, unit.lease_epoch])))
 
     async def on_result(self, msg: protocol.Result):
         accepted, reason = await database_sync_to_async(flows.unit_complete)(

@@ -40,9 +40,14 @@ class PriceUnit:
     name: str  # what is counted: "token", "page"
     per: int  # how many of them one price is for
     label: str  # "per million tokens", after the currency
+    key: str  # in field names: max_price_per_<key> ("million_tokens")
 
 
-TOKENS = PriceUnit(name="token", per=1_000_000, label="per million tokens")
+#: English text under a WordPiece or BPE tokenizer, for estimates only.
+CHARS_PER_TOKEN = 4
+
+TOKENS = PriceUnit(name="token", per=1_000_000, label="per million tokens", key="million_tokens")
+PAGES = PriceUnit(name="page", per=1_000, label="per thousand pages", key="thousand_pages")
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,29 @@ class Workload:
     catalogue: ClassVar[tuple[CatalogueEntry, ...]] = ()
     #: the largest job-parameters object (JSON bytes) it accepts: they travel to the car with every unit
     max_params_bytes: ClassVar[int] = 16 * 1024
+    #: one input line, as the new-job page and the docs show it
+    input_example: ClassVar[str] = '{"id": "a1", "text": "The invoice is due in thirty days."}'
+    #: what a document may be, in a few words (the new-job page's catalogue)
+    input_limits: ClassVar[str] = "texts; the model reads up to {max_tokens} tokens of each"
     #: parameters for a job of standard-library docstrings: what the demo buyer of `make run` runs
     demo_params: ClassVar[dict] = {}
+    #: what the demo buyer's documents are ("text": docstring paragraphs; "page": those rendered as page images,
+    #: marketplace.corpus) and how many a demo job has at most (None: the demo's own number)
+    demo_input: ClassVar[str] = "text"
+    demo_docs: ClassVar[int | None] = None
+    #: Whether a unit's inputs travel in its unit.assign (texts), or the car fetches them by URL (page images,
+    #: too large for a message: docs/vehicle-protocol.md, "Inputs by URL").
+    inline_inputs: ClassVar[bool] = True
+    #: The most documents a unit holds (None: the operator's DOCS_PER_UNIT), and the most bytes its inputs take
+    #: when fetched by URL (inline inputs: fleet.protocol.UNIT_TEXT_BYTES).
+    docs_per_unit: ClassVar[int | None] = None
+    max_unit_bytes: ClassVar[int] = 8 * 1024 * 1024
+    #: The longest input line accepted (None: the operator's MAX_UPLOAD_LINE_BYTES).
+    max_line_bytes: ClassVar[int | None] = None
+    #: Bytes a car sends back per document, about (sizes its leases to its uplink: fleet.dispatch), and, for
+    #: inputs fetched by URL, bytes it fetches per document (also counted against its owner's data budget).
+    result_bytes_per_doc: ClassVar[int] = 2_048
+    input_bytes_per_doc: ClassVar[int] = 0
 
     # --- inputs -----------------------------------------------------------------------------------------
     def params_clean(self, params: Any, model: ModelInfo) -> dict:
@@ -110,9 +136,29 @@ class Workload:
             raise BadInput('"text" must be a non-empty string', param="text")
         return {"id": row.get("id"), "text": fit_text(text)}
 
+    def input_row(self, doc_id, payload: str) -> dict:
+        """The input line (as document_clean reads it) of a batch request's document (marketplace.flows.batches)."""
+        return {"id": doc_id, "text": payload}
+
+    def unit_limits(self, docs_per_unit: int) -> tuple[int, int]:
+        """(documents, bytes) a unit may hold at most: ``docs_per_unit`` is the operator's DOCS_PER_UNIT."""
+        if self.inline_inputs:
+            return self.docs_per_unit or docs_per_unit, UNIT_TEXT_BYTES
+        return self.docs_per_unit or docs_per_unit, self.max_unit_bytes
+
+    def payload_bytes(self, doc: dict) -> int:
+        """What a document takes in its unit: in the unit.assign's JSON (inline), or fetched by URL."""
+        return wire_bytes(doc["text"]) if self.inline_inputs else len(doc["text"])
+
     def costs(self, model: ModelInfo, docs: list[dict]) -> list[int]:
         """Each document's cost in price units (tokens, pages): what it is charged and how its work is sized."""
         raise NotImplementedError
+
+    def estimate_costs(self, model: ModelInfo, *, docs: int, chars: int) -> int:
+        """The cost units of ``docs`` documents of ``chars`` characters in all, before they are read (the new-job
+        page's estimate; the job is costed exactly once its file is uploaded): for text, about CHARS_PER_TOKEN
+        characters a token plus the two special tokens, each document capped at the model's context."""
+        return min(chars // CHARS_PER_TOKEN + 2 * docs, docs * model.max_tokens)
 
     def unit_overhead(self, model: ModelInfo, params: dict) -> int:
         """Cost units a unit takes beyond its documents' (the labels a classifier embeds on each car)."""
@@ -136,8 +182,18 @@ class Workload:
         """One document's result as our results API writes it (beside its ``index`` and ``id``)."""
         raise NotImplementedError
 
+    #: the job page's summary: its title, its two columns' headings, and a note under it
+    summary_title: ClassVar[str] = "Results so far"
+    summary_columns: ClassVar[tuple[str, str]] = ("What", "How many")
+    summary_note: ClassVar[str] = ""
+
     def summary(self, items: Iterable, params: dict) -> list[tuple[str, int]] | None:
         """What the job page shows of the results so far, as (what, how many) rows, or None: nothing to sum up."""
+        return None
+
+    def preview(self, doc: dict, item: Any) -> dict | None:
+        """One document and its result as the job page shows its first few (``image``: a data URL, ``text``), or
+        None: the workload has nothing to show beside the summary."""
         return None
 
     # --- the OpenAI-compatible batch surface (marketplace.batches) ----------------------------------------

@@ -198,6 +198,10 @@ class Classification(Workload):
         names = [label["name"] for label in params["labels"]]
         return {"label": item["label"], "scores": dict(zip(names, item["scores"]))}
 
+    summary_title = "Labels so far"
+    summary_columns = ("Label", "Documents")
+    summary_note = "Each document's label and its score for every label are in the results download."
+
     def summary(self, items, params: dict) -> list[tuple[str, int]]:
         """How many documents got each label so far, in the labels' order."""
         counts = dict.fromkeys((label["name"] for label in params["labels"]), 0)

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import services as billing
-from billing.money import femto_per_minor, price_micros_for_per_million_tokens
+from billing.money import femto_per_minor
 from billing.selectors import buyer_balance_minor
 from fleet import workloads
 from marketplace import batches, selectors, services as market
@@ -55,13 +55,14 @@ def _fingerprint(**request) -> str:
 
 def batch_create(*, organisation: Organisation, user: User | None, input_file_id: str, endpoint: str,
                  completion_window: str, metadata: dict | None = None,
-                 max_price_per_million_tokens_micros: int | None = None, precision: str | None = None,
+                 max_price_per_unit_micros: int | None = None, precision: str | None = None,
                  key_default_per_million_tokens_micros: int | None = None,
                  output_expires_after_s: int | None = None) -> Batch:
     """Create a batch from an uploaded file and run it as a job. Every line is checked
     (marketplace.batches.parse): bad lines go to the error file by number and the rest run; a file with no
-    valid request or too many makes a failed batch with no job. The bid: the request's, else the API key's
-    default (``key_default_per_million_tokens_micros``), else :func:`default_bid_micros`. The same request
+    valid request or too many makes a failed batch with no job. The bid (per the endpoint's price unit): the
+    request's, else the API key's default (``key_default_per_million_tokens_micros``, for a workload priced per
+    token), else :func:`default_bid_micros`. The same request
     again (same file and parameters) within BATCH_REPEAT_WINDOW_S returns the batch it made: the OpenAI
     client sends no Idempotency-Key. The job is created by :func:`marketplace.flows.job_create_from` (its budget reserved: 402
     ``insufficient_balance`` when the balance cannot)."""
@@ -70,10 +71,11 @@ def batch_create(*, organisation: Organisation, user: User | None, input_file_id
                                code="unsupported_endpoint", extra={"param": "endpoint"})
     now, window = timezone.now(), completion_window_deadline(completion_window)
     market.batch_file_expiry_check(seconds=output_expires_after_s, param="output_expires_after")
-    if max_price_per_million_tokens_micros is not None:
+    if max_price_per_unit_micros is not None:
         bid_source = Batch.BidSource.REQUEST
-    elif key_default_per_million_tokens_micros is not None:
-        bid_source, max_price_per_million_tokens_micros = Batch.BidSource.API_KEY, key_default_per_million_tokens_micros
+    elif (key_default_per_million_tokens_micros is not None
+          and batches.ENDPOINTS[endpoint].price_unit.name == "token"):
+        bid_source, max_price_per_unit_micros = Batch.BidSource.API_KEY, key_default_per_million_tokens_micros
     else:
         bid_source = Batch.BidSource.DEFAULT
     file = selectors.batch_files_for(organisation=organisation).defer(None).filter(public_id=input_file_id).first()
@@ -83,7 +85,7 @@ def batch_create(*, organisation: Organisation, user: User | None, input_file_id
         raise ValidationFailed("The input file's purpose must be 'batch'.", code="invalid_input_file",
                                extra={"param": "input_file_id"})
     fingerprint = _fingerprint(file=file.public_id, endpoint=endpoint, window=completion_window, metadata=metadata,
-                               price=max_price_per_million_tokens_micros, precision=precision,
+                               price=max_price_per_unit_micros, precision=precision,
                                output_expires_after=output_expires_after_s)
     repeat = settings.BATCH_REPEAT_WINDOW_S
     if earlier := selectors.batch_repeat(organisation=organisation, fingerprint=fingerprint, window_s=repeat):
@@ -99,10 +101,10 @@ def batch_create(*, organisation: Organisation, user: User | None, input_file_id
     if not parsed.file_errors:
         ai_model = AIModel.objects.get(slug=parsed.model)
         precision = precision or default_precision(ai_model)
-        bid = (price_micros_for_per_million_tokens(per_million_tokens_micros=max_price_per_million_tokens_micros,
-                                                   ops_per_token=ai_model.ops_per_token)
-               if max_price_per_million_tokens_micros is not None else selectors.suggested_bid_micros(precision=precision))
-        documents = (json.dumps({"id": doc_id, "text": text}, ensure_ascii=False).encode() + b"\n"
+        bid = (ai_model.price_from_buyer(max_price_per_unit_micros)
+               if max_price_per_unit_micros is not None else selectors.suggested_bid_micros(precision=precision))
+        workload = workloads.get(ai_model.task)
+        documents = (json.dumps(workload.input_row(doc_id, text), ensure_ascii=False).encode() + b"\n"
                      for request in parsed.requests
                      for doc_id, text in zip(batches.document_ids(request), request.texts))
         # The slow part (tokenizing every document) holds no transaction, as for any job.

@@ -51,7 +51,7 @@
     }
     const params = new URLSearchParams({
       model: form.elements.model.value, precision: form.elements.precision.value,
-      max_price_per_mtok: form.elements.max_price_per_mtok.value, docs: stats.docs, chars: stats.chars,
+      max_price_per_unit: form.elements.max_price_per_unit.value, docs: stats.docs, chars: stats.chars,
       budget_cap: form.elements.budget_cap.value });
     try {
       const response = await fetch(`${form.dataset.estimateUrl}?${params}`, { headers: { "X-Requested-With": "fetch" } });
@@ -74,7 +74,7 @@
     const counted = await readStats(file, token);
     if (counted) { stats = counted; refreshEstimate(); }
   });
-  for (const name of ["model", "precision", "max_price_per_mtok", "budget_cap"]) {
+  for (const name of ["model", "precision", "max_price_per_unit", "budget_cap"]) {
     form.elements[name].addEventListener("input", later);
     form.elements[name].addEventListener("change", later);
   }

@@ -145,9 +145,9 @@ def _run_batch(base: str, key: str, batch_body: bytes, job_body: bytes, requests
     catalogue = http.get("/api/v1/models/").raise_for_status().json()
     rows = catalogue["results"] if isinstance(catalogue, dict) else catalogue
     ops_per_token = next(m["ops_per_token"] for m in rows if m["slug"] == MODEL)
-    from billing.money import price_per_million_tokens_micros
+    from billing.money import price_per_units_micros
 
-    bid = price_per_million_tokens_micros(price_micros=BID_MICROS, ops_per_token=ops_per_token)
+    bid = price_per_units_micros(price_micros=BID_MICROS, ops_per_unit=ops_per_token, per=10**6)
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=180)
     try:
         started = time.monotonic()

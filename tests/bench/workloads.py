@@ -24,7 +24,17 @@ reference configuration: ``cheat_min_score_diff`` is, per kind, the smallest ove
 difference to the honest result (what the comparison sees), and ``cheat_units_passing`` how many units of that
 kind SCORE_TOLERANCE would let through.
 
-Run alone: python -m tests.bench.workloads [--docs 96] [--repeats 5]"""
+**Document OCR** (fp32, the same thread count, units of 4 pages rendered from docstrings by fleet.agent.pages,
+``--pages`` of them): ``ocr_per_s`` is pages per second through the agent's workload code (base64 pages in, the
+readings as the car sends them out), ``ocr_ratio_vs_bare`` divides it by RapidOCR's own pipeline called on the
+same page files with the same engine, interleaved (medians of ``--repeats``); ``ocr_cer_mean`` and
+``ocr_cer_max`` are the readings' character error rates against the rendered text. Its tolerance: the same pages
+read by a second engine on 2 threads (``ocr_honest_max_cer``: the largest error rate between two honest readings
+of one page), and every cheat of the agent (fleet.agent.client.cheat_read) on each unit: ``ocr_cheat_min_cer`` per
+kind is the smallest, over units, of the unit's worst page (what the comparison sees), ``ocr_cheat_units_passing``
+how many units CER_TOLERANCE would let through.
+
+Run alone: python -m tests.bench.workloads [--docs 96] [--repeats 5] [--pages 8]"""
 
 import argparse
 import json
@@ -160,12 +170,75 @@ def tolerance(texts: list[str]) -> dict:
     return figures
 
 
-def main(docs: int = 96, repeats: int = 5) -> dict:
+OCR_UNIT = 4
+
+
+def ocr(count: int, repeats: int) -> dict:
+    import base64
+
+    from rapidocr_onnxruntime import RapidOCR
+
+    from fleet.agent import models, ocr as agent_ocr
+    from fleet.agent.client import cheat_read
+    from fleet.agent.pages import error_rate, render_page
+    from fleet.agent.workloads import compute
+    from fleet.workloads.ocr import CER_TOLERANCE, reading_error
+    from marketplace.corpus import page_texts
+
+    truths = page_texts(count)
+    files = [render_page(text) for text in truths]
+    images = [base64.b64encode(data).decode("ascii") for data in files]
+    units = [images[i:i + OCR_UNIT] for i in range(0, len(images), OCR_UNIT)]
+    runner = models.get_runner(agent_ocr.OCR_SLUG, "fp32")
+    engine = agent_ocr._engine(models.ort_threads())  # the engine the agent's runner uses: the same threads
+
+    def timed(run) -> float:
+        started = time.perf_counter()
+        for unit in units:
+            run(unit)
+        return len(images) / (time.perf_counter() - started)
+
+    def agent(unit):
+        return compute("ocr", unit, {}, runner.infer)
+
+    def bare(unit):
+        return [engine(base64.b64decode(image)) for image in unit]
+
+    readings = [page for unit in units for page in agent(unit)]  # also the warm-up
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(timed(agent))
+        theirs.append(timed(bare))
+    rates = [error_rate(page["text"], truth) for page, truth in zip(readings, truths)]
+    figures = {"ocr_pages": len(images), "ocr_unit": OCR_UNIT, "ocr_per_s": round(statistics.median(ours), 3),
+               "ocr_bare_per_s": round(statistics.median(theirs), 3),
+               "ocr_ratio_vs_bare": round(statistics.median(ours) / statistics.median(theirs), 3),
+               "ocr_cer_mean": round(float(np.mean(rates)), 4), "ocr_cer_max": round(max(rates), 4)}
+    two = RapidOCR(intra_op_num_threads=2, inter_op_num_threads=1)
+    other = [agent_ocr.page_reading(two(data)[0]) for data in files]
+    figures["ocr_honest_max_cer"] = round(max(reading_error(a["text"], b["text"]) for a, b in zip(readings, other)), 4)
+    earlier = runner.read([base64.b64encode(render_page(page_texts(1, start=count)[0])).decode("ascii")])
+    rng = np.random.default_rng(1)
+    closest, passing = {}, {}
+    for kind in ("random_vectors", "one_vector", "rotate_rows", "negate", "replay", "first_words"):
+        worst = []
+        for u, unit in enumerate(units):
+            cheated, _ = cheat_read(kind, unit, read=runner.read, read_cheap=runner.read_scaled, rng=rng,
+                                    earlier=earlier)
+            truth = readings[u * OCR_UNIT:u * OCR_UNIT + len(unit)]
+            worst.append(max(reading_error(c["text"], t["text"]) for c, t in zip(cheated, truth)))
+        closest[kind] = round(min(worst), 4)
+        passing[kind] = sum(w <= CER_TOLERANCE for w in worst)
+    figures.update(ocr_cheat_min_cer=closest, ocr_cheat_units_passing=passing, ocr_cer_tolerance=CER_TOLERANCE)
+    return figures
+
+
+def main(docs: int = 96, repeats: int = 5, pages: int = 8) -> dict:
     texts = _documents(docs)
     started = time.perf_counter()
     load = os.getloadavg()[0]
     result = {"bench": "workloads", "docs": len(texts), "unit": UNIT, "labels": len(LABELS), "threads": 1,
-              **throughput(texts, repeats), **tolerance(texts[:48])}
+              **throughput(texts, repeats), **tolerance(texts[:48]), **ocr(pages, max(1, repeats // 2))}
     result["load_avg_1m"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -176,5 +249,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pages", type=int, default=8)
     args = parser.parse_args()
-    print(json.dumps(main(args.docs, args.repeats)))
+    print(json.dumps(main(args.docs, args.repeats, args.pages)))

@@ -8,7 +8,7 @@ from billing.money import (
     femto_per_minor,
     femto_to_minor_with_carry,
     major_to_micros,
-    price_per_million_tokens_micros,
+    price_per_units_micros,
     split_revenue,
 )
 
@@ -36,7 +36,7 @@ def test_carry_conversion_loses_nothing(amounts):
 def test_charge_is_exact_integer_arithmetic():
     # 21,600 mega-ops at 2,000,000 micro-dollars per 10^15 ops = 4.32e-5 dollars = 4.32e10 femto-dollars.
     assert charge_femto(mops=21_600, price_micros=2_000_000) == 43_200_000_000
-    assert price_per_million_tokens_micros(price_micros=2_000_000, ops_per_token=23_592_960) == 47_185
+    assert price_per_units_micros(price_micros=2_000_000, ops_per_unit=23_592_960, per=10**6) == 47_185
 
 
 def test_femto_amounts_are_shown_to_hundredths_of_a_cent_rounded_down():

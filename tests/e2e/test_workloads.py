@@ -12,8 +12,9 @@ import pytest
 from django.utils import timezone
 
 from fleet import services as fleet
-from fleet.models import HardwareGeneration
-from marketplace import services
+from fleet.agent.pages import error_rate
+from fleet.models import HardwareGeneration, VehicleDailyUsage
+from marketplace import corpus, services
 from tests.factories import BuyerFactory, OwnerFactory
 from tests.marketplace.test_classification import CLASSIFIER, DOCUMENTS, LABELS
 from tests.support.live import live_product
@@ -56,3 +57,41 @@ def test_a_classification_job_is_labelled_by_real_agents_over_the_gateway(tmp_pa
     assert [(row["id"], row["label"]) for row in rows] == [
         (f"doc-{i}", label) for i, (_, label) in enumerate(documents)]
     assert all(set(row["scores"]) == {label["name"] for label in LABELS} for row in rows)
+
+
+def test_an_ocr_job_is_read_by_real_agents_that_fetch_its_pages_by_url(tmp_path):
+    # Given a buyer with an API key and two owners' cars,
+    buyer = BuyerFactory()
+    _, key = services.api_key_create(organisation=buyer.organisation, name="e2e", created_by=buyer)
+    hw4 = HardwareGeneration.objects.get(code="HW4")
+    cars = [fleet.vehicle_create(owner=OwnerFactory(), name=f"Reader {i}", hardware=hw4) for i in range(CARS)]
+    pages = corpus.page_documents(6)
+    with live_product(tmp_path, AUCTION_INTERVAL_S="0.5") as (base, procs):
+        for i, (_, code) in enumerate(cars):
+            procs.start(f"agent{i}", [sys.executable, "-m", "fleet.agent", "--server", base, "--pair", code,
+                                      "--state-file", str(tmp_path / f"agent{i}.json"), "--battery", "85",
+                                      "--plugged-in", "--wifi"], FLEET_ORT_THREADS="1")
+        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        deadline = time.monotonic() + 60
+        while api.get("/healthz").json()["vehicles_connected"] < CARS:
+            assert time.monotonic() < deadline, procs.logs()
+            time.sleep(0.3)
+        # when the buyer submits page images through the job API (priced per thousand pages),
+        response = api.post("/api/v1/jobs/", json={
+            "model": "rapidocr-pp-ocrv4", "precision": "fp32", "max_price_micros": 2_000_000,
+            "deadline": (timezone.now() + timedelta(hours=1)).isoformat(), "inputs": pages})
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert (job["task"], job["price_unit"], job["tokens_total"]) == ("ocr", "per thousand pages", 6)
+        # then real agents fetch each unit's pages by URL (no unit.assign carries an image) and read them,
+        deadline = time.monotonic() + 240
+        while (state := api.get(f"/api/v1/jobs/{job['id']}/").json())["state"] != "completed":
+            assert time.monotonic() < deadline, f"job stuck: {state}\n{procs.logs()}"
+            time.sleep(0.5)
+        rows = [json.loads(line) for line in api.get(f"/api/v1/jobs/{job['id']}/results/").text.splitlines()]
+    assert [row["id"] for row in rows] == [page["id"] for page in pages]
+    rates = [error_rate(row["text"], truth) for row, truth in zip(rows, corpus.page_texts(6))]
+    assert max(rates) < 0.08, rates
+    # and the pages they fetched count against their owners' data.
+    fetched = sum(VehicleDailyUsage.objects.filter(vehicle__in=[car for car, _ in cars]).values_list("data_bytes", flat=True))
+    assert fetched >= sum(len(page["image"]) for page in pages)

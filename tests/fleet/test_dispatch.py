@@ -18,8 +18,8 @@ PARKED = eligibility.LiveState(connected=True, last_seen_at=MONDAY_NOON, battery
 
 
 def test_a_slow_link_makes_a_unit_take_longer():
-    fast = dispatch.unit_seconds(unit_mops=24_000, values=3072, mops_per_s=100_000, uplink_kbps=500_000)
-    slow = dispatch.unit_seconds(unit_mops=24_000, values=3072, mops_per_s=100_000, uplink_kbps=1_000)
+    fast = dispatch.unit_seconds(unit_mops=24_000, result_bytes=16384, mops_per_s=100_000, uplink_kbps=500_000)
+    slow = dispatch.unit_seconds(unit_mops=24_000, result_bytes=16384, mops_per_s=100_000, uplink_kbps=1_000)
     assert fast == pytest.approx(0.24, rel=0.01)
     assert slow - fast == pytest.approx((3072 * 16 / 3 + 200) * 8 / 1e6, rel=0.01)  # 131 ms more on 1 Mbit/s
 
@@ -69,7 +69,7 @@ def test_the_dispatcher_stops_at_the_cars_inflight_limit(make_job):
     Allocation.objects.filter(vehicle=car).update(remaining_mops=10**9)  # plenty sold
     units, _ = flows.units_lease(vehicle_id=car.pk)
     limit = len(units)
-    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, values=dispatch.REFERENCE_UNIT_VALUES,
+    unit_s = dispatch.unit_seconds(unit_mops=dispatch.REFERENCE_UNIT_MOPS, result_bytes=dispatch.REFERENCE_UNIT_RESULT_BYTES,
                                    mops_per_s=5_000, uplink_kbps=None)  # what the car's welcome announced
     assert limit == dispatch.inflight_limit(unit_s=unit_s, max_inflight=32) < 8
     assert flows.units_lease(vehicle_id=car.pk) == ([], "lease_limit")

@@ -378,8 +378,14 @@ def test_rounds_need_credentials_and_valid_filters(api):
 def test_the_catalogue_is_public_and_marks_each_workloads_default_model(client):
     models = client.get("/api/v1/models/").json()
     assert {(m["task"], m["slug"]) for m in models if m["default"]} == {
-        ("embedding", "all-minilm-l6-v2"), ("classification", "minilm-l6-classifier")}
-    assert set(models[0]["price_per_million_tokens_micros"]) == {"int8", "fp32"}
+        ("embedding", "all-minilm-l6-v2"), ("classification", "minilm-l6-classifier"), ("ocr", "rapidocr-pp-ocrv4")}
+    by_slug = {m["slug"]: m for m in models}
+    assert set(by_slug["all-minilm-l6-v2"]["price_per_million_tokens_micros"]) == {"int8", "fp32"}
+    assert by_slug["all-minilm-l6-v2"]["price_unit"] == {"name": "token", "per": 1_000_000, "label": "per million tokens"}
+    # A model priced per page has its prices per thousand pages, and none per million tokens.
+    ocr = by_slug["rapidocr-pp-ocrv4"]
+    assert ocr["price_unit"]["label"] == "per thousand pages" and set(ocr["price_per_unit_micros"]) == {"fp32"}
+    assert ocr["price_per_million_tokens_micros"] is None
 
 
 def test_a_body_nested_too_deep_is_a_400_in_the_apis_error_shape_not_a_500(api, make_job):

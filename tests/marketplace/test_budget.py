@@ -90,20 +90,20 @@ def test_the_api_sets_and_removes_a_budget_cap(api, make_job):
 def test_the_job_page_changes_bid_and_budget_and_shows_the_history(client, buyer, make_job):
     client.force_login(buyer)
     job = make_job(docs=8)
-    response = client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_mtok": "0.5", "budget_cap": "12.34"},
+    response = client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_unit": "0.5", "budget_cap": "12.34"},
                            follow=True)
     job.refresh_from_db()
     assert job.budget_cap_minor == 1234 and job.max_price_micros > 2_000_000
     page = response.content.decode()
     assert "Bid changed" in page and "Budget changed" in page and "$12.34" in page
     # an empty budget removes the cap; an unchanged bid is not recorded again
-    client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_mtok": "0.5", "budget_cap": ""})
+    client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_unit": "0.5", "budget_cap": ""})
     job.refresh_from_db()
     assert job.budget_cap_minor is None and job.events.filter(kind=JobEvent.Kind.BID_CHANGED).count() == 1
     # and sending the form back as shown changes nothing (the bid read back per million tokens is rounded)
     bid = job.max_price_micros
-    shown = client.get(reverse("job-detail", args=[job.pk])).context["terms_form"]["max_price_per_mtok"].value()
-    client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_mtok": str(shown), "budget_cap": ""})
+    shown = client.get(reverse("job-detail", args=[job.pk])).context["terms_form"]["max_price_per_unit"].value()
+    client.post(reverse("job-terms", args=[job.pk]), {"max_price_per_unit": str(shown), "budget_cap": ""})
     job.refresh_from_db()
     assert job.max_price_micros == bid and job.events.count() == 4
 
@@ -111,7 +111,7 @@ def test_the_job_page_changes_bid_and_budget_and_shows_the_history(client, buyer
 def test_the_estimate_warns_when_the_budget_cap_is_below_the_cost_at_the_bid(client, buyer):
     client.force_login(buyer)
     response = client.get(reverse("job-estimate"), {"model": "all-minilm-l6-v2", "precision": "int8", "docs": 10000,
-                                                      "chars": 40_000_000, "max_price_per_mtok": "1", "budget_cap": "0.01"})
+                                                      "chars": 40_000_000, "max_price_per_unit": "1", "budget_cap": "0.01"})
     assert response.status_code == 200 and 'data-testid="budget-warning"' in response.content.decode()
 
 

@@ -11,7 +11,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from django.utils import timezone
 
-from billing.money import mops_for_tokens, price_micros_for_per_million_tokens, price_per_million_tokens_micros
+from billing.money import mops_for_tokens, price_micros_for_per_units, price_per_units_micros
 from fleet.models import WorkUnit
 from marketplace import corpus, market
 from marketplace.models import AIModel, AuctionRound, Job, User
@@ -36,22 +36,21 @@ def signed_in(client, buyer):
     return client
 
 
-def new_job(client, *, rows=None, body=None, per_mtok="0.05", precision="int8"):
+def new_job(client, *, rows=None, body=None, per_unit="0.05", precision="int8"):
     return client.post(reverse("job-new"), {
-        "model": MODEL, "precision": precision, "max_price_per_mtok": per_mtok,
+        "model": MODEL, "precision": precision, "max_price_per_unit": per_unit,
         "deadline": (timezone.now() + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"),
         "inputs": SimpleUploadedFile("docs.jsonl", jsonl(rows) if body is None else body, content_type="application/jsonl")})
 
 
 def test_a_bid_typed_per_million_tokens_is_stored_per_compute_unit_never_above_it(signed_in, buyer):
-    response = new_job(signed_in, rows=corpus.documents(10), per_mtok="0.05")
+    response = new_job(signed_in, rows=corpus.documents(10), per_unit="0.05")
     job = Job.objects.get(organisation=buyer.organisation)
     assert response.status_code == 302 and response.url == reverse("job-detail", args=[job.pk])
     ai_model = AIModel.objects.get(slug=MODEL)
-    assert job.max_price_micros == price_micros_for_per_million_tokens(per_million_tokens_micros=50_000,
-                                                                        ops_per_token=ai_model.ops_per_token)
+    assert job.max_price_micros == price_micros_for_per_units(per_units_micros=50_000, ops_per_unit=ai_model.ops_per_token, per=10**6)
     # the stored bid, read back per million tokens, is at most what the buyer typed and within a micro-dollar of it
-    back = price_per_million_tokens_micros(price_micros=job.max_price_micros, ops_per_token=ai_model.ops_per_token)
+    back = price_per_units_micros(price_micros=job.max_price_micros, ops_per_unit=ai_model.ops_per_token, per=10**6)
     assert 50_000 - 1 <= back <= 50_000
 
 
@@ -79,10 +78,10 @@ def test_the_estimate_prices_the_work_at_the_last_clearing_price_and_times_it_by
     AuctionRound.objects.create(market="int8", cleared_at=timezone.now(), interval_s=2, clearing_price_micros=400_000)
     ai_model = AIModel.objects.get(slug=MODEL)
     bid_micros = 500_000
-    per_mtok = Decimal(price_per_million_tokens_micros(price_micros=bid_micros, ops_per_token=ai_model.ops_per_token) + 1) / 10**6
+    per_unit = Decimal(price_per_units_micros(price_micros=bid_micros, ops_per_unit=ai_model.ops_per_token, per=10**6) + 1) / 10**6
     # when the page asks for an estimate of 1,000 documents of 4,000 characters,
     response = signed_in.get(reverse("job-estimate"), {"model": MODEL, "precision": "int8", "docs": 1000,
-                                                         "chars": 4_000_000, "max_price_per_mtok": str(per_mtok)})
+                                                         "chars": 4_000_000, "max_price_per_unit": str(per_unit)})
     # then the tokens are about a quarter of the characters plus two per document (capped by the context),
     assert response.status_code == 200
     tokens = min(1_000_000 + 2000, 1000 * ai_model.max_tokens)
@@ -102,7 +101,7 @@ def test_the_estimate_prices_the_work_at_the_last_clearing_price_and_times_it_by
 def test_the_estimate_says_when_no_car_offers_at_or_below_the_bid(signed_in):
     VehicleFactory()  # reserve 100,000 µ$/PetaOp
     response = signed_in.get(reverse("job-estimate"), {"model": MODEL, "precision": "int8", "docs": 10, "chars": 1000,
-                                                         "max_price_per_mtok": "0.000001"})
+                                                         "max_price_per_unit": "0.000001"})
     assert response.context["estimate"].bid_below_supply
     assert "No car offers INT8 capacity at or below your bid" in response.content.decode()
 
@@ -110,7 +109,7 @@ def test_the_estimate_says_when_no_car_offers_at_or_below_the_bid(signed_in):
 def test_a_bad_estimate_request_is_a_400_that_names_the_problem(signed_in):
     response = signed_in.get(reverse("job-estimate"), {"model": MODEL, "precision": "int8", "docs": 0, "chars": -1})
     assert response.status_code == 400
-    assert "docs" in response.content.decode() and "max_price_per_mtok" in response.content.decode()
+    assert "docs" in response.content.decode() and "max_price_per_unit" in response.content.decode()
 
 
 def test_the_job_page_shows_units_tokens_and_cars_working(signed_in, make_job):

@@ -248,7 +248,7 @@ def form_post(client, model, labels, docs=DOCUMENTS[:2]):
     upload = io.BytesIO(b"".join(json.dumps({"text": text}).encode() + b"\n" for text, _ in docs))
     upload.name = "docs.jsonl"
     return client.post("/buyer/jobs/new/", {
-        "model": model, "precision": "int8", "max_price_per_mtok": "5", "labels": labels,
+        "model": model, "precision": "int8", "max_price_per_unit": "5", "labels": labels,
         "deadline": (timezone.now() + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"), "inputs": upload})
 
 
@@ -312,4 +312,6 @@ def test_the_market_page_lists_every_workloads_model_with_its_price_in_its_unit(
     page = client.get(reverse("market")).content.decode()
     catalogue = page[page.index('data-testid="catalogue"'):page.index('id="prices-title"')]
     assert "Embeddings" in catalogue and "Classification" in catalogue and "Apache-2.0" in catalogue
-    assert catalogue.count("per million tokens") == 2 and catalogue.count("no trade yet") == 2  # fp32: none yet
+    assert "Document OCR" in catalogue and catalogue.count("per thousand pages") == 1
+    # fp32 has no trade yet: two token models and the page model show none there.
+    assert catalogue.count("per million tokens") == 2 and catalogue.count("no trade yet") == 3

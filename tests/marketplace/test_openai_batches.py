@@ -22,16 +22,17 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from billing.models import LedgerTransaction, MeterRecord, Reservation
-from billing.money import femto_per_minor, femto_to_minor_ceil, price_micros_for_per_million_tokens
+from billing.money import femto_per_minor, femto_to_minor_ceil, price_micros_for_per_units
 from billing.selectors import account_balance_minor, unbalanced_transaction_ids
 from billing.services import account_get
 from fleet import services as fleet
 from fleet import workloads
 from fleet.agent.models import get_runner
+from fleet.agent.pages import error_rate
 from fleet.models import HardwareGeneration, WorkUnit
 from marketplace import batches, buyer_webhooks, corpus, flows, selectors, services
 from marketplace.core.errors import Conflict
-from marketplace.models import AuctionRound, Batch, BatchFile, BuyerWebhookEvent, Job
+from marketplace.models import AIModel, AuctionRound, Batch, BatchFile, BuyerWebhookEvent, Job
 from tests.factories import BuyerFactory, OwnerFactory, VehicleFactory
 from tests.marketplace.test_classification import CLASSIFIER
 from tests.marketplace.test_classification import DOCUMENTS as CLASSIFIED
@@ -246,8 +247,7 @@ def test_a_batch_with_bad_lines_runs_its_good_ones_and_its_error_file_names_the_
     assert list(job.units.order_by("seq").values_list("inputs", flat=True))[0][:3] == [
         {"id": "good-1", "text": "the first document"}, {"id": "good-2[0]", "text": "a list"},
         {"id": "good-2[1]", "text": "of two"}]
-    assert job.max_price_micros == price_micros_for_per_million_tokens(per_million_tokens_micros=500_000,
-                                                                       ops_per_token=job.ai_model.ops_per_token)
+    assert job.max_price_micros == price_micros_for_per_units(per_units_micros=500_000, ops_per_unit=job.ai_model.ops_per_token, per=10**6)
     # and the same request again (the client sends no Idempotency-Key) is the same batch, not a second job;
     again = client.batches.create(input_file_id=file.id, endpoint="/v1/embeddings", completion_window="24h",
                                   metadata={"project": "tests"},
@@ -368,6 +368,19 @@ def test_batches_of_each_workload_are_computed_by_real_cars_and_match_the_refere
         while (classified := client.batches.retrieve(classified.id)).status not in ("completed", "failed", "expired"):
             assert time.monotonic() < deadline + 60, f"batch stuck: {classified}\n{procs.logs()}"
             time.sleep(0.5)
+        # and an OCR batch of page images (our endpoint, priced per thousand pages), one request of two pages,
+        pages = corpus.page_documents(3)
+        ocr_file = upload(client, [
+            {"custom_id": "scan-1", "method": "POST", "url": "/v1/ocr",
+             "body": {"model": "rapidocr-pp-ocrv4", "input": f"data:image/png;base64,{pages[0]['image']}"}},
+            {"custom_id": "scan-2", "method": "POST", "url": "/v1/ocr",
+             "body": {"model": "rapidocr-pp-ocrv4", "input": [pages[1]["image"], pages[2]["image"]]}}],
+            name="scans.jsonl")
+        read = client.batches.create(input_file_id=ocr_file.id, endpoint="/v1/ocr", completion_window="24h",
+                                     extra_body={"max_price_per_thousand_pages": 1})
+        while (read := client.batches.retrieve(read.id)).status not in ("completed", "failed", "expired"):
+            assert time.monotonic() < deadline + 240, f"batch stuck: {read}\n{procs.logs()}"
+            time.sleep(0.5)
     finally:
         for agent in agents:
             agent.terminate()
@@ -402,6 +415,16 @@ def test_batches_of_each_workload_are_computed_by_real_cars_and_match_the_refere
         (custom_id, label) for custom_id, _, label in labelled]
     assert all(set(line["response"]["body"]["data"][0]["scores"]) == {label["name"] for label in CLASSIFIER_LABELS}
                for line in lines)
+    # So did the OCR batch: each page's text read from its image, with its lines and their boxes.
+    assert read.status == "completed" and read.request_counts.completed == 2, read
+    assert Job.objects.get(batch__public_id=read.id).max_price_micros == AIModel.objects.get(
+        slug="rapidocr-pp-ocrv4").price_from_buyer(1_000_000)
+    lines = [json.loads(line) for line in client.files.content(read.output_file_id).text.splitlines()]
+    texts = [page["text"] for line in lines for page in line["response"]["body"]["data"]]
+    assert [line["custom_id"] for line in lines] == ["scan-1", "scan-2"] and len(texts) == 3
+    assert max(error_rate(text, truth) for text, truth in zip(texts, corpus.page_texts(3))) < 0.08
+    assert lines[1]["response"]["body"]["usage"] == {"pages": 2}
+    assert all(page["lines"][0]["box"] for line in lines for page in line["response"]["body"]["data"])
 
 
 # --- in process: the market behind a batch ---------------------------------------------------------------
@@ -521,12 +544,11 @@ def test_a_keys_default_bid_set_through_our_api_or_the_keys_page_is_the_bid_of_i
     made = api.post("/v1/batches", body, format="json").json()
     # then its job bids the key's default, converted to the model's compute unit;
     job = Job.objects.get(pk=made["job_id"])
-    assert made["bid_source"] == "api_key" and job.max_price_micros == price_micros_for_per_million_tokens(
-        per_million_tokens_micros=300_000, ops_per_token=job.ai_model.ops_per_token)
+    assert made["bid_source"] == "api_key" and job.max_price_micros == price_micros_for_per_units(per_units_micros=300_000, ops_per_unit=job.ai_model.ops_per_token, per=10**6)
     # a bid in the request wins over it;
     made = api.post("/v1/batches", {**body, "max_price_per_million_tokens": "0.4"}, format="json").json()
     assert made["bid_source"] == "request" and Job.objects.get(pk=made["job_id"]).max_price_micros == (
-        price_micros_for_per_million_tokens(per_million_tokens_micros=400_000, ops_per_token=job.ai_model.ops_per_token))
+        price_micros_for_per_units(per_units_micros=400_000, ops_per_unit=job.ai_model.ops_per_token, per=10**6))
     # and on the keys page the buyer changes it, or clears it back to the suggested price.
     client.force_login(buyer)
     assert 'value="0.3"' in client.get("/buyer/").content.decode()
@@ -607,11 +629,10 @@ def test_a_cancelled_batchs_buyer_pays_only_for_the_requests_in_its_output_file(
     before = balance()
     batch = flows.batch_create(organisation=buyer.organisation, user=buyer, input_file_id=batch_file_for(buyer, rows)
                                .public_id, endpoint="/v1/embeddings", completion_window="24h",
-                               max_price_per_million_tokens_micros=20_000 * 10**6)
+                               max_price_per_unit_micros=20_000 * 10**6)
     job = batch.job
     # and the first unit computed (six whole requests and two of the list's four parts) and charged,
-    reserve = price_micros_for_per_million_tokens(per_million_tokens_micros=10_000 * 10**6,
-                                                  ops_per_token=job.ai_model.ops_per_token)
+    reserve = price_micros_for_per_units(per_units_micros=10_000 * 10**6, ops_per_unit=job.ai_model.ops_per_token, per=10**6)
     car = VehicleFactory(policy__reserve_price_micros=reserve)
     deliver(car, mops_per_s=50_000)
     complete_units(job, 1)

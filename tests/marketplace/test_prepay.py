@@ -61,7 +61,7 @@ def test_the_new_job_page_shows_the_balance_and_says_when_it_cannot_fund_the_job
     page = client.get(reverse("job-new")).content.decode()
     assert 'data-testid="balance"' in page and "$5.00" in page
     response = client.post(reverse("job-new"), {
-        "model": "all-minilm-l6-v2", "precision": "int8", "max_price_per_mtok": "0.05", "budget_cap": "6",
+        "model": "all-minilm-l6-v2", "precision": "int8", "max_price_per_unit": "0.05", "budget_cap": "6",
         "deadline": (timezone.now() + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M"),
         "inputs": SimpleUploadedFile("docs.jsonl", jsonl(corpus.documents(20)), content_type="application/jsonl")})
     assert response.status_code == 200 and not Job.objects.exists()
@@ -71,7 +71,7 @@ def test_the_new_job_page_shows_the_balance_and_says_when_it_cannot_fund_the_job
 def test_the_estimate_says_what_the_job_reserves_and_warns_when_the_balance_is_short(client, buyer):
     client.force_login(buyer)
     query = {"model": "all-minilm-l6-v2", "precision": "int8", "docs": 100, "chars": 40_000,
-             "max_price_per_mtok": "1"}
+             "max_price_per_unit": "1"}
     enough = client.get(reverse("job-estimate"), {**query, "budget_cap": "4"}).content.decode()
     assert 'data-testid="estimate-reserve"' in enough and "$4.00" in enough and "balance-warning" not in enough
     short = client.get(reverse("job-estimate"), {**query, "budget_cap": "7"}).content.decode()

@@ -1,8 +1,9 @@
 """The car's side of each workload (docs/workloads.md): one module per workload task, beside its server side in
-fleet.workloads, defining ``run(texts, params, embed) -> list``: a unit's result, one JSON-able item per
-document, from its texts, the job's parameters for the car (fleet.workloads.base.Workload.unit_params) and
-``embed``, the car's encoder (texts -> unit-length float32 rows; the simulator's cheats replace it). The platform
-computes its reference results with the same code (fleet.services.unit_reference_compute)."""
+fleet.workloads, defining ``run(inputs, params, infer) -> list``: a unit's result, one JSON-able item per
+document, from its documents' inputs (texts, or page images in base64), the job's parameters for the car
+(fleet.workloads.base.Workload.unit_params) and ``infer``, the runtime's model (an encoder: texts -> unit-length
+float32 rows; OCR: images -> page readings; the simulator's cheats replace it). The platform computes its
+reference results with the same code (fleet.services.unit_reference_compute)."""
 
 import importlib
 import pkgutil
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-Embed = Callable[[list[str]], np.ndarray]
+Infer = Callable[[list[str]], np.ndarray | list]
 
 
 def _discover() -> dict[str, Callable]:
@@ -24,7 +25,7 @@ def _discover() -> dict[str, Callable]:
 RUNTIMES: dict[str, Callable] = _discover()
 
 
-def compute(task: str, texts: list[str], params: dict, embed: Embed) -> list:
+def compute(task: str, texts: list[str], params: dict, embed: Infer) -> list:
     """A unit's result for ``task``."""
     try:
         run = RUNTIMES[task]

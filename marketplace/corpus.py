@@ -8,6 +8,8 @@ import re
 import warnings
 from collections.abc import Iterator
 
+from fleet.agent.pages import render_page
+
 MODULES = ["json", "collections", "itertools", "functools", "pathlib", "datetime", "decimal", "fractions",
            "statistics", "textwrap", "string", "re", "argparse", "logging", "asyncio", "threading", "subprocess",
            "email", "http.client", "urllib.request", "unittest", "typing", "dataclasses", "enum", "heapq",
@@ -51,7 +53,5 @@ def page_texts(count: int, *, start: int = 0) -> list[str]:
 
 def page_documents(count: int, *, start: int = 0) -> list[dict]:
     """``count`` OCR input rows: each paragraph of :func:`page_texts` rendered as a PNG page, in base64."""
-    from fleet.agent.pages import render_page
-
     return [{"id": f"page-{i:06d}", "image": base64.b64encode(render_page(text)).decode("ascii")}
             for i, text in enumerate(page_texts(count, start=start), start=start)]

@@ -24,6 +24,7 @@ run: install
 
 test: install
 	@command -v chromium >/dev/null 2>&1 || { echo; echo "!!! chromium is not installed: the browser tests will FAIL. Install it with: apt-get install -y chromium"; echo; }
+	@test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || { echo; echo "!!! DejaVu Sans is not installed: the OCR tests' pages will read worse and FAIL. Install it with: apt-get install -y fonts-dejavu-core"; echo; }
 	$(PY) manage.py makemigrations --check --dry-run
 	$(PY) -m pytest
 

@@ -28,7 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from fleet import protocol
-from fleet.agent.models import MODELS, get_runner, measure_throughput
+from fleet.agent.models import MODELS, get_runner, installed_runtimes, measure_throughput
 from fleet.agent.workloads import RUNTIMES as WORKLOAD_RUNTIMES
 from fleet.agent.workloads import compute as workload_compute
 from fleet.agent.workloads.embedding import encode_embeddings
@@ -508,7 +508,7 @@ class CarAgent:
         self.server_url = server_url.rstrip("/")
         self.token = token
         self.sensors = sensors
-        self.runtimes = list(runtimes) if runtimes is not None else list(MODELS)
+        self.runtimes = list(runtimes) if runtimes is not None else installed_runtimes()
         unknown = [r for r in self.runtimes if r not in MODELS]
         if unknown:
             raise ValueError(f"unknown runtimes {unknown}; this agent has {sorted(MODELS)}")

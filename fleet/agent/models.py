@@ -191,6 +191,12 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def installed_runtimes() -> list[str]:
+    """The runtimes this agent can run: every one of MODELS whose packages are installed (the OCR runtime needs
+    ``rapidocr-onnxruntime``; an agent without it does not claim OCR in its hello)."""
+    return [slug for slug, spec in MODELS.items() if spec.kind != "ocr" or ocr.installed()]
+
+
 def _spec(slug: str) -> ModelSpec:
     try:
         return MODELS[slug]

@@ -9,6 +9,7 @@ A page is an image file (PNG or JPEG) as base64; its reading is ``{"text", "line
 page's text is its lines' joined by newlines."""
 
 import base64
+import importlib.util
 import io
 import threading
 
@@ -40,6 +41,11 @@ def _engine(threads: int):
 
             _ENGINE = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1)
         return _ENGINE
+
+
+def installed() -> bool:
+    """Whether RapidOCR is installed (it is imported on first use only)."""
+    return importlib.util.find_spec("rapidocr_onnxruntime") is not None
 
 
 def decode_image(image_b64: str) -> bytes:

@@ -54,8 +54,11 @@ def bid_micros(*, ai_model: AIModel, per_unit: Decimal) -> int:
 
 
 def _price_units() -> str:
-    """Each workload's price unit, in words: what the bid field is per."""
-    return "; ".join(f"{w.price_unit.label} for {w.title.lower()}" for w in workloads.WORKLOADS.values())
+    """What the bid field is per, by price unit: "per million tokens (Embeddings, Classification) or ..."."""
+    by_unit: dict[str, list[str]] = {}
+    for workload in workloads.WORKLOADS.values():
+        by_unit.setdefault(workload.price_unit.label, []).append(workload.title)
+    return " or ".join(f"{label} ({', '.join(titles)})" for label, titles in by_unit.items())
 
 
 class JobForm(forms.Form):

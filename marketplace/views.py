@@ -125,8 +125,11 @@ def job_new(request):
         precision = ai_model.precisions[0] if ai_model else "int8"
         form = JobForm(initial={"model": ai_model, "precision": precision,
                                 "max_price_per_unit": _default_bid_per_unit(ai_model, precision)})
+    suggestions = {m.slug: {"unit": m.price_unit.label,
+                            "bids": {p: str(_default_bid_per_unit(m, p)) for p in m.precisions}}
+                   for m in AIModel.objects.filter(active=True)}
     return render(request, "marketplace/job_new.html", {
-        "organisation": organisation, "form": form, "catalogue": _catalogue(),
+        "organisation": organisation, "form": form, "catalogue": _catalogue(), "suggestions": suggestions,
         "bid_margin_pct": selectors.SUGGESTED_BID_MARGIN_PCT,
         "balance_minor": buyer_balance_minor(organisation=organisation)})
 

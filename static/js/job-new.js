@@ -79,6 +79,28 @@
     form.elements[name].addEventListener("change", later);
   }
 
+  // Each model has its own price unit (per million tokens, per thousand pages): the bid field says which, a
+  // precision the model does not run at gives way to one it does, and a suggested bid the buyer has not changed
+  // follows the model and precision chosen.
+  const suggestionsNode = document.getElementById("bid-suggestions");
+  const suggestions = suggestionsNode ? JSON.parse(suggestionsNode.textContent) : {};
+  const price = form.elements.max_price_per_unit;
+  const priceLabel = form.querySelector('label[for="' + price.id + '"]');
+  let priceTouched = false;
+  price.addEventListener("input", () => { priceTouched = true; });
+  function followModel() {
+    const entry = suggestions[form.elements.model.value];
+    if (!entry) return;
+    if (priceLabel) priceLabel.textContent = "Maximum price, $ " + entry.unit;
+    const precisions = Object.keys(entry.bids);  // a model runs only at these (OCR: FP32)
+    if (!precisions.includes(form.elements.precision.value)) form.elements.precision.value = precisions[0];
+    const bid = entry.bids[form.elements.precision.value];
+    if (!priceTouched && bid !== undefined) price.value = bid;
+  }
+  form.elements.model.addEventListener("change", followModel);
+  form.elements.precision.addEventListener("change", followModel);
+  followModel();
+
   // Upload with progress. The server answers a good job with 201 and the job page's address, and a bad one with
   // this page again, errors shown, which replaces the page.
   form.addEventListener("submit", (event) => {

@@ -24,23 +24,34 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 CARS = 2
 
 
-def test_a_classification_job_is_labelled_by_real_agents_over_the_gateway(tmp_path):
-    # Given a buyer with an API key, and two owners' cars with pairing codes (two owners: replicas can be checked),
+def buyer_and_cars(name: str):
+    """A buyer's API key, and CARS cars of as many owners (so replicas can be checked) with their pairing codes."""
     buyer = BuyerFactory()
     _, key = services.api_key_create(organisation=buyer.organisation, name="e2e", created_by=buyer)
     hw4 = HardwareGeneration.objects.get(code="HW4")
-    codes = [fleet.vehicle_create(owner=OwnerFactory(), name=f"Workload car {i}", hardware=hw4)[1] for i in range(CARS)]
+    return key, [fleet.vehicle_create(owner=OwnerFactory(), name=f"{name} {i}", hardware=hw4) for i in range(CARS)]
+
+
+def start_agents(base: str, procs, tmp_path, codes: list[str], key: str) -> httpx.Client:
+    """Real agent processes paired with ``codes``, connected; returns the buyer's API client."""
+    for i, code in enumerate(codes):
+        procs.start(f"agent{i}", [sys.executable, "-m", "fleet.agent", "--server", base, "--pair", code,
+                                  "--state-file", str(tmp_path / f"agent{i}.json"), "--battery", "85",
+                                  "--plugged-in", "--wifi"], FLEET_ORT_THREADS="1")
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    deadline = time.monotonic() + 60
+    while api.get("/healthz").json()["vehicles_connected"] < len(codes):
+        assert time.monotonic() < deadline, procs.logs()
+        time.sleep(0.3)
+    return api
+
+
+def test_a_classification_job_is_labelled_by_real_agents_over_the_gateway(tmp_path):
+    # Given a buyer with an API key, and two owners' cars with their real agents connected,
+    key, cars = buyer_and_cars("Workload car")
     documents = DOCUMENTS * 3
     with live_product(tmp_path, AUCTION_INTERVAL_S="0.5") as (base, procs):
-        for i, code in enumerate(codes):
-            procs.start(f"agent{i}", [sys.executable, "-m", "fleet.agent", "--server", base, "--pair", code,
-                                      "--state-file", str(tmp_path / f"agent{i}.json"), "--battery", "85",
-                                      "--plugged-in", "--wifi"], FLEET_ORT_THREADS="1")
-        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        deadline = time.monotonic() + 60
-        while api.get("/healthz").json()["vehicles_connected"] < CARS:
-            assert time.monotonic() < deadline, procs.logs()
-            time.sleep(0.3)
+        api = start_agents(base, procs, tmp_path, [code for _, code in cars], key)
         # when the buyer submits a classification job with its labels,
         response = api.post("/api/v1/jobs/", json={
             "model": CLASSIFIER, "precision": "int8", "max_price_micros": 2_000_000,
@@ -60,22 +71,11 @@ def test_a_classification_job_is_labelled_by_real_agents_over_the_gateway(tmp_pa
 
 
 def test_an_ocr_job_is_read_by_real_agents_that_fetch_its_pages_by_url(tmp_path):
-    # Given a buyer with an API key and two owners' cars,
-    buyer = BuyerFactory()
-    _, key = services.api_key_create(organisation=buyer.organisation, name="e2e", created_by=buyer)
-    hw4 = HardwareGeneration.objects.get(code="HW4")
-    cars = [fleet.vehicle_create(owner=OwnerFactory(), name=f"Reader {i}", hardware=hw4) for i in range(CARS)]
+    # Given a buyer with an API key and two owners' cars with their real agents connected,
+    key, cars = buyer_and_cars("Reader")
     pages = corpus.page_documents(6)
     with live_product(tmp_path, AUCTION_INTERVAL_S="0.5") as (base, procs):
-        for i, (_, code) in enumerate(cars):
-            procs.start(f"agent{i}", [sys.executable, "-m", "fleet.agent", "--server", base, "--pair", code,
-                                      "--state-file", str(tmp_path / f"agent{i}.json"), "--battery", "85",
-                                      "--plugged-in", "--wifi"], FLEET_ORT_THREADS="1")
-        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        deadline = time.monotonic() + 60
-        while api.get("/healthz").json()["vehicles_connected"] < CARS:
-            assert time.monotonic() < deadline, procs.logs()
-            time.sleep(0.3)
+        api = start_agents(base, procs, tmp_path, [code for _, code in cars], key)
         # when the buyer submits page images through the job API (priced per thousand pages),
         response = api.post("/api/v1/jobs/", json={
             "model": "rapidocr-pp-ocrv4", "precision": "fp32", "max_price_micros": 2_000_000,

@@ -142,9 +142,7 @@ class Workload:
 
     def unit_limits(self, docs_per_unit: int) -> tuple[int, int]:
         """(documents, bytes) a unit may hold at most: ``docs_per_unit`` is the operator's DOCS_PER_UNIT."""
-        if self.inline_inputs:
-            return self.docs_per_unit or docs_per_unit, UNIT_TEXT_BYTES
-        return self.docs_per_unit or docs_per_unit, self.max_unit_bytes
+        return self.docs_per_unit or docs_per_unit, UNIT_TEXT_BYTES if self.inline_inputs else self.max_unit_bytes
 
     def payload_bytes(self, doc: dict) -> int:
         """What a document takes in its unit: in the unit.assign's JSON (inline), or fetched by URL."""

@@ -373,19 +373,20 @@ UPDATE fleet_workunit SET state = %s, leased_to_id = %s, lease_epoch = lease_epo
     lease_expires_at = %s, lease_deadline_at = %s, allocation_id = %s, price_micros = %s, attempts = attempts + 1
 WHERE id IN (SELECT id FROM fleet_workunit WHERE job_id = %s AND state = %s AND verify <> %s
     AND (verify_owner_id IS NULL OR verify_owner_id <> %s) ORDER BY seq LIMIT %s {lock})
-RETURNING id, seq, lease_epoch, inputs, mops, tokens"""
+RETURNING id, seq, lease_epoch, {inputs}, mops, tokens"""
 
 
 def _units_claim(*, job_id: int, count: int, vehicle_id: int, owner_id: int, allocation: Allocation, now: datetime,
-                 lifetime_s: float) -> list[WorkUnit]:
+                 lifetime_s: float, with_inputs: bool = True) -> list[WorkUnit]:
     """Claim up to ``count`` of the job's queued units that a car of ``owner_id`` may have: not one waiting for
-    the platform, nor a replica of its owner's own result (fleet.verification)."""
+    the platform, nor a replica of its owner's own result (fleet.verification). Without ``with_inputs`` (inputs
+    the car fetches by URL: megabytes of page images) the units come back with ``inputs`` None."""
     lock = "FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     inputs_field = WorkUnit._meta.get_field("inputs")
     deadline = now + timedelta(seconds=lifetime_s)
     expires = min(deadline, now + timedelta(seconds=settings.LEASE_TTL_S))
     with connection.cursor() as cursor:
-        cursor.execute(_CLAIM_SQL.format(lock=lock), [
+        cursor.execute(_CLAIM_SQL.format(lock=lock, inputs="inputs" if with_inputs else "NULL"), [
             WorkUnit.State.LEASED, vehicle_id, now, expires, deadline, allocation.pk, allocation.price_micros, job_id,
             WorkUnit.State.QUEUED, WorkUnit.Verify.ARBITER, owner_id, count])
         rows = cursor.fetchall()
@@ -405,7 +406,7 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None,
     within the in-flight limit its welcome announced, and no more than it can finish, at the rate it proved
     and over its uplink, in its remaining working time; at most ``max_units``). A car with no capacity of its
     own left draws on capacity other cars won and leave unused (_spare_allocations). Returns (units, "") or
-    ([], why not).
+    ([], why not); units of a workload whose inputs the car fetches by URL come without their ``inputs``.
 
     Safe under any number of concurrent gateway processes: the car's row is locked, units are claimed with
     SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), and the allocation's remainder is read again under its row
@@ -459,7 +460,7 @@ def units_lease(*, vehicle_id: int, max_units: int | None = None,
             lifetime = dispatch.lease_lifetime_s(work_s=(held + count) * unit_s, ttl_s=settings.LEASE_TTL_S,
                                                  max_s=settings.LEASE_MAX_LIFETIME_S)
             units = _units_claim(job_id=job.pk, count=count, vehicle_id=vehicle_id, owner_id=vehicle.owner_id,
-                                 allocation=allocation, now=now, lifetime_s=lifetime)
+                                 allocation=allocation, now=now, lifetime_s=lifetime, with_inputs=workload.inline_inputs)
             if units:
                 units = _allocation_fit(allocation_id=allocation.pk, units=units, unit_mops=unit_mops)
             if not units:

@@ -172,6 +172,7 @@ def test_a_car_fetches_the_pages_of_its_own_lease_only_with_its_token_and_they_c
     units, reason = flows.units_lease(vehicle_id=car.pk)
     assert units, reason
     unit = units[0]
+    assert unit.inputs is None  # the lease does not read the pages the car fetches by URL
     url = f"/api/v1/fleet/units/{unit.pk}/{unit.lease_epoch}/inputs/"
     got = client.get(url, HTTP_AUTHORIZATION=f"Bearer {car_token}")
     assert got.status_code == 200 and got["Cache-Control"] == "no-store"

@@ -10,6 +10,7 @@ import pytest
 from django.db.models import Sum
 
 from billing.models import Clawback, LedgerEntry, MeterRecord
+from fleet import services as fleet_services
 from fleet import verification
 from fleet.agent.client import cheat_embed, encode_embeddings
 from fleet.agent.models import get_runner
@@ -52,8 +53,11 @@ def work(cars: dict, *, rounds: int = 60) -> None:
             units, _ = flows.units_lease(vehicle_id=vehicle_id)
             for unit in units:
                 busy = True
+                texts = ([d["text"] for d in unit.inputs] if unit.inputs is not None  # else fetched by URL, as a car
+                         else fleet_services.unit_inputs_fetch(vehicle=Vehicle.objects.get(pk=vehicle_id),
+                                                               unit_id=unit.pk, epoch=unit.lease_epoch))
                 accepted, _ = flows.unit_complete(vehicle_id=vehicle_id, unit_id=unit.pk, epoch=unit.lease_epoch,
-                                                  result=compute([d["text"] for d in unit.inputs], unit))
+                                                  result=compute(texts, unit))
                 assert accepted  # a well-formed result is accepted whatever its judgement: the car learns nothing
         waiting = WorkUnit.objects.filter(state=WorkUnit.State.QUEUED) | WorkUnit.objects.filter(
             verify=WorkUnit.Verify.ARBITER)
